@@ -1,0 +1,76 @@
+"""flowkeeper: durable, retryable, step-based workflows on the Postgres you already run.
+
+Each step executes inside a signed HTTP request to your own app; a small
+scheduler resumes runs that sleep, retry, or whose invocation died.  See
+README.md for the quickstart.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .client import FlowKeeper
+from .context import Context
+from .errors import (
+    ConfigurationError,
+    DatabaseError,
+    DeterminismError,
+    DispatchError,
+    DuplicateWorkflowError,
+    FlowKeeperError,
+    InvalidInputError,
+    MigrationError,
+    NonRetriableError,
+    RetryAfterError,
+    RunCancelledError,
+    RunFailedError,
+    RunNotFoundError,
+    RunTimeoutError,
+    SerializationError,
+    SignatureError,
+    StepFailedError,
+    StepTimeoutError,
+    StepUsageError,
+    UnknownWorkflowError,
+    WorkflowError,
+)
+from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
+from .retry import RetryPolicy
+from .workflow import Workflow, define_workflow
+
+__all__ = [
+    "AttemptError",
+    "ConfigurationError",
+    "Context",
+    "DatabaseError",
+    "DeterminismError",
+    "DispatchError",
+    "DuplicateWorkflowError",
+    "FlowKeeper",
+    "FlowKeeperError",
+    "InvalidInputError",
+    "MigrationError",
+    "NonRetriableError",
+    "RetryAfterError",
+    "RetryPolicy",
+    "RunCancelledError",
+    "RunEvent",
+    "RunFailedError",
+    "RunHandle",
+    "RunInfo",
+    "RunNotFoundError",
+    "RunStatus",
+    "RunTimeoutError",
+    "SerializationError",
+    "SignatureError",
+    "StepFailedError",
+    "StepInfo",
+    "StepTimeoutError",
+    "StepUsageError",
+    "TickResult",
+    "UnknownWorkflowError",
+    "Workflow",
+    "WorkflowError",
+    "__version__",
+    "define_workflow",
+]

@@ -1,0 +1,470 @@
+"""``FlowKeeper``: the object an application creates once and uses everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .db import Database
+from .dispatch import Dispatcher
+from .engine import ClaimRefused, Engine, SegmentResult
+from .errors import (
+    ConfigurationError,
+    RunCancelledError,
+    RunFailedError,
+    RunNotFoundError,
+    RunTimeoutError,
+    UnknownWorkflowError,
+)
+from .ids import new_run_id
+from .models import (
+    AttemptError,
+    RunEvent,
+    RunHandle,
+    RunInfo,
+    RunStatus,
+    StepInfo,
+    TickResult,
+)
+from .retry import DEFAULT_RETRY, RetryPolicy
+from .scheduler import Scheduler
+from .signing import KeyInput, RequestSigner
+from .sql import validate_schema
+from .store import ClaimedRun, Store
+from .workflow import Registry, Workflow, WorkflowFunction, define_workflow
+
+if TYPE_CHECKING:
+    import asyncpg
+    from starlette.applications import Starlette
+
+logger = logging.getLogger("flowkeeper")
+
+F = TypeVar("F", bound=WorkflowFunction)
+
+
+def _duration(value: float | timedelta, name: str) -> timedelta:
+    delta = value if isinstance(value, timedelta) else timedelta(seconds=float(value))
+    if delta.total_seconds() <= 0:
+        raise ConfigurationError(f"{name} must be positive, got {value!r}")
+    return delta
+
+
+def _env_keys() -> list[str] | None:
+    raw = os.environ.get("FLOWKEEPER_SIGNING_KEY")
+    if not raw:
+        return None
+    return [k.strip() for k in raw.split(",") if k.strip()]
+
+
+class FlowKeeper:
+    """Durable workflows on Postgres, executed through a signed endpoint.
+
+    ``database_url``, ``signing_key`` and ``endpoint`` default to the
+    environment variables ``DATABASE_URL`` (or ``FLOWKEEPER_DATABASE_URL``),
+    ``FLOWKEEPER_SIGNING_KEY`` (comma-separated to rotate keys: the first
+    signs, all verify) and ``FLOWKEEPER_ENDPOINT``.  Constructing one does no
+    I/O: the pool is made, and the schema checked, on first use.
+
+    ``endpoint`` is the public URL where ``fk.asgi()`` is mounted.  Without it
+    this process can still trigger runs (they are left due for the scheduler)
+    and serve invocations, but cannot push them.
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        signing_key: KeyInput | None = None,
+        endpoint: str | None = None,
+        schema: str = "flowkeeper",
+        *,
+        pool_size: int = 5,
+        pooled: bool | None = None,
+        time_budget: float | timedelta = 60.0,
+        lease: float | timedelta = 30.0,
+        dispatch_lease: float | timedelta = 30.0,
+        default_retry: RetryPolicy | None = None,
+        max_body_bytes: int = 64 * 1024,
+        cron_secret: str | None = None,
+        auto_migrate: bool = True,
+        record_step_inputs: bool = True,
+        ack_timeout: float = 10.0,
+    ) -> None:
+        url = (
+            database_url
+            or os.environ.get("FLOWKEEPER_DATABASE_URL")
+            or os.environ.get("DATABASE_URL")
+        )
+        if not url:
+            raise ConfigurationError(
+                "No database configured: pass database_url=... or set DATABASE_URL "
+                "(e.g. postgresql://user:password@localhost:5432/app)."
+            )
+        keys = signing_key if signing_key is not None else _env_keys()
+        if keys is None:
+            raise ConfigurationError(
+                "No signing key configured: pass signing_key=... or set FLOWKEEPER_SIGNING_KEY "
+                "to a long random secret shared by everything that dispatches or serves runs "
+                '(python -c "import secrets; print(secrets.token_urlsafe(32))").'
+            )
+        endpoint = endpoint if endpoint is not None else os.environ.get("FLOWKEEPER_ENDPOINT")
+        self.schema = validate_schema(schema)
+        self.signer = RequestSigner(keys)
+        self.time_budget = _duration(time_budget, "time_budget")
+        self.lease = _duration(lease, "lease")
+        self.dispatch_lease = _duration(dispatch_lease, "dispatch_lease")
+        if max_body_bytes < 1024:
+            raise ConfigurationError("max_body_bytes must be at least 1024")
+        self.max_body_bytes = max_body_bytes
+        self.cron_secret = cron_secret or os.environ.get("CRON_SECRET") or None
+        self.registry = Registry()
+        self.db = Database(url, max_size=pool_size, pooled=pooled)
+        self.store = Store(self.db, self.schema, auto_migrate=auto_migrate)
+        self.engine = Engine(
+            self.store,
+            self.registry,
+            lease=self.lease,
+            dispatch_lease=self.dispatch_lease,
+            default_retry=default_retry or DEFAULT_RETRY,
+            record_step_inputs=record_step_inputs,
+        )
+        self.dispatcher = (
+            Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None
+        )
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # registration ---------------------------------------------------------------
+    def register(self, wf: Workflow) -> Workflow:
+        """Register a workflow made with :func:`define_workflow`."""
+        return self.registry.add(wf)
+
+    def workflow(
+        self, name: str | None = None, *, retry: RetryPolicy | None = None
+    ) -> Callable[[F], F]:
+        """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow."""
+
+        def decorator(fn: F) -> F:
+            self.register(define_workflow(name or fn.__name__, fn, retry=retry))
+            return fn
+
+        return decorator
+
+    def _workflow(self, workflow: str | Workflow | Callable[..., Any]) -> Workflow:
+        if isinstance(workflow, Workflow):
+            return self.registry.add(workflow)
+        if isinstance(workflow, str):
+            return self.registry.get(workflow)
+        for wf in self.registry:
+            if wf.fn is workflow:
+                return wf
+        raise UnknownWorkflowError(
+            getattr(workflow, "__name__", repr(workflow)), self.registry.names()
+        )
+
+    # triggering -----------------------------------------------------------------
+    async def trigger(
+        self,
+        workflow: str | Workflow | Callable[..., Any],
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> RunHandle:
+        """Start a run of ``workflow`` with ``input``; return its handle at once.
+
+        The input is validated against the workflow's annotation first (a bad
+        one raises :class:`InvalidInputError` and creates nothing).  A second
+        trigger with the same ``idempotency_key`` returns the first run
+        (``handle.created`` is False).  With ``connection=`` (an asyncpg
+        connection) the run is inserted in that connection's transaction and
+        exists only if it commits; it is pushed once the transaction ends.
+        """
+        wf = self._workflow(workflow)
+        input_json = wf.dump_input(input)
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            idempotency_key = str(idempotency_key)
+        in_transaction = connection is not None and connection.is_in_transaction()
+        push_now = self.dispatcher is not None and not in_transaction
+        token = uuid.uuid4() if push_now else None
+        run_id, created = await self.store.insert_run(
+            run_id=new_run_id(),
+            workflow=wf.name,
+            input_json=input_json,
+            idempotency_key=idempotency_key,
+            lease_token=token,
+            lease=self.dispatch_lease if push_now else timedelta(0),
+            conn=connection,
+        )
+        handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+        if not created:
+            logger.debug("trigger %s: idempotency key hit, run %s", wf.name, run_id)
+            return handle
+        if push_now and token is not None:
+            await self._push(run_id, token)
+        elif in_transaction and self.dispatcher is not None and connection is not None:
+            self._spawn(self._push_after_commit(connection, run_id))
+        return handle
+
+    async def _push(self, run_id: str, token: uuid.UUID) -> None:
+        assert self.dispatcher is not None
+        delivery = await self.dispatcher.invoke(run_id, str(token))
+        if not delivery.delivered:
+            logger.warning(
+                "could not push run %s to %s (%s); it is due for the scheduler",
+                run_id,
+                self.dispatcher.endpoint,
+                delivery.reason,
+            )
+            await self.store.release_push(run_id, token)
+
+    async def _push_after_commit(self, connection: asyncpg.Connection, run_id: str) -> None:
+        """Push an outbox-triggered run once the caller's transaction is over."""
+        assert self.dispatcher is not None
+        give_up = time.monotonic() + 600
+        pause = 0.002
+        while connection.is_in_transaction() and not connection.is_closed():
+            if time.monotonic() > give_up:
+                return  # still due: the scheduler will pick it up
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        # Rolled back: the endpoint answers 404 for the unknown run, which is fine.
+        delivery = await self.dispatcher.invoke(run_id, None)
+        if not delivery.delivered:
+            logger.warning("could not push run %s (%s); it is due", run_id, delivery.reason)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # executing ------------------------------------------------------------------
+    async def advance(
+        self,
+        run_id: str,
+        lease: str | None = None,
+        *,
+        time_budget: float | timedelta | None = None,
+    ) -> SegmentResult | ClaimRefused:
+        """Claim ``run_id`` and execute it while the budget lasts (what the endpoint does).
+
+        Used directly by hosts that invoke without HTTP (a Lambda direct
+        invocation).  Hands the run on when the budget runs out.
+        """
+        token = uuid.UUID(lease) if lease else None
+        claimed = await self.engine.claim(run_id, token)
+        if isinstance(claimed, ClaimRefused):
+            return claimed
+        return await self.execute_claimed(claimed, time_budget=time_budget)
+
+    async def execute_claimed(
+        self, claimed: ClaimedRun, *, time_budget: float | timedelta | None = None
+    ) -> SegmentResult:
+        """Execute a run claimed with ``engine.claim`` and push its continuation if any."""
+        budget = self.time_budget
+        if time_budget is not None:
+            budget = min(budget, _duration(time_budget, "time_budget"))
+        deadline = time.monotonic() + budget.total_seconds()
+        result = await self.engine.execute(claimed, deadline=deadline)
+        if result.handoff_token is not None and result.outcome == "handoff":
+            if self.dispatcher is not None:
+                await self._push(result.run_id, result.handoff_token)
+            else:
+                await self.store.release_push(result.run_id, result.handoff_token)
+        return result
+
+    async def tick(self, *, max_runs: int = 10_000) -> TickResult:
+        """Dispatch every run that is due now (see :mod:`flowkeeper.scheduler`)."""
+        if self.dispatcher is None:
+            raise ConfigurationError(
+                "tick() needs the endpoint URL to invoke: pass endpoint=... or set "
+                "FLOWKEEPER_ENDPOINT."
+            )
+        scheduler = Scheduler(self.store, self.dispatcher, dispatch_lease=self.dispatch_lease)
+        return await scheduler.tick(max_runs=max_runs)
+
+    # reading ---------------------------------------------------------------------
+    async def get_run(self, run_id: str) -> RunInfo:
+        """The run as stored: status, input, output or error, steps with attempts."""
+        rows = await self.store.get_run(_check_id(run_id))
+        if rows is None:
+            raise RunNotFoundError(run_id)
+        run, step_rows, event_rows = rows
+        now = await self.store.clock_now()
+        events = [
+            RunEvent(
+                id=e["id"],
+                at=e["at"],
+                kind=e["kind"],
+                step_key=e["step_key"],
+                attempt=e["attempt"],
+                detail=json.loads(e["detail"]) if e["detail"] else None,
+            )
+            for e in event_rows
+        ]
+        failures: dict[str, list[AttemptError]] = {}
+        for ev in events:
+            if ev.kind == "attempt_failed" and ev.step_key:
+                failures.setdefault(ev.step_key, []).append(_attempt_error(ev))
+        steps = [_step_info(r, now, failures.get(r["key"], [])) for r in step_rows]
+        if (
+            run["status"] == "retrying"
+            and run["step_key"]
+            and not any(s.key == run["step_key"] for s in steps)
+        ):
+            key = run["step_key"]
+            steps.append(
+                StepInfo(
+                    key=key,
+                    name=key.split("#", 1)[0],
+                    position=len(steps),
+                    kind="step",
+                    status="retrying",
+                    attempts=run["step_attempt"],
+                    error=json.loads(run["error"]) if run["error"] else None,
+                    wake_at=run["due_at"],
+                    failed_attempts=failures.get(key, []),
+                )
+            )
+        return RunInfo(
+            id=str(run["id"]),
+            workflow=run["workflow"],
+            status=RunStatus(run["status"]),
+            input=_json(run["input"]),
+            output=_json(run["output"]),
+            error=_json(run["error"]),
+            idempotency_key=run["idempotency_key"],
+            created_at=run["created_at"],
+            updated_at=run["updated_at"],
+            started_at=run["started_at"],
+            finished_at=run["finished_at"],
+            due_at=run["due_at"],
+            invocations=run["invocations"],
+            steps=steps,
+            events=events,
+        )
+
+    async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:
+        """Cancel a live run.  Returns False if it had already finished.
+
+        A step that is executing right now finishes, but its result is not
+        recorded and nothing after it runs.
+        """
+        cancelled, previous = await self.store.cancel(
+            _check_id(run_id), {"reason": reason or "cancelled by fk.cancel()"}
+        )
+        if previous is None:
+            raise RunNotFoundError(run_id)
+        return cancelled
+
+    async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        """Wait until the run finishes; return its output (as the workflow's annotation).
+
+        Raises :class:`RunFailedError` or :class:`RunCancelledError` when it did
+        not complete, and :class:`RunTimeoutError` after ``timeout`` seconds.
+        """
+        _check_id(run_id)
+        give_up = None if timeout is None else time.monotonic() + timeout
+        pause = 0.02
+        while True:
+            row = await self.store.run_status(run_id)
+            if row is None:
+                raise RunNotFoundError(run_id)
+            status = row["status"]
+            if status == "completed":
+                if row["workflow"] in self.registry:
+                    return self.registry.get(row["workflow"]).load_output(row["output"])
+                return _json(row["output"])
+            if status == "failed":
+                raise RunFailedError(run_id, _json(row["error"]))
+            if status == "cancelled":
+                raise RunCancelledError(run_id)
+            if give_up is not None and time.monotonic() >= give_up:
+                raise RunTimeoutError(
+                    f"Run {run_id} is still {status} after {timeout}s; it goes on without you."
+                )
+            wait = pause if give_up is None else min(pause, max(0.0, give_up - time.monotonic()))
+            await asyncio.sleep(wait)
+            pause = min(pause * 1.5, 0.5)
+
+    # operations -------------------------------------------------------------------
+    async def migrate(self) -> list[int]:
+        """Create or upgrade the schema now; return the versions applied."""
+        return await self.store.migrate()
+
+    def asgi(self, **options: Any) -> Starlette:
+        """The Starlette app to mount at ``/api/flowkeeper`` (see :mod:`flowkeeper.endpoint`)."""
+        from .endpoint import create_app
+
+        return create_app(self, **options)
+
+    async def aclose(self) -> None:
+        """Close the pool and the HTTP client (waits for pending pushes)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self.dispatcher is not None:
+            await self.dispatcher.aclose()
+        await self.db.close()
+
+    async def __aenter__(self) -> FlowKeeper:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _check_id(run_id: str) -> str:
+    try:
+        return str(uuid.UUID(str(run_id)))
+    except ValueError:
+        raise RunNotFoundError(str(run_id)) from None
+
+
+def _json(text: str | None) -> Any:
+    return json.loads(text) if text is not None else None
+
+
+def _parse_time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def _attempt_error(ev: RunEvent) -> AttemptError:
+    detail = ev.detail or {}
+    error = detail.get("error") or {}
+    retry_in = detail.get("retry_in")
+    retry_at = ev.at + timedelta(seconds=float(retry_in)) if retry_in is not None else None
+    return AttemptError(
+        attempt=ev.attempt or 0,
+        error_type=str(error.get("type", "Error")),
+        message=str(error.get("message", "")),
+        traceback=error.get("traceback"),
+        started_at=_parse_time(detail.get("started_at")),
+        finished_at=_parse_time(detail.get("finished_at")) or ev.at,
+        retry_at=retry_at,
+    )
+
+
+def _step_info(row: Any, now: datetime, failures: list[AttemptError]) -> StepInfo:
+    status = row["status"]
+    if row["kind"] == "sleep":
+        status = "sleeping" if row["wake_at"] and row["wake_at"] > now else "completed"
+    return StepInfo(
+        key=row["key"],
+        name=row["name"],
+        position=row["position"],
+        kind=row["kind"],
+        status=status,
+        attempts=row["attempts"],
+        input=_json(row["input"]),
+        output=_json(row["output"]),
+        error=_json(row["error"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"] or (row["wake_at"] if status == "completed" else None),
+        wake_at=row["wake_at"],
+        failed_attempts=failures,
+    )

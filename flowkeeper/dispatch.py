@@ -1,0 +1,142 @@
+"""The dispatcher: sends signed invocations to the endpoint over HTTP.
+
+An invocation asks the endpoint to advance one run.  The endpoint answers as
+soon as it has claimed the run (202) and goes on with the steps after the
+response, so a dispatch costs one short round trip, not the run's duration.
+Where a host buffers the response until the run segment ends (Lambda behind a
+function URL), the read times out after ``ack_timeout``: the request was
+delivered and the lease covers the run, so that counts as delivered too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigurationError
+from .signing import RequestSigner
+
+if TYPE_CHECKING:
+    import httpx
+
+logger = logging.getLogger("flowkeeper")
+
+
+def validate_endpoint(endpoint: str) -> str:
+    parts = urlsplit(endpoint)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ConfigurationError(
+            f"Invalid endpoint URL {endpoint!r}: give the full URL where the flowkeeper app "
+            "is mounted, e.g. https://shop.example/api/flowkeeper (FLOWKEEPER_ENDPOINT)."
+        )
+    return endpoint.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What became of one invocation."""
+
+    run_id: str
+    delivered: bool
+    status_code: int | None = None
+    reason: str = ""
+    body: dict[str, Any] | None = None
+
+
+class Dispatcher:
+    """Signs and posts invocations; one httpx client per event loop."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        signer: RequestSigner,
+        *,
+        ack_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.endpoint = validate_endpoint(endpoint)
+        #: The endpoint's path without a trailing slash ("" at a host's root).
+        #: Invocations go to base_path + "/", ticks to base_path + "/tick".
+        self.base_path = urlsplit(self.endpoint).path.rstrip("/")
+        self.signer = signer
+        self.ack_timeout = ack_timeout
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(
+                    connect=self.connect_timeout, read=self.ack_timeout, write=10.0, pool=60.0
+                ),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_connections,
+                ),
+                follow_redirects=False,
+            )
+            self._loop = loop
+        return self._client
+
+    def signed(self, route: str, payload: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
+        """URL, body and headers of a signed POST to ``route`` ("/" or "/tick")."""
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        path = self.base_path + route
+        headers = self.signer.sign(method="POST", path=path, body=body)
+        headers["Content-Type"] = "application/json"
+        return self.endpoint + route, body, headers
+
+    async def invoke(self, run_id: str, token: str | None, *, wait: bool = False) -> Delivery:
+        """Ask the endpoint to advance ``run_id`` under the lease ``token``."""
+        import httpx
+
+        payload: dict[str, Any] = {"run_id": run_id, "lease": token}
+        if wait:
+            payload["wait"] = True
+        url, body, headers = self.signed("/", payload)
+        try:
+            response = await self._http().post(url, content=body, headers=headers)
+        except httpx.ReadTimeout:
+            # Sent in full; the endpoint is working on it (or died: the lease expires).
+            return Delivery(run_id, True, None, "no answer within the ack timeout (in flight)")
+        except httpx.HTTPError as exc:
+            return Delivery(run_id, False, None, f"{type(exc).__name__}: {exc or 'no detail'}")
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        code = response.status_code
+        if code in (200, 202):
+            return Delivery(run_id, True, code, "", data)
+        if code == 404 and isinstance(data, dict):
+            # Unknown run (rolled-back outbox trigger) or unknown workflow (the run
+            # was marked failed by the endpoint): delivered, nothing to retry.
+            return Delivery(run_id, True, code, _error_message(data), data)
+        return Delivery(run_id, False, code, f"HTTP {code}: {_error_message(data)}", data)
+
+    async def aclose(self) -> None:
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop
+                await client.aclose()
+
+
+def _error_message(data: Any) -> str:
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err.get("code") or err)
+        if err:
+            return str(err)
+    return "no JSON error body"

@@ -1,0 +1,327 @@
+"""The HTTP endpoint: a Starlette app to mount at ``/api/flowkeeper``.
+
+Routes (relative to the mount point):
+
+``POST /``       a signed invocation ``{"run_id": ..., "lease": ...}``: claim
+                 the run, answer 202, then execute its steps in the same ASGI
+                 call while the time budget lasts.  With ``"wait": true`` the
+                 answer comes after the segment, with its outcome.
+``GET|POST /tick``  run a scheduler tick; ``Authorization: Bearer <CRON_SECRET>``
+                 or a signature.
+``GET /``        liveness: answers without touching the database.
+
+The endpoint knows nothing of SQL: it verifies, parses and delegates to the
+``FlowKeeper`` object (engine, scheduler).  Every refusal is JSON
+``{"error": {"code": ..., "message": ...}}``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import __version__
+from .engine import ClaimRefused
+from .errors import ConfigurationError, DatabaseError, SignatureError
+from .store import ClaimedRun
+
+if TYPE_CHECKING:
+    from .client import FlowKeeper
+
+logger = logging.getLogger("flowkeeper")
+
+#: A host may put the seconds it still allows this request under this scope key
+#: (the Lambda and Vercel adapters do); the engine's budget never exceeds it.
+TIME_BUDGET_SCOPE_KEY = "flowkeeper.time_budget"
+
+TimeBudgetHook = Callable[[Scope], float | None]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}, **extra}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes early."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise _BodyTooLarge
+        except ValueError:
+            pass
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error(
+        413,
+        "payload_too_large",
+        f"Request body is larger than the limit of {limit} bytes. Invocations carry only a "
+        "run id and a lease token; large data belongs in the run's input.",
+    )
+
+
+class PrefixMiddleware:
+    """Serve the routes under the endpoint's own path when the app is not mounted.
+
+    Mounted (``app.mount("/api/flowkeeper", fk.asgi())``) the routes see
+    ``/`` and ``/tick`` already.  Served on its own (uvicorn, a Vercel function,
+    a Lambda function URL) the app sees the full path ``/api/flowkeeper/...``:
+    this moves the configured prefix into ``root_path``.
+    """
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app = app
+        self.prefix = prefix.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.prefix:
+            root = scope.get("root_path", "")
+            path: str = scope["path"]
+            route = path[len(root) :] if root and path.startswith(root) else path
+            if route == self.prefix or route.startswith(self.prefix + "/"):
+                scope = dict(scope)
+                scope["root_path"] = root + self.prefix
+                if route == self.prefix:
+                    scope["path"] = path + "/"
+        await self.app(scope, receive, send)
+
+
+class Endpoint:
+    """Request handlers bound to one FlowKeeper."""
+
+    def __init__(self, fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None) -> None:
+        self.fk = fk
+        self.time_budget_hook = time_budget
+        self.base_path = fk.dispatcher.base_path if fk.dispatcher else None
+
+    # signatures -------------------------------------------------------------
+    def _paths(self, request: Request, suffix: str) -> list[str]:
+        """Every name under which this route may legitimately have been signed."""
+        scope = request.scope
+        seen = scope.get("path", "/")
+        root = scope.get("root_path", "")
+        candidates = [seen]
+        if root and not seen.startswith(root):
+            candidates.append(root.rstrip("/") + seen)
+        if self.base_path is not None:
+            candidates.append(self.base_path + (suffix or "/"))
+        return candidates
+
+    def _verify(self, request: Request, body: bytes, suffix: str) -> None:
+        self.fk.signer.verify(
+            method=request.method,
+            paths=self._paths(request, suffix),
+            body=body,
+            headers=request.headers,
+        )
+
+    def _budget(self, scope: Scope) -> float | None:
+        budget = scope.get(TIME_BUDGET_SCOPE_KEY)
+        if budget is None and self.time_budget_hook is not None:
+            budget = self.time_budget_hook(scope)
+        return float(budget) if budget is not None else None
+
+    # routes -----------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "service": "flowkeeper", "version": __version__})
+
+    async def invoke(self, request: Request) -> Response:
+        started = time.monotonic()
+        limit = self.fk.max_body_bytes
+        try:
+            body = await read_body(request, limit)
+        except _BodyTooLarge:
+            return _too_large(limit)
+        try:
+            self._verify(request, body, "")
+        except SignatureError as exc:
+            return error(401, exc.code, str(exc))
+        parsed = _parse_invocation(body)
+        if isinstance(parsed, JSONResponse):
+            return parsed
+        run_id, lease, wait = parsed
+        try:
+            claim = await self.fk.engine.claim(run_id, lease)
+        except DatabaseError as exc:
+            logger.error("invocation of run %s: %s", run_id, exc)
+            return error(503, "database_unavailable", str(exc), run_id=run_id)
+        if isinstance(claim, ClaimRefused):
+            return _refused(claim)
+
+        budget = self._budget(request.scope)
+        if budget is not None:
+            budget = max(0.001, budget - (time.monotonic() - started))
+        if wait or not self.fk.engine.knows(claim.workflow):
+            return await self._execute_now(claim, budget)
+        return JSONResponse(
+            {"run_id": run_id, "accepted": True, "status": "running"},
+            status_code=202,
+            background=BackgroundTask(self._execute_later, claim, budget),
+        )
+
+    async def _execute_now(self, claim: ClaimedRun, budget: float | None) -> Response:
+        try:
+            result = await self.fk.execute_claimed(claim, time_budget=budget)
+        except DatabaseError as exc:
+            logger.error("run %s: %s", claim.run_id, exc)
+            return error(503, "database_unavailable", str(exc), run_id=claim.run_id)
+        if not self.fk.engine.knows(claim.workflow):
+            message = (result.error or {}).get("message", "unknown workflow")
+            return error(404, "unknown_workflow", message, run_id=claim.run_id, run_status="failed")
+        payload: dict[str, Any] = {
+            "run_id": claim.run_id,
+            "accepted": True,
+            "outcome": result.outcome.value,
+            "status": result.status,
+            "steps_executed": result.steps_executed,
+        }
+        if result.error:
+            payload["error"] = {
+                "type": result.error.get("type"),
+                "message": result.error.get("message"),
+            }
+        return JSONResponse(payload)
+
+    async def _execute_later(self, claim: ClaimedRun, budget: float | None) -> None:
+        try:
+            await self.fk.execute_claimed(claim, time_budget=budget)
+        except DatabaseError as exc:
+            logger.error(
+                "run %s stopped: %s (it resumes when its lease expires)", claim.run_id, exc
+            )
+        except Exception:
+            logger.exception("run %s: unexpected error in the flowkeeper engine", claim.run_id)
+
+    async def tick(self, request: Request) -> Response:
+        limit = self.fk.max_body_bytes
+        try:
+            body = await read_body(request, limit)
+        except _BodyTooLarge:
+            return _too_large(limit)
+        refusal = self._authorize_tick(request, body)
+        if refusal is not None:
+            return refusal
+        try:
+            result = await self.fk.tick()
+        except ConfigurationError as exc:
+            return error(503, "not_configured", str(exc))
+        except DatabaseError as exc:
+            return error(503, "database_unavailable", str(exc))
+        return JSONResponse(
+            {"claimed": result.claimed, "dispatched": result.dispatched, "failed": result.failed}
+        )
+
+    def _authorize_tick(self, request: Request, body: bytes) -> JSONResponse | None:
+        auth = request.headers.get("authorization", "")
+        secret = self.fk.cron_secret
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "bearer" and secret:
+                if hmac.compare_digest(value.strip().encode(), secret.encode()):
+                    return None
+                return error(401, "invalid_secret", "The bearer token does not match CRON_SECRET.")
+            if scheme.lower() == "bearer":
+                return error(
+                    401,
+                    "no_cron_secret",
+                    "A bearer token was sent but no CRON_SECRET is configured on this endpoint.",
+                )
+        try:
+            self._verify(request, body, "/tick")
+        except SignatureError as exc:
+            hint = "" if secret else " (or configure CRON_SECRET and send it as a bearer token)"
+            return error(401, exc.code, f"{exc}{hint}")
+        return None
+
+
+def _parse_invocation(body: bytes) -> tuple[str, uuid.UUID | None, bool] | JSONResponse:
+    import json
+
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return error(400, "invalid_body", "The body is not valid JSON.")
+    if not isinstance(data, dict):
+        return error(400, "invalid_body", "The body must be a JSON object with a run_id.")
+    run_id = data.get("run_id")
+    try:
+        run_id = str(uuid.UUID(str(run_id))) if isinstance(run_id, str) else None
+    except ValueError:
+        run_id = None
+    if run_id is None:
+        return error(400, "invalid_body", "run_id must be a run's UUID.")
+    lease = data.get("lease")
+    token: uuid.UUID | None = None
+    if lease is not None:
+        try:
+            token = uuid.UUID(str(lease)) if isinstance(lease, str) else None
+        except ValueError:
+            token = None
+        if token is None:
+            return error(400, "invalid_body", "lease must be a UUID string or null.")
+    wait = data.get("wait", False)
+    if not isinstance(wait, bool):
+        return error(400, "invalid_body", "wait must be true or false.")
+    return run_id, token, wait
+
+
+def _refused(claim: ClaimRefused) -> JSONResponse:
+    if claim.reason == "not_found":
+        return error(404, "run_not_found", f"No run {claim.run_id} exists.", run_id=claim.run_id)
+    messages = {
+        "finished": f"The run has already finished ({claim.status}).",
+        "leased": "Another invocation holds the run right now.",
+        "not_due": "The run is not due yet.",
+    }
+    return JSONResponse(
+        {
+            "run_id": claim.run_id,
+            "accepted": False,
+            "status": claim.status,
+            "reason": claim.reason,
+            "message": messages.get(claim.reason, claim.reason),
+        }
+    )
+
+
+def create_app(
+    fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None, debug: bool = False
+) -> Starlette:
+    """Build the endpoint app.  No I/O happens until the first request."""
+    endpoint = Endpoint(fk, time_budget=time_budget)
+    routes = [
+        Route("/", endpoint.invoke, methods=["POST"]),
+        Route("/", endpoint.health, methods=["GET"]),
+        Route("/tick", endpoint.tick, methods=["GET", "POST"]),
+    ]
+    middleware = []
+    if endpoint.base_path:
+        middleware.append(Middleware(PrefixMiddleware, prefix=endpoint.base_path))
+    app = Starlette(debug=debug, routes=routes, middleware=middleware)
+    app.state.flowkeeper = fk
+    return app

@@ -1,0 +1,682 @@
+"""The engine: advances one claimed run by replaying its workflow function.
+
+The engine knows nothing of HTTP.  Given a run id (and the lease token its
+dispatcher holds) it claims the run, replays the workflow from the top,
+answering each ``ctx.step`` from the recorded history, and executes new steps
+one after another while the time budget lasts.  Each step's result is written
+before anything that follows it runs: the write of step *n* is deferred until
+step *n+1* is about to start, or folded into the run's final write — so a
+three-step run costs three writes after its claim, not four.
+
+Every write carries the lease token; a write under a token that is no longer
+current is refused and the invocation stops (fencing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import inspect
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import serialization
+from .context import Context
+from .errors import (
+    DatabaseError,
+    DeterminismError,
+    InvalidInputError,
+    SerializationError,
+    StepFailedError,
+    StepTimeoutError,
+    StepUsageError,
+    UnknownWorkflowError,
+    WorkflowError,
+)
+from .retry import DEFAULT_RETRY, RetryPolicy
+from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
+from .workflow import Registry, Workflow, validate_name
+
+logger = logging.getLogger("flowkeeper")
+
+_MAX_TRACEBACK = 16_000
+
+
+class Outcome(enum.StrEnum):
+    """How an invocation's segment of a run ended."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SLEEPING = "sleeping"
+    RETRYING = "retrying"
+    HANDOFF = "handoff"  # time budget used up; handed on with a fresh token
+    LEASE_LOST = "lease_lost"  # another invocation took over; nothing more written
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentResult:
+    run_id: str
+    outcome: Outcome
+    steps_executed: int
+    due_at: datetime | None = None
+    handoff_token: uuid.UUID | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        """The run's status after this segment."""
+        if self.outcome is Outcome.HANDOFF:
+            return "running"
+        if self.outcome is Outcome.LEASE_LOST:
+            return "unknown"
+        return self.outcome.value
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRefused:
+    """Why an invocation could not take a run."""
+
+    run_id: str
+    reason: str  # "not_found" | "finished" | "leased" | "not_due"
+    status: str | None
+
+
+class _Suspend(BaseException):
+    """Unwinds the workflow function once its segment is over.
+
+    A BaseException, like CancelledError, so that ``except Exception`` in
+    workflow code does not swallow it.
+    """
+
+    def __init__(self, result: SegmentResult) -> None:
+        super().__init__(result.outcome.value)
+        self.result = result
+
+
+class _Abort(BaseException):
+    """Carries a DatabaseError out of the workflow function, past user code.
+
+    A lost database must never be mistaken for the run's own failure: the
+    invocation stops, writes nothing more, and the lease expiry brings the run
+    back once Postgres is reachable.
+    """
+
+    def __init__(self, error: DatabaseError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def error_info(exc: BaseException, *, step: str | None = None) -> dict[str, Any]:
+    """The stored form of an error: type, message, traceback (and step)."""
+    cls = type(exc)
+    name = (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
+    tb = "".join(traceback.format_exception(exc))
+    if len(tb) > _MAX_TRACEBACK:
+        tb = tb[:1000] + "\n...\n" + tb[-(_MAX_TRACEBACK - 1000) :]
+    info: dict[str, Any] = {"type": name, "message": str(exc), "traceback": tb}
+    if step is not None:
+        info["step"] = step
+    return info
+
+
+def _seconds(value: float | timedelta) -> float:
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class Engine:
+    """Claims runs and executes their segments."""
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        *,
+        lease: timedelta = timedelta(seconds=30),
+        dispatch_lease: timedelta = timedelta(seconds=30),
+        default_retry: RetryPolicy = DEFAULT_RETRY,
+        record_step_inputs: bool = True,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.lease = lease
+        self.dispatch_lease = dispatch_lease
+        self.default_retry = default_retry
+        self.record_step_inputs = record_step_inputs
+
+    async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
+        """Take the run's lease, or say why not."""
+        claimed = await self.store.claim(run_id, token, uuid.uuid4(), self.lease)
+        if claimed is not None:
+            return claimed
+        state = await self.store.run_state(run_id)
+        if state is None:
+            return ClaimRefused(run_id, "not_found", None)
+        status = state["status"]
+        if status in ("completed", "failed", "cancelled"):
+            return ClaimRefused(run_id, "finished", status)
+        return ClaimRefused(run_id, "leased" if state["leased"] else "not_due", status)
+
+    def knows(self, workflow: str) -> bool:
+        return workflow in self.registry
+
+    async def execute(self, claimed: ClaimedRun, *, deadline: float) -> SegmentResult:
+        """Run the claimed run's workflow until it finishes, waits, or the budget ends.
+
+        ``deadline`` is a ``time.monotonic()`` value after which no new step starts.
+        """
+        try:
+            workflow = self.registry.get(claimed.workflow)
+        except UnknownWorkflowError as exc:
+            logger.error("run %s: %s", claimed.run_id, exc)
+            return await self._fail_unrecorded(claimed, exc)
+        execution = Execution(self, claimed, workflow, deadline)
+        return await execution.run()
+
+    async def _fail_unrecorded(self, claimed: ClaimedRun, exc: BaseException) -> SegmentResult:
+        error = error_info(exc)
+        error["traceback"] = None
+        ok = await self.store.commit(
+            claimed.run_id, claimed.lease_token, status="failed", error=error
+        )
+        outcome = Outcome.FAILED if ok is not False else Outcome.LEASE_LOST
+        return SegmentResult(claimed.run_id, outcome, 0, error=error)
+
+
+class Execution:
+    """One invocation's replay of one run (used through :class:`Context`)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        claimed: ClaimedRun,
+        workflow: Workflow,
+        deadline: float,
+    ) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.claimed = claimed
+        self.run_id = claimed.run_id
+        self.token = claimed.lease_token
+        self.workflow = workflow
+        self.deadline = deadline
+        self._t0 = time.monotonic()
+        self._history = claimed.history
+        self._position = 0
+        self._occurrences: dict[str, int] = {}
+        self._pending_steps: list[StepRecord] = []
+        self._pending_events: list[EventRecord] = []
+        self._executed = 0
+        self._busy: str | None = None
+        self._lease_lost = False
+        self._broken: WorkflowError | None = None
+
+    # clock ---------------------------------------------------------------
+    def db_time(self) -> datetime:
+        """The database clock now, from the claim's reading plus elapsed time."""
+        return self.claimed.db_now + timedelta(seconds=time.monotonic() - self._t0)
+
+    # driver --------------------------------------------------------------
+    async def run(self) -> SegmentResult:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            return await self._run()
+        except _Abort as abort:
+            raise abort.error from abort.error.__cause__
+        finally:
+            heartbeat.cancel()
+
+    async def _write(self, status: str, **fields: Any) -> datetime | bool | None:
+        """Commit under the lease; a database failure aborts the invocation."""
+        try:
+            return await self.store.commit(self.run_id, self.token, status=status, **fields)
+        except DatabaseError as exc:
+            raise _Abort(exc) from exc
+
+    async def _heartbeat(self) -> None:
+        interval = max(0.05, self.engine.lease.total_seconds() / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                alive = await self.store.heartbeat(self.run_id, self.token, self.engine.lease)
+            except Exception as exc:  # the next write will tell for sure
+                logger.warning("run %s: lease heartbeat failed: %s", self.run_id, exc)
+                continue
+            if not alive:
+                logger.warning(
+                    "run %s: lease taken over by another invocation; this one stops at its "
+                    "next write",
+                    self.run_id,
+                )
+                self._lease_lost = True
+                return
+
+    async def _run(self) -> SegmentResult:
+        ctx = Context(self)
+        try:
+            args: tuple[Any, ...] = (ctx,)
+            if self.workflow.takes_input:
+                try:
+                    args = (ctx, self.workflow.load_input(self.claimed.input))
+                except (SerializationError, InvalidInputError) as exc:
+                    raise WorkflowError(
+                        f"The stored input of run {self.run_id} no longer matches the input "
+                        f"annotation of workflow {self.workflow.name!r} (the code changed under "
+                        f"a live run): {exc}"
+                    ) from exc
+            value = await self.workflow.fn(*args)
+        except _Suspend as suspend:
+            return suspend.result
+        except StepFailedError as exc:
+            if self._broken is not None:
+                return await self._finish_failed(self._broken)
+            error = {
+                "type": exc.error_type,
+                "message": exc.message,
+                "traceback": exc.traceback,
+                "step": exc.step,
+                "attempts": exc.attempts,
+            }
+            return await self._finish_failed(exc, error=error)
+        except Exception as exc:
+            return await self._finish_failed(self._broken or exc)
+        if self._broken is not None:
+            return await self._finish_failed(self._broken)
+        if self._position < len(self._history):
+            entry = self._history[self._position]
+            return await self._finish_failed(
+                DeterminismError(
+                    f"Run {self.run_id}: the workflow returned, but its history records "
+                    f"{entry.kind} {entry.key!r} at position {entry.position} that the code "
+                    "no longer reaches (a recorded step was removed). Restore the step, or "
+                    "let this run fail and trigger a new one.",
+                    step=entry.key,
+                    position=entry.position,
+                )
+            )
+        try:
+            output = self.workflow.dump_output(value)
+        except SerializationError as exc:
+            return await self._finish_failed(exc)
+        ok = await self._write(
+            "completed",
+            output=output,
+            steps=self._pending_steps,
+            events=self._pending_events,
+        )
+        if ok is False:
+            return self._lost()
+        logger.debug("run %s completed (%d steps this invocation)", self.run_id, self._executed)
+        return SegmentResult(self.run_id, Outcome.COMPLETED, self._executed)
+
+    async def _finish_failed(
+        self, exc: BaseException, *, error: dict[str, Any] | None = None
+    ) -> SegmentResult:
+        if error is None:
+            error = error_info(exc)
+            if isinstance(exc, DeterminismError):
+                error.update(step=exc.step, position=exc.position)
+        logger.warning("run %s failed: %s: %s", self.run_id, error["type"], error["message"])
+        ok = await self._write(
+            "failed",
+            error=error,
+            steps=self._pending_steps,
+            events=self._pending_events,
+        )
+        if ok is False:
+            return self._lost()
+        return SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
+
+    def _lost(self) -> SegmentResult:
+        logger.warning(
+            "run %s: lease lost (another invocation took over or the run was cancelled); "
+            "nothing from this invocation was written",
+            self.run_id,
+        )
+        return SegmentResult(self.run_id, Outcome.LEASE_LOST, self._executed)
+
+    async def _suspend(
+        self,
+        outcome: Outcome,
+        *,
+        status: str,
+        due_in: timedelta | None = None,
+        due_at: datetime | None = None,
+        new_token: uuid.UUID | None = None,
+        error: dict[str, Any] | None = None,
+        step_key: str | None = None,
+        step_attempt: int = 0,
+        extra_steps: list[StepRecord] | None = None,
+    ) -> _Suspend:
+        result = await self._write(
+            status,
+            new_token=new_token,
+            due_in=due_in,
+            due_at=due_at,
+            error=error,
+            step_key=step_key,
+            step_attempt=step_attempt,
+            steps=self._pending_steps + (extra_steps or []),
+            events=self._pending_events,
+        )
+        if result is False:
+            return _Suspend(self._lost())
+        self._pending_steps, self._pending_events = [], []
+        due = result if isinstance(result, datetime) else None
+        return _Suspend(
+            SegmentResult(
+                self.run_id,
+                outcome,
+                self._executed,
+                due_at=due,
+                handoff_token=new_token,
+                error=error,
+            )
+        )
+
+    # history -------------------------------------------------------------
+    def _next(self, name: str, kind: str) -> tuple[str, int, HistoryEntry | None]:
+        if self._broken is not None:
+            raise self._broken
+        validate_name(name, "step")
+        if self._busy is not None:
+            self._broken = StepUsageError(
+                f"Run {self.run_id}: {kind} {name!r} started while step {self._busy!r} is still "
+                "running. Await each ctx.step before starting the next; flowkeeper records "
+                "steps one after another."
+            )
+            raise self._broken
+        count = self._occurrences.get(name, 0) + 1
+        self._occurrences[name] = count
+        key = name if count == 1 else f"{name}#{count}"
+        position = self._position
+        self._position += 1
+        entry = self._history[position] if position < len(self._history) else None
+        if entry is not None and (entry.key != key or entry.kind != kind):
+            self._broken = DeterminismError(
+                f"Run {self.run_id}: at position {position} the workflow now calls {kind} "
+                f"{key!r}, but the recorded history has {entry.kind} {entry.key!r} there "
+                "(a recorded step was renamed, removed or moved). Nothing recorded was run "
+                "again. Restore the previous order of steps, or let this run fail and trigger "
+                "a new one.",
+                step=key,
+                position=position,
+            )
+            raise self._broken
+        return key, position, entry
+
+    async def _before_new_work(self) -> None:
+        """Flush deferred records and check the lease and the time budget."""
+        if self._lease_lost:
+            raise _Suspend(self._lost())
+        if self._executed > 0 and time.monotonic() >= self.deadline:
+            # Budget used: hand the run on with a fresh token for the continuation.
+            raise await self._suspend(
+                Outcome.HANDOFF,
+                status="running",
+                new_token=uuid.uuid4(),
+                due_in=self.engine.dispatch_lease,
+            )
+        if self._pending_steps or self._pending_events:
+            result = await self._write(
+                "running",
+                new_token=self.token,
+                due_in=self.engine.lease,
+                steps=self._pending_steps,
+                events=self._pending_events,
+            )
+            if result is False:
+                raise _Suspend(self._lost())
+            self._pending_steps, self._pending_events = [], []
+
+    # steps ---------------------------------------------------------------
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retry: RetryPolicy | None,
+        timeout: float | timedelta | None,
+    ) -> Any:
+        if not callable(fn):
+            raise StepUsageError(f"ctx.step({name!r}, ...) needs a function, got {fn!r}")
+        key, position, entry = self._next(name, "step")
+        hint = serialization.return_hint(fn)
+        if entry is not None:
+            if entry.status == "completed":
+                return serialization.loads(
+                    entry.output, hint, entry.output_type, what=f"The result of step {key!r}"
+                )
+            error = entry.error or {}
+            raise StepFailedError(
+                key,
+                str(error.get("type", "Error")),
+                str(error.get("message", "")),
+                error.get("traceback"),
+                entry.attempts,
+            )
+
+        await self._before_new_work()
+        attempt = self.claimed.step_attempt + 1 if self.claimed.step_key == key else 1
+        started = self.db_time()
+        self._busy = key
+        try:
+            value = await self._invoke(fn, args, kwargs, timeout)
+            output = serialization.dumps(value, what=f"The result of step {key!r}")
+            tag = serialization.type_tag(value) if hint is None else None
+            restored = serialization.loads(output, hint, tag, what=f"The result of step {key!r}")
+        except SerializationError as exc:
+            # Deterministic: retrying would fail the same way.
+            self._busy = None
+            self._executed += 1
+            self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            raise StepFailedError(key, "SerializationError", str(exc), None, attempt) from exc
+        except Exception as exc:
+            self._busy = None
+            self._executed += 1
+            policy = retry or self.workflow.retry or self.engine.default_retry
+            if policy.should_retry(attempt, exc):
+                delay = policy.next_delay(attempt, exc)
+                logger.info(
+                    "run %s: step %r attempt %d failed (%s: %s); retrying in %.2fs",
+                    self.run_id,
+                    key,
+                    attempt,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                error = error_info(exc, step=key)
+                self._pending_events.append(
+                    self._attempt_event(key, attempt, started, error, delay)
+                )
+                raise await self._suspend(
+                    Outcome.RETRYING,
+                    status="retrying",
+                    due_in=timedelta(seconds=delay),
+                    error=error,
+                    step_key=key,
+                    step_attempt=attempt,
+                ) from None
+            self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            error = error_info(exc, step=key)
+            raise StepFailedError(
+                key, error["type"], error["message"], error["traceback"], attempt
+            ) from exc
+        self._busy = None
+        self._executed += 1
+        self._pending_steps.append(
+            StepRecord(
+                key=key,
+                position=position,
+                name=name,
+                kind="step",
+                status="completed",
+                input=self._input_json(args, kwargs),
+                output=output,
+                output_type=tag,
+                error=None,
+                attempts=attempt,
+                started_at=started,
+                finished_at=self.db_time(),
+            )
+        )
+        return restored
+
+    def _record_failure(
+        self,
+        key: str,
+        position: int,
+        name: str,
+        attempt: int,
+        started: datetime,
+        exc: BaseException,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        error = error_info(exc, step=key)
+        logger.warning(
+            "run %s: step %r failed for good after %d attempt(s): %s: %s",
+            self.run_id,
+            key,
+            attempt,
+            error["type"],
+            error["message"],
+        )
+        self._pending_events.append(self._attempt_event(key, attempt, started, error, None))
+        self._pending_steps.append(
+            StepRecord(
+                key=key,
+                position=position,
+                name=name,
+                kind="step",
+                status="failed",
+                input=self._input_json(args, kwargs),
+                output=None,
+                output_type=None,
+                error=error,
+                attempts=attempt,
+                started_at=started,
+                finished_at=self.db_time(),
+            )
+        )
+
+    def _attempt_event(
+        self,
+        key: str,
+        attempt: int,
+        started: datetime,
+        error: dict[str, Any],
+        retry_in: float | None,
+    ) -> EventRecord:
+        detail: dict[str, Any] = {
+            "started_at": started.isoformat(),
+            "finished_at": self.db_time().isoformat(),
+            "error": error,
+        }
+        if retry_in is not None:
+            detail["retry_in"] = round(retry_in, 3)
+        return EventRecord("attempt_failed", step_key=key, attempt=attempt, detail=detail)
+
+    def _input_json(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        if not self.engine.record_step_inputs or (not args and not kwargs):
+            return None
+        text = serialization.dumps_best_effort({"args": args, "kwargs": kwargs})
+        return text if "\\u0000" not in text else None
+
+    async def _invoke(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | timedelta | None,
+    ) -> Any:
+        async def call() -> Any:
+            if inspect.iscoroutinefunction(fn):
+                return await fn(*args, **kwargs)
+            result = await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        if timeout is None:
+            return await call()
+        seconds = _seconds(timeout)
+        try:
+            async with asyncio.timeout(seconds):
+                return await call()
+        except TimeoutError as exc:
+            if isinstance(exc, StepTimeoutError):
+                raise
+            raise StepTimeoutError(f"Step attempt exceeded its timeout of {seconds:g}s") from None
+
+    # sleeps --------------------------------------------------------------
+    async def sleep(
+        self, name: str, *, duration: timedelta | float | None, until: datetime | None
+    ) -> None:
+        key, position, entry = self._next(name, "sleep")
+        if entry is not None:
+            if entry.wake_at is None or self.db_time() >= entry.wake_at:
+                return
+            # Invoked before the wake time (a duplicate or early dispatch).
+            raise await self._suspend(Outcome.SLEEPING, status="sleeping", due_at=entry.wake_at)
+
+        if until is not None:
+            if until.tzinfo is None:
+                self._broken = StepUsageError(
+                    f"ctx.sleep_until({name!r}, ...) needs a timezone-aware datetime, e.g. "
+                    "datetime.now(timezone.utc) + timedelta(hours=1)."
+                )
+                raise self._broken
+            seconds = (until - self.db_time()).total_seconds()
+        else:
+            assert duration is not None
+            seconds = _seconds(duration)
+        started = self.db_time()
+        if self._lease_lost:
+            raise _Suspend(self._lost())
+        if seconds <= 0:
+            self._pending_steps.append(self._sleep_record(key, position, name, started, started))
+            return
+        record = self._sleep_record(key, position, name, started, until)
+        if until is not None:
+            raise await self._suspend(
+                Outcome.SLEEPING, status="sleeping", due_at=until, extra_steps=[record]
+            )
+        raise await self._suspend(
+            Outcome.SLEEPING,
+            status="sleeping",
+            due_in=timedelta(seconds=seconds),
+            extra_steps=[record],
+        )
+
+    @staticmethod
+    def _sleep_record(
+        key: str, position: int, name: str, started: datetime, wake_at: datetime | None
+    ) -> StepRecord:
+        # wake_at None: the commit fills in the run's due_at (now + duration, DB clock).
+        return StepRecord(
+            key=key,
+            position=position,
+            name=name,
+            kind="sleep",
+            status="sleeping",
+            input=None,
+            output=None,
+            output_type=None,
+            error=None,
+            attempts=1,
+            started_at=started,
+            finished_at=None,
+            wake_at=wake_at,
+        )

@@ -1,0 +1,196 @@
+"""Exceptions raised by flowkeeper.
+
+Every exception the library raises on purpose derives from ``FlowKeeperError``,
+so ``except FlowKeeperError`` catches them all.  Messages say what went wrong
+and what to do about it.
+
+    FlowKeeperError
+    ├── ConfigurationError        bad settings given to FlowKeeper(...) or the CLI
+    ├── DatabaseError             Postgres unreachable or refusing us
+    │   └── MigrationError        the schema could not be brought up to date
+    ├── WorkflowError
+    │   ├── UnknownWorkflowError  a name nobody registered in this process
+    │   ├── DuplicateWorkflowError
+    │   ├── InvalidInputError     input refused by the workflow's pydantic annotation
+    │   ├── SerializationError    a step result or output that cannot be stored as JSON
+    │   ├── DeterminismError      the code's steps no longer match the recorded history
+    │   └── StepUsageError        a Context method used the wrong way
+    ├── StepFailedError           a step exhausted its retries (raised inside the workflow)
+    ├── StepTimeoutError          a step ran longer than its timeout (also a TimeoutError)
+    ├── NonRetriableError         raise it from a step to fail it at once
+    ├── RetryAfterError           raise it from a step to ask for a specific retry delay
+    ├── RunNotFoundError
+    ├── RunFailedError            fk.result() on a run that failed
+    ├── RunCancelledError         fk.result() on a run that was cancelled
+    ├── RunTimeoutError           fk.result() gave up waiting (also a TimeoutError)
+    ├── SignatureError            a request without a valid signature (HTTP 401)
+    └── DispatchError             the endpoint could not be reached or refused an invocation
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+
+class FlowKeeperError(Exception):
+    """Base class of every error flowkeeper raises on purpose."""
+
+
+class ConfigurationError(FlowKeeperError):
+    """A setting given to FlowKeeper (or the CLI) is missing or malformed."""
+
+
+class DatabaseError(FlowKeeperError):
+    """Postgres could not be reached, or refused a flowkeeper query."""
+
+
+class MigrationError(DatabaseError):
+    """The flowkeeper schema could not be created or upgraded."""
+
+
+class WorkflowError(FlowKeeperError):
+    """A problem with a workflow definition or with how it is used."""
+
+
+class UnknownWorkflowError(WorkflowError):
+    """No workflow of this name is registered in this process."""
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        self.name = name
+        hint = f" Registered here: {', '.join(sorted(known))}." if known else ""
+        super().__init__(
+            f"No workflow named {name!r} is registered in this process.{hint} "
+            "Import the module that defines it (with @fk.workflow or fk.register) "
+            "before triggering or serving it."
+        )
+
+
+class DuplicateWorkflowError(WorkflowError):
+    """Two different functions were registered under one name."""
+
+
+class InvalidInputError(WorkflowError, ValueError):
+    """The input given to trigger() does not match the workflow's annotation."""
+
+    def __init__(self, workflow: str, detail: str) -> None:
+        self.workflow = workflow
+        self.detail = detail
+        super().__init__(
+            f"Input for workflow {workflow!r} is invalid; no run was created.\n{detail}"
+        )
+
+
+class SerializationError(WorkflowError, TypeError):
+    """A value that flowkeeper must store is not JSON-serialisable."""
+
+
+class DeterminismError(WorkflowError):
+    """The workflow's code no longer matches the run's recorded history.
+
+    Raised (and recorded as the run's error) when a recorded step was renamed,
+    removed or moved.  Nothing recorded is executed again.
+    """
+
+    def __init__(self, message: str, *, step: str | None, position: int) -> None:
+        self.step = step
+        self.position = position
+        super().__init__(message)
+
+
+class StepUsageError(WorkflowError):
+    """A Context method was used in a way flowkeeper cannot record durably."""
+
+
+class StepFailedError(FlowKeeperError):
+    """A step failed for good (retries exhausted or a NonRetriableError).
+
+    It is raised inside the workflow function where the step was awaited, the
+    same way on the first execution and on every replay, so a workflow may catch
+    it (to compensate) deterministically.  Uncaught, it fails the run with the
+    step's original error type, message and traceback.
+    """
+
+    def __init__(
+        self,
+        step: str,
+        error_type: str,
+        message: str,
+        traceback: str | None = None,
+        attempts: int = 1,
+    ) -> None:
+        self.step = step
+        self.error_type = error_type
+        self.message = message
+        self.traceback = traceback
+        self.attempts = attempts
+        plural = "s" if attempts != 1 else ""
+        super().__init__(
+            f"Step {step!r} failed after {attempts} attempt{plural}: {error_type}: {message}"
+        )
+
+
+class StepTimeoutError(FlowKeeperError, TimeoutError):
+    """A step attempt ran longer than the ``timeout`` given to ``ctx.step``.
+
+    The attempt counts as failed and is retried per the retry policy.  A sync
+    step keeps running in its thread (threads cannot be interrupted), but its
+    result is discarded.
+    """
+
+
+class NonRetriableError(FlowKeeperError):
+    """Raise from a step to fail it immediately, without further retries."""
+
+
+class RetryAfterError(FlowKeeperError):
+    """Raise from a step to have it retried after ``delay`` instead of the backoff."""
+
+    def __init__(self, message: str = "", *, delay: float | timedelta) -> None:
+        self.delay = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if self.delay < 0:
+            raise ValueError("RetryAfterError delay must not be negative")
+        super().__init__(message or f"retry requested after {self.delay:g}s")
+
+
+class RunNotFoundError(FlowKeeperError):
+    """No run with this id exists (in this schema)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"No run with id {run_id!r} exists.")
+
+
+class RunFailedError(FlowKeeperError):
+    """The awaited run ended in the ``failed`` state."""
+
+    def __init__(self, run_id: str, error: dict[str, Any] | None) -> None:
+        self.run_id = run_id
+        self.error = error or {}
+        self.error_type = str(self.error.get("type", "Error"))
+        self.error_message = str(self.error.get("message", ""))
+        super().__init__(f"Run {run_id} failed: {self.error_type}: {self.error_message}")
+
+
+class RunCancelledError(FlowKeeperError):
+    """The awaited run was cancelled."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"Run {run_id} was cancelled.")
+
+
+class RunTimeoutError(FlowKeeperError, TimeoutError):
+    """fk.result() stopped waiting before the run finished.  The run goes on."""
+
+
+class SignatureError(FlowKeeperError):
+    """A request's signature is missing, malformed, tampered, expired or unknown."""
+
+    def __init__(self, message: str, *, code: str = "invalid_signature") -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class DispatchError(FlowKeeperError):
+    """An invocation could not be delivered to the endpoint."""

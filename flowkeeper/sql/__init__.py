@@ -1,0 +1,78 @@
+"""SQL as package data: named queries and versioned migrations, loaded in one place."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from ..errors import ConfigurationError
+
+__all__ = ["Migration", "load_queries", "migrations", "validate_schema"]
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_NAME_RE = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
+_MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+def validate_schema(schema: str) -> str:
+    """Schema names are spliced into SQL, so only plain identifiers are allowed."""
+    if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
+        raise ConfigurationError(
+            f"Invalid schema name {schema!r}: use lower-case letters, digits and underscores, "
+            "starting with a letter or underscore, at most 63 characters."
+        )
+    if schema.startswith("pg_") or schema == "information_schema":
+        raise ConfigurationError(f"Schema name {schema!r} is reserved by PostgreSQL.")
+    return schema
+
+
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=8)
+def _raw_queries() -> dict[str, str]:
+    text = _read("queries.sql")
+    parts = _NAME_RE.split(text)
+    queries: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in queries:
+            raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
+        queries[name] = body.strip().rstrip(";")
+    return queries
+
+
+@functools.lru_cache(maxsize=8)
+def load_queries(schema: str) -> dict[str, str]:
+    """Every named query of queries.sql with the schema spliced in."""
+    validate_schema(schema)
+    return {name: q.replace("{schema}", schema) for name, q in _raw_queries().items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    template: str
+
+    def sql(self, schema: str) -> str:
+        return self.template.replace("{schema}", validate_schema(schema))
+
+
+@functools.lru_cache(maxsize=1)
+def migrations() -> tuple[Migration, ...]:
+    """All migrations shipped with the package, in version order."""
+    found: list[Migration] = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        match = _MIGRATION_RE.match(entry.name)
+        if match:
+            found.append(
+                Migration(int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8"))
+            )
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migration versions must be 1..n without gaps, got {versions}")
+    return tuple(found)

@@ -1,0 +1,350 @@
+"""The store: every query flowkeeper sends goes through here.
+
+The engine, the scheduler and the endpoint speak to Postgres only through
+these methods; the SQL itself lives in ``sql/queries.sql``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from . import migrations
+from .db import Database
+from .errors import DatabaseError, MigrationError
+from .sql import load_queries
+
+if TYPE_CHECKING:
+    import asyncpg
+
+logger = logging.getLogger("flowkeeper")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """A recorded step or sleep, as the engine replays it."""
+
+    key: str
+    position: int
+    name: str
+    kind: str
+    status: str
+    output: str | None
+    output_type: str | None
+    error: dict[str, Any] | None
+    attempts: int
+    wake_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRun:
+    """A run this invocation now holds the lease of."""
+
+    run_id: str
+    lease_token: uuid.UUID
+    workflow: str
+    input: str | None
+    step_key: str | None
+    step_attempt: int
+    invocations: int
+    db_now: datetime
+    history: list[HistoryEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """A step or sleep the engine has not written yet."""
+
+    key: str
+    position: int
+    name: str
+    kind: str
+    status: str
+    input: str | None
+    output: str | None
+    output_type: str | None
+    error: dict[str, Any] | None
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None
+    wake_at: datetime | None = None
+
+    def as_json(self) -> str:
+        return _json_object(
+            {
+                "key": self.key,
+                "position": self.position,
+                "name": self.name,
+                "kind": self.kind,
+                "status": self.status,
+                "output_type": self.output_type,
+                "error": self.error,
+                "attempts": self.attempts,
+                "started_at": self.started_at.isoformat(),
+                "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+                "wake_at": self.wake_at.isoformat() if self.wake_at else None,
+            },
+            raw={"input": self.input, "output": self.output},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    kind: str
+    step_key: str | None = None
+    attempt: int | None = None
+    detail: dict[str, Any] | None = None
+
+    def as_json(self) -> str:
+        return _json_object(
+            {
+                "kind": self.kind,
+                "step_key": self.step_key,
+                "attempt": self.attempt,
+                "detail": self.detail,
+            }
+        )
+
+
+def _json_object(fields: dict[str, Any], raw: dict[str, str | None] | None = None) -> str:
+    """A JSON object; values in ``raw`` are JSON text already and go in verbatim."""
+    parts = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in fields.items()]
+    for k, text in (raw or {}).items():
+        parts.append(f"{json.dumps(k)}:{text if text is not None else 'null'}")
+    return "{" + ",".join(parts) + "}"
+
+
+def _json_array(items: Sequence[str]) -> str:
+    return "[" + ",".join(items) + "]"
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import asyncpg
+
+    return (
+        OSError,
+        asyncio.TimeoutError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.AdminShutdownError,
+    )
+
+
+class Store:
+    """Typed access to the flowkeeper schema."""
+
+    def __init__(self, db: Database, schema: str, *, auto_migrate: bool = True) -> None:
+        self.db = db
+        self.schema = schema
+        self.q = load_queries(schema)
+        self.auto_migrate = auto_migrate
+        self._ready = False
+        self._ready_lock: asyncio.Lock | None = None
+
+    # plumbing ---------------------------------------------------------------
+    async def _call(
+        self, method: str, name: str, *args: Any, conn: asyncpg.Connection | None = None
+    ) -> Any:
+        if not self._ready and conn is None:
+            await self.ensure_schema()
+        query = self.q[name]
+        try:
+            if conn is not None:
+                return await getattr(conn, method)(query, *args)
+            pool = await self.db.pool()
+            return await getattr(pool, method)(query, *args)
+        except _connection_errors() as exc:
+            raise DatabaseError(
+                f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def ensure_schema(self) -> None:
+        """Check the schema version once per process; migrate if allowed and needed."""
+        if self._ready:
+            return
+        if self._ready_lock is None:
+            self._ready_lock = asyncio.Lock()
+        async with self._ready_lock:
+            if self._ready:
+                return
+            async with self.db.acquire() as conn:
+                try:
+                    version = await migrations.current_version(conn, self.schema)
+                except _connection_errors() as exc:
+                    raise DatabaseError(f"Lost the connection to Postgres: {exc}") from exc
+                latest = migrations.latest_version()
+                if version < latest:
+                    if not self.auto_migrate:
+                        raise MigrationError(
+                            f"Schema {self.schema!r} is at version {version}, this flowkeeper "
+                            f"needs {latest}. Run `flowkeeper migrate`."
+                        )
+                    await migrations.migrate(conn, self.schema)
+                elif version > latest:
+                    raise MigrationError(
+                        f"Schema {self.schema!r} is at version {version}, newer than this "
+                        f"flowkeeper ({latest}) knows. Upgrade flowkeeper in this deployment."
+                    )
+            self._ready = True
+
+    async def migrate(self) -> list[int]:
+        async with self.db.acquire() as conn:
+            applied = await migrations.migrate(conn, self.schema)
+        self._ready = True
+        return applied
+
+    # runs ---------------------------------------------------------------------
+    async def insert_run(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+        conn: asyncpg.Connection | None = None,
+    ) -> tuple[str, bool]:
+        """Insert a run; on an idempotency-key hit return the existing id."""
+        if conn is not None and not self._ready:
+            await self.ensure_schema()
+        row = await self._call(
+            "fetchrow",
+            "insert_run",
+            uuid.UUID(run_id),
+            workflow,
+            input_json,
+            idempotency_key,
+            lease_token,
+            lease,
+            conn=conn,
+        )
+        if row is not None:
+            return str(row["id"]), True
+        existing = await self._call(
+            "fetchrow", "run_by_idempotency_key", workflow, idempotency_key, conn=conn
+        )
+        if existing is None:  # pragma: no cover - conflict row vanished (deleted meanwhile)
+            raise DatabaseError("idempotency key conflict but no run found; retry the trigger")
+        return str(existing["id"]), False
+
+    async def release_push(self, run_id: str, token: uuid.UUID) -> None:
+        await self._call("execute", "release_push", uuid.UUID(run_id), token)
+
+    async def claim(
+        self, run_id: str, token: uuid.UUID | None, new_token: uuid.UUID, lease: timedelta
+    ) -> ClaimedRun | None:
+        row = await self._call("fetchrow", "claim_run", uuid.UUID(run_id), token, new_token, lease)
+        if row is None:
+            return None
+        history = [
+            HistoryEntry(
+                key=h["key"],
+                position=h["position"],
+                name=h["name"],
+                kind=h["kind"],
+                status=h["status"],
+                output=h["output"],
+                output_type=h["output_type"],
+                error=h["error"],
+                attempts=h["attempts"],
+                wake_at=datetime.fromisoformat(h["wake_at"]) if h["wake_at"] else None,
+            )
+            for h in (json.loads(row["steps"]) if row["steps"] else [])
+        ]
+        return ClaimedRun(
+            run_id=str(row["id"]),
+            lease_token=new_token,
+            workflow=row["workflow"],
+            input=row["input"],
+            step_key=row["step_key"],
+            step_attempt=row["step_attempt"],
+            invocations=row["invocations"],
+            db_now=row["db_now"],
+            history=history,
+        )
+
+    async def run_state(self, run_id: str) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._call("fetchrow", "run_state", uuid.UUID(run_id))
+        return row
+
+    async def commit(
+        self,
+        run_id: str,
+        token: uuid.UUID,
+        *,
+        status: str,
+        new_token: uuid.UUID | None = None,
+        due_in: timedelta | None = None,
+        due_at: datetime | None = None,
+        output: str | None = None,
+        error: dict[str, Any] | None = None,
+        step_key: str | None = None,
+        step_attempt: int = 0,
+        steps: Sequence[StepRecord] = (),
+        events: Sequence[EventRecord] = (),
+    ) -> datetime | bool | None:
+        """Write under the lease.  Returns False if the lease was lost, else the new due_at."""
+        row = await self._call(
+            "fetchrow",
+            "commit",
+            uuid.UUID(run_id),
+            token,
+            status,
+            new_token,
+            due_in,
+            due_at,
+            output,
+            json.dumps(error) if error is not None else None,
+            step_key,
+            step_attempt,
+            _json_array([s.as_json() for s in steps]),
+            _json_array([e.as_json() for e in events]),
+        )
+        if row is None:
+            return False
+        due: datetime | None = row["due_at"]
+        return due
+
+    async def heartbeat(self, run_id: str, token: uuid.UUID, lease: timedelta) -> bool:
+        row = await self._call("fetchrow", "heartbeat", uuid.UUID(run_id), token, lease)
+        return row is not None
+
+    async def cancel(self, run_id: str, detail: dict[str, Any]) -> tuple[bool, str | None]:
+        row = await self._call("fetchrow", "cancel_run", uuid.UUID(run_id), json.dumps(detail))
+        return bool(row["cancelled"]), row["previous_status"]
+
+    # scheduler ----------------------------------------------------------------
+    async def claim_due(self, limit: int, lease: timedelta) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "claim_due", limit, lease)
+        return rows
+
+    async def dispatch_failed(self, run_id: str, token: uuid.UUID, delay: timedelta) -> None:
+        await self._call("execute", "dispatch_failed", uuid.UUID(run_id), token, delay)
+
+    # reading ------------------------------------------------------------------
+    async def run_status(self, run_id: str) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._call("fetchrow", "run_status", uuid.UUID(run_id))
+        return row
+
+    async def get_run(
+        self, run_id: str
+    ) -> tuple[asyncpg.Record, list[asyncpg.Record], list[asyncpg.Record]] | None:
+        rid = uuid.UUID(run_id)
+        run = await self._call("fetchrow", "get_run", rid)
+        if run is None:
+            return None
+        steps = await self._call("fetch", "get_steps", rid)
+        events = await self._call("fetch", "get_events", rid)
+        return run, steps, events
+
+    async def clock_now(self) -> datetime:
+        now: datetime = await self._call("fetchval", "clock_now")
+        return now

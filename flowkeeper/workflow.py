@@ -1,0 +1,175 @@
+"""Workflow definitions and the registry that names them."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+import pydantic_core
+
+from . import serialization
+from .errors import (
+    DuplicateWorkflowError,
+    InvalidInputError,
+    UnknownWorkflowError,
+    WorkflowError,
+)
+from .retry import RetryPolicy
+
+WorkflowFunction = Callable[..., Awaitable[Any]]
+
+_MAX_NAME = 200
+
+
+def validate_name(name: str, what: str = "workflow") -> str:
+    """Names are stored and shown everywhere: keep them printable and short."""
+    if not isinstance(name, str) or not name.strip():
+        raise WorkflowError(f"A {what} name must be a non-empty string, got {name!r}.")
+    if len(name) > _MAX_NAME:
+        raise WorkflowError(f"The {what} name {name[:40]!r}... is longer than {_MAX_NAME}.")
+    if any(ord(c) < 32 for c in name):
+        raise WorkflowError(f"The {what} name {name!r} contains control characters.")
+    return name
+
+
+@dataclass(eq=False)
+class Workflow:
+    """A named workflow function and how to treat its input, output and failures.
+
+    Build one with :func:`define_workflow` (or the ``@fk.workflow`` decorator).
+    """
+
+    name: str
+    fn: WorkflowFunction
+    retry: RetryPolicy | None = None
+    takes_input: bool = field(init=False)
+    input_type: Any = field(init=False)
+    output_type: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not inspect.iscoroutinefunction(self.fn):
+            raise WorkflowError(
+                f"Workflow {self.name!r}: {getattr(self.fn, '__qualname__', self.fn)!r} must be "
+                "an 'async def' function taking (ctx) or (ctx, input)."
+            )
+        params = list(inspect.signature(self.fn).parameters.values())
+        positional = [
+            p
+            for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        if not 1 <= len(positional) <= 2:
+            raise WorkflowError(
+                f"Workflow {self.name!r} must take (ctx) or (ctx, input); "
+                f"it takes {len(positional)} required positional parameters."
+            )
+        try:
+            hints = typing.get_type_hints(self.fn)
+        except Exception as exc:
+            raise WorkflowError(
+                f"Workflow {self.name!r}: cannot resolve the annotations of "
+                f"{getattr(self.fn, '__qualname__', self.fn)} ({exc}). Define the types it "
+                "uses (input model, return type) at module level so they can be resolved."
+            ) from exc
+        self.takes_input = len(positional) == 2
+        self.input_type = hints.get(positional[1].name, Any) if self.takes_input else None
+        self.output_type = hints.get("return")
+        for what, tp in (("input", self.input_type), ("return", self.output_type)):
+            if tp is None:
+                continue
+            try:
+                serialization.adapter_for(tp)
+            except Exception as exc:  # pydantic cannot build a validator for it
+                raise WorkflowError(
+                    f"Workflow {self.name!r}: pydantic cannot validate its {what} annotation "
+                    f"{tp!r}: {exc}. Use a pydantic model, a dataclass, a TypedDict or "
+                    "JSON-compatible types."
+                ) from exc
+
+    # input ---------------------------------------------------------------
+    def dump_input(self, value: Any) -> str:
+        """Validate ``value`` against the input annotation and return its JSON.
+
+        Raises :class:`InvalidInputError` with pydantic's message when it does
+        not fit, so a bad input never becomes a run.
+        """
+        if not self.takes_input:
+            if value is not None:
+                raise InvalidInputError(
+                    self.name, "This workflow takes no input, but one was given."
+                )
+            return "null"
+        adapter = serialization.adapter_for(self.input_type)
+        try:
+            validated = adapter.validate_python(value)
+        except pydantic.ValidationError as exc:
+            raise InvalidInputError(self.name, str(exc)) from None
+        try:
+            return adapter.dump_json(validated).decode()
+        except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+            raise InvalidInputError(
+                self.name, f"The input cannot be stored as JSON: {exc}"
+            ) from None
+
+    def load_input(self, text: str | None) -> Any:
+        """The stored input, as the annotated type."""
+        if not self.takes_input:
+            return None
+        return serialization.loads(text, self.input_type, what=f"Input of workflow {self.name!r}")
+
+    # output --------------------------------------------------------------
+    def dump_output(self, value: Any) -> str:
+        return serialization.dumps(value, what=f"The return value of workflow {self.name!r}")
+
+    def load_output(self, text: str | None) -> Any:
+        return serialization.loads(text, self.output_type, what=f"Output of workflow {self.name!r}")
+
+
+def define_workflow(
+    name: str, fn: WorkflowFunction, *, retry: RetryPolicy | None = None
+) -> Workflow:
+    """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
+
+    The input parameter's annotation (a pydantic model, a TypedDict, ``int``...)
+    validates inputs at trigger time.  ``retry`` is the default policy for this
+    workflow's steps.  Register the result with ``fk.register(wf)``.
+    """
+    return Workflow(name=name, fn=fn, retry=retry)
+
+
+class Registry:
+    """The workflows this process can trigger and execute."""
+
+    def __init__(self) -> None:
+        self._workflows: dict[str, Workflow] = {}
+
+    def add(self, wf: Workflow) -> Workflow:
+        existing = self._workflows.get(wf.name)
+        if existing is not None and existing.fn is not wf.fn:
+            raise DuplicateWorkflowError(
+                f"A different function is already registered as workflow {wf.name!r} "
+                f"({getattr(existing.fn, '__qualname__', existing.fn)}). Workflow names must be "
+                "unique."
+            )
+        self._workflows[wf.name] = wf
+        return wf
+
+    def get(self, name: str) -> Workflow:
+        try:
+            return self._workflows[name]
+        except KeyError:
+            raise UnknownWorkflowError(name, list(self._workflows)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._workflows
+
+    def __iter__(self) -> Iterator[Workflow]:
+        return iter(self._workflows.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._workflows)

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from flowkeeper import SerializationError
+from flowkeeper.serialization import dumps, loads, return_hint, type_tag
+
+
+class Charge(BaseModel):
+    id: str
+    amount: int
+    at: dt.datetime
+
+
+def typed_step() -> Charge:
+    raise NotImplementedError
+
+
+def untyped_step():  # type: ignore[no-untyped-def]
+    raise NotImplementedError
+
+
+def test_json_values_round_trip() -> None:
+    value = {"a": [1, 2.5, None, True], "b": "x"}
+    assert loads(dumps(value, what="v"), what="v") == value
+
+
+def test_model_restored_through_the_return_annotation() -> None:
+    charge = Charge(id="ch_1", amount=100, at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    text = dumps(charge, what="result")
+    restored = loads(text, return_hint(typed_step), what="result")
+    assert restored == charge
+    assert isinstance(restored, Charge)
+
+
+def test_model_restored_through_its_tag_without_annotation() -> None:
+    charge = Charge(id="ch_2", amount=5, at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    assert return_hint(untyped_step) is None
+    tag = type_tag(charge)
+    assert tag == f"{__name__}:Charge"
+    restored = loads(dumps(charge, what="r"), None, tag, what="r")
+    assert isinstance(restored, Charge)
+    assert restored.id == "ch_2"
+
+
+def test_unserialisable_value_names_the_culprit() -> None:
+    with pytest.raises(SerializationError) as err:
+        dumps(object(), what="The result of step 'charge'")
+    message = str(err.value)
+    assert "The result of step 'charge'" in message
+    assert "object" in message
+    assert "pydantic model" in message
+
+
+def test_nul_characters_are_refused_with_advice() -> None:
+    with pytest.raises(SerializationError, match="NUL"):
+        dumps({"x": "a\x00b"}, what="result")
+
+
+def test_mismatched_annotation_is_reported() -> None:
+    with pytest.raises(SerializationError, match="annotation"):
+        loads('"not a charge"', Charge, what="result")
+
+
+def test_return_hint_sees_through_partials() -> None:
+    import functools
+
+    def f(x: int) -> dict[str, Any]:
+        return {}
+
+    assert return_hint(functools.partial(f, 1)) == dict[str, Any]
