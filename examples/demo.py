@@ -1,0 +1,196 @@
+"""The flowkeeper demo: checkout workflows on an embedded Postgres, watched live.
+
+Run it with ``./scripts/demo``.  Without DATABASE_URL it starts a private
+PostgreSQL from the machine's binaries under ``.flowkeeper/pg`` (kept between
+runs, stopped at exit); the endpoint is served by uvicorn in this process and
+a scheduler loop resumes retries and sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CHECKOUT_REVIEW_DELAY", "3")
+
+import uvicorn  # noqa: E402
+
+from examples.checkout.workflows import Order, checkout_workflow  # noqa: E402
+from flowkeeper import FlowKeeper, RunInfo  # noqa: E402
+from flowkeeper.testing import PostgresCluster  # noqa: E402
+from flowkeeper.testing.postgres import free_port  # noqa: E402
+
+ORDERS = [
+    Order(id="o-1001", email="ada@example.com", amount_cents=4200, flaky_card=True),
+    Order(id="o-1002", email="grace@example.com", amount_cents=1999),
+    Order(id="o-1003", email="linus@example.com", amount_cents=25000, flaky_card=True),
+]
+
+GREEN, RED, YELLOW, DIM, BOLD, RESET = (
+    ("\033[32m", "\033[31m", "\033[33m", "\033[2m", "\033[1m", "\033[0m")
+    if sys.stdout.isatty()
+    else ("",) * 6
+)
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+class Watcher:
+    """Prints what happens to each run: steps recorded, retries, sleeps, the end."""
+
+    def __init__(self, fk: FlowKeeper, labels: dict[str, str]) -> None:
+        self.fk = fk
+        self.labels = labels
+        self.seen: dict[str, set[str]] = {rid: set() for rid in labels}
+        self.t0 = time.monotonic()
+
+    def emit(self, run_id: str, key: str, text: str) -> None:
+        if key in self.seen[run_id]:
+            return
+        self.seen[run_id].add(key)
+        stamp = f"{time.monotonic() - self.t0:5.1f}s"
+        say(f"  {DIM}{stamp}{RESET}  {BOLD}{self.labels[run_id]}{RESET}  {text}")
+
+    def update(self, info: RunInfo) -> None:
+        rid = info.id
+        for step in info.steps:
+            for failure in step.failed_attempts:
+                self.emit(
+                    rid,
+                    f"fail:{step.key}:{failure.attempt}",
+                    f"{RED}✗{RESET} {step.name:<15} attempt {failure.attempt} failed: "
+                    f"{failure.error_type.rsplit('.', 1)[-1]}: {failure.message}"
+                    f" {DIM}(retrying with backoff){RESET}",
+                )
+            if step.kind == "sleep":
+                self.emit(
+                    rid,
+                    f"sleep:{step.key}",
+                    f"{YELLOW}z{RESET} {step.name:<15} durable sleep until "
+                    f"{step.wake_at:%H:%M:%S} {DIM}(the invocation ends; "
+                    f"the scheduler wakes it){RESET}",
+                )
+                if step.status == "completed":
+                    self.emit(rid, f"woke:{step.key}", f"{YELLOW}⏰{RESET} {step.name:<15} woke up")
+            elif step.status == "completed":
+                attempt = f" on attempt {step.attempts}" if step.attempts > 1 else ""
+                self.emit(
+                    rid,
+                    f"done:{step.key}",
+                    f"{GREEN}✓{RESET} {step.name:<15} {_short(step.output)}{attempt}",
+                )
+        if info.is_finished:
+            colour = GREEN if info.status == "completed" else RED
+            self.emit(
+                rid,
+                "end",
+                f"{colour}■ run {info.status}{RESET} {DIM}after {info.invocations} "
+                f"invocation(s){RESET}",
+            )
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+async def scheduler_loop(fk: FlowKeeper, stop: asyncio.Event) -> None:
+    """Resume due runs (retries, sleeps, dead invocations) every 200 ms."""
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            await fk.tick()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+
+
+async def demo(database_url: str, where: str) -> int:
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}/api/flowkeeper"
+    fk = FlowKeeper(database_url, signing_key="demo-signing-key-not-for-production", endpoint=endpoint)
+    fk.register(checkout_workflow)
+
+    say(f"{BOLD}flowkeeper demo{RESET}: durable checkout workflows")
+    say(f"  database  {where}")
+    say(f"  endpoint  {endpoint}  (uvicorn, in this process)")
+    say(f"  workflow  charge-card → send-receipt → wait-for-review (durable sleep) → ask-for-review")
+    say()
+
+    server = uvicorn.Server(
+        uvicorn.Config(fk.asgi(), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    stop = asyncio.Event()
+    ticking = asyncio.create_task(scheduler_loop(fk, stop))
+    try:
+        run_tag = f"{int(time.time())}"
+        handles = [
+            await fk.trigger("checkout", order, idempotency_key=f"{order.id}-{run_tag}")
+            for order in ORDERS
+        ]
+        labels = {h.run_id: order.id for h, order in zip(handles, ORDERS, strict=True)}
+        say(f"triggered {len(handles)} runs (each pushed to the endpoint at once):")
+        watcher = Watcher(fk, labels)
+        deadline = time.monotonic() + 60
+        finished: list[RunInfo] = []
+        while time.monotonic() < deadline:
+            infos = [await fk.get_run(h.run_id) for h in handles]
+            for info in infos:
+                watcher.update(info)
+            if all(i.is_finished for i in infos):
+                finished = infos
+                break
+            await asyncio.sleep(0.1)
+        say()
+        if not finished:
+            say(f"{RED}runs did not finish within 60 s{RESET}")
+            return 1
+        ok = all(i.status == "completed" for i in finished)
+        steps = sum(len([s for s in i.steps if s.kind == "step"]) for i in finished)
+        retries = sum(len(s.failed_attempts) for i in finished for s in i.steps)
+        invocations = sum(i.invocations for i in finished)
+        colour = GREEN if ok else RED
+        say(
+            f"{colour}{len(finished)} runs {'completed' if ok else 'finished'}{RESET} in "
+            f"{time.monotonic() - watcher.t0:.1f}s: {steps} steps recorded, {retries} retried "
+            f"attempt(s), {invocations} HTTP invocations in all."
+        )
+        result = await fk.result(handles[0].run_id)
+        say(f"output of {ORDERS[0].id}: {result}")
+        say(f"{DIM}Kill this demo at any point and run it again: nothing is lost or run twice.{RESET}")
+        return 0 if ok else 1
+    finally:
+        stop.set()
+        await ticking
+        server.should_exit = True
+        await serving
+        await fk.aclose()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.ERROR)
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return asyncio.run(demo(url, f"DATABASE_URL ({url.split('@')[-1]})"))
+    data_dir = ROOT / ".flowkeeper" / "pg"
+    say(f"{DIM}starting an embedded PostgreSQL in {data_dir.relative_to(ROOT)} ...{RESET}")
+    cluster = PostgresCluster(data_dir)
+    url = cluster.start()
+    try:
+        return asyncio.run(demo(url, f"embedded PostgreSQL at {url.split('@')[-1]}"))
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

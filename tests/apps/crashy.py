@@ -1,0 +1,65 @@
+"""The workflow of the fault tests, run in a uvicorn subprocess that the tests SIGKILL.
+
+Each step body first asks Postgres whether its own result was already
+recorded, and logs that answer with the execution into ``fault_log``: a row
+with ``recorded_before = true`` is a recorded step that ran again — the one
+thing flowkeeper promises never happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import asyncpg
+
+from flowkeeper import Context, define_workflow
+
+STEPS = int(os.environ.get("FAULT_STEPS", "5"))
+
+_pool: asyncpg.Pool | None = None
+
+
+async def _log_pool() -> asyncpg.Pool:
+    global _pool
+    if _pool is None:
+        _pool = await asyncpg.create_pool(os.environ["DATABASE_URL"], min_size=1, max_size=4)
+    return _pool
+
+
+async def side_effect(run_id: str, key: str) -> str:
+    pool = await _log_pool()
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """INSERT INTO fault_log (run_id, key, recorded_before)
+               SELECT $1, $2, EXISTS (SELECT 1 FROM flowkeeper.steps
+                                      WHERE run_id = $1 AND key = $2 AND status = 'completed')""",
+            run_id,
+            key,
+        )
+    await asyncio.sleep(random.uniform(0.005, 0.04))
+    return key
+
+
+async def crashy(ctx: Context, n: int) -> int:
+    done = 0
+    for i in range(STEPS):
+        await ctx.step(f"step-{i}", side_effect, ctx.run_id, f"step-{i}")
+        done += 1
+        if i == STEPS // 2:
+            await ctx.sleep("breather", 0.05)
+    return n + done
+
+
+crashy_workflow = define_workflow("crashy", crashy)
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS fault_log (
+    id bigserial PRIMARY KEY,
+    run_id uuid NOT NULL,
+    key text NOT NULL,
+    recorded_before boolean NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
