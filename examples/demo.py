@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("CHECKOUT_REVIEW_DELAY", "3")
 
-import uvicorn  # noqa: E402
+import uvicorn
 
-from examples.checkout.workflows import Order, checkout_workflow  # noqa: E402
-from flowkeeper import FlowKeeper, RunInfo  # noqa: E402
-from flowkeeper.testing import PostgresCluster  # noqa: E402
-from flowkeeper.testing.postgres import free_port  # noqa: E402
+from examples.checkout.workflows import Order, checkout_workflow
+from flowkeeper import FlowKeeper, RunInfo
+from flowkeeper.testing import PostgresCluster
+from flowkeeper.testing.postgres import free_port
 
 ORDERS = [
     Order(id="o-1001", email="ada@example.com", amount_cents=4200, flaky_card=True),
@@ -115,13 +115,15 @@ async def scheduler_loop(fk: FlowKeeper, stop: asyncio.Event) -> None:
 async def demo(database_url: str, where: str) -> int:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}/api/flowkeeper"
-    fk = FlowKeeper(database_url, signing_key="demo-signing-key-not-for-production", endpoint=endpoint)
+    fk = FlowKeeper(
+        database_url, signing_key="demo-signing-key-not-for-production", endpoint=endpoint
+    )
     fk.register(checkout_workflow)
 
     say(f"{BOLD}flowkeeper demo{RESET}: durable checkout workflows")
     say(f"  database  {where}")
     say(f"  endpoint  {endpoint}  (uvicorn, in this process)")
-    say(f"  workflow  charge-card → send-receipt → wait-for-review (durable sleep) → ask-for-review")
+    say("  workflow  charge-card → send-receipt → wait-for-review (durable sleep) → ask-for-review")
     say()
 
     server = uvicorn.Server(
@@ -167,7 +169,10 @@ async def demo(database_url: str, where: str) -> int:
         )
         result = await fk.result(handles[0].run_id)
         say(f"output of {ORDERS[0].id}: {result}")
-        say(f"{DIM}Kill this demo at any point and run it again: nothing is lost or run twice.{RESET}")
+        say(
+            f"{DIM}Runs stay in the database; any left unfinished by an interrupted demo "
+            f"are resumed by the next one.{RESET}"
+        )
         return 0 if ok else 1
     finally:
         stop.set()

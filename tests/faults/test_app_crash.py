@@ -83,7 +83,8 @@ async def test_app_server_killed_repeatedly_loses_nothing(
     per_run = await conn.fetch(
         "SELECT run_id, count(*) AS n FROM flowkeeper.steps WHERE kind = 'step' GROUP BY run_id"
     )
-    assert len(per_run) == RUNS and all(r["n"] == crash_app.STEPS for r in per_run)
+    assert len(per_run) == RUNS
+    assert all(r["n"] == crash_app.STEPS for r in per_run)
     executions = await conn.fetchval("SELECT count(*) FROM fault_log")
     assert executions >= RUNS * crash_app.STEPS
     outputs = await conn.fetch("SELECT output::int FROM flowkeeper.runs ORDER BY output::int")

@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-
 from flowkeeper import Context, FlowKeeper
 from flowkeeper.testing import FakeClock
 
@@ -16,7 +15,9 @@ from ..helpers import drive, make_fk, serve, wait_for
 Body = Callable[[Context, Counter[str]], Awaitable[None]]
 
 
-async def _run_v1_then_v2(database_url: str, conn: asyncpg.Connection, v1: Body, v2: Body) -> tuple[FlowKeeper, str, Counter[str]]:
+async def _run_v1_then_v2(
+    database_url: str, conn: asyncpg.Connection, v1: Body, v2: Body
+) -> tuple[FlowKeeper, str, Counter[str]]:
     """Run v1 until its sleep, swap in v2 (a deploy), wake the run."""
     clock = await FakeClock(conn).install()
     calls: Counter[str] = Counter()
@@ -51,7 +52,9 @@ def _step(calls: Counter[str], name: str) -> Callable[[], str]:
     return body
 
 
-async def test_renamed_step_is_a_determinism_error(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_renamed_step_is_a_determinism_error(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
     async def v1(ctx: Context, calls: Counter[str]) -> None:
         await ctx.step("charge", _step(calls, "charge"))
         await ctx.sleep("nap", 60)
@@ -68,14 +71,18 @@ async def test_renamed_step_is_a_determinism_error(database_url: str, conn: asyn
         assert info.status == "failed"
         assert info.error is not None
         assert info.error["type"] == "flowkeeper.errors.DeterminismError"
-        assert info.error["step"] == "charge-card" and info.error["position"] == 0
-        assert "'charge'" in info.error["message"] and "position 0" in info.error["message"]
+        assert info.error["step"] == "charge-card"
+        assert info.error["position"] == 0
+        assert "'charge'" in info.error["message"]
+        assert "position 0" in info.error["message"]
         assert calls == {"charge": 1}  # nothing recorded ran again, nothing new ran
     finally:
         await fk.aclose()
 
 
-async def test_moved_step_is_a_determinism_error(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_moved_step_is_a_determinism_error(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
     async def v1(ctx: Context, calls: Counter[str]) -> None:
         await ctx.step("a", _step(calls, "a"))
         await ctx.step("b", _step(calls, "b"))
@@ -90,13 +97,16 @@ async def test_moved_step_is_a_determinism_error(database_url: str, conn: asyncp
     try:
         info = await fk.get_run(run_id)
         assert info.status == "failed"
-        assert info.error is not None and info.error["position"] == 0
+        assert info.error is not None
+        assert info.error["position"] == 0
         assert calls == {"a": 1, "b": 1}
     finally:
         await fk.aclose()
 
 
-async def test_removed_step_is_a_determinism_error(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_removed_step_is_a_determinism_error(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
     async def v1(ctx: Context, calls: Counter[str]) -> None:
         await ctx.step("a", _step(calls, "a"))
         await ctx.step("b", _step(calls, "b"))
@@ -118,7 +128,9 @@ async def test_removed_step_is_a_determinism_error(database_url: str, conn: asyn
         await fk.aclose()
 
 
-async def test_determinism_error_cannot_be_swallowed(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_determinism_error_cannot_be_swallowed(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
     async def v1(ctx: Context, calls: Counter[str]) -> None:
         await ctx.step("a", _step(calls, "a"))
         await ctx.sleep("nap", 60)
@@ -138,7 +150,9 @@ async def test_determinism_error_cannot_be_swallowed(database_url: str, conn: as
         await fk.aclose()
 
 
-async def test_new_steps_after_the_history_simply_run(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_new_steps_after_the_history_simply_run(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
     async def v1(ctx: Context, calls: Counter[str]) -> None:
         await ctx.step("a", _step(calls, "a"))
         await ctx.sleep("nap", 60)
@@ -177,5 +191,3 @@ async def test_parallel_steps_are_refused_clearly(fk: FlowKeeper) -> None:
 
 async def _status(fk: FlowKeeper, run_id: str, status: str) -> bool:
     return (await fk.get_run(run_id)).status == status
-
-

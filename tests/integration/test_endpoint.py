@@ -22,7 +22,9 @@ async def _setup(fk: FlowKeeper) -> None:
         return await ctx.step("double", lambda: n * 2)
 
 
-def _signed(body: bytes, path: str = "/api/flowkeeper/", key: str = KEY, ts: int | None = None) -> dict[str, str]:
+def _signed(
+    body: bytes, path: str = "/api/flowkeeper/", key: str = KEY, ts: int | None = None
+) -> dict[str, str]:
     headers = sign_request(key, method="POST", path=path, body=body, timestamp=ts)
     headers["content-type"] = "application/json"
     return headers
@@ -75,7 +77,9 @@ async def test_refused_signatures_change_nothing(
         headers[SIGNATURE_HEADER] = "garbage"
     before = await _snapshot(conn)
     async with serve(fk) as server, httpx.AsyncClient() as client:
-        response = await client.post(f"{server.base_url}/api/flowkeeper/", content=body, headers=headers)
+        response = await client.post(
+            f"{server.base_url}/api/flowkeeper/", content=body, headers=headers
+        )
     assert response.status_code == code
     data = response.json()
     assert data["error"]["code"] == error_code
@@ -87,24 +91,33 @@ async def test_signature_is_bound_to_the_mount_path(fk: FlowKeeper, queued_run: 
     # Signed for the configured endpoint, delivered without the trailing slash: accepted.
     body = json.dumps({"run_id": queued_run, "lease": None, "wait": True}).encode()
     async with serve(fk) as server, httpx.AsyncClient() as client:
-        response = await client.post(f"{server.base_url}/api/flowkeeper", content=body, headers=_signed(body))
+        response = await client.post(
+            f"{server.base_url}/api/flowkeeper", content=body, headers=_signed(body)
+        )
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "completed"
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-async def test_oversized_body_is_413(fk: FlowKeeper, conn: asyncpg.Connection, queued_run: str, streamed: bool) -> None:
+async def test_oversized_body_is_413(
+    fk: FlowKeeper, conn: asyncpg.Connection, queued_run: str, streamed: bool
+) -> None:
     body = b'{"run_id":"' + b"x" * (fk.max_body_bytes + 10) + b'"}'
     before = await _snapshot(conn)
     async with serve(fk) as server, httpx.AsyncClient() as client:
         if streamed:
+
             async def chunks():  # no content-length: chunked transfer
                 for i in range(0, len(body), 8192):
                     yield body[i : i + 8192]
 
-            response = await client.post(f"{server.base_url}/api/flowkeeper/", content=chunks(), headers=_signed(body))
+            response = await client.post(
+                f"{server.base_url}/api/flowkeeper/", content=chunks(), headers=_signed(body)
+            )
         else:
-            response = await client.post(f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body))
+            response = await client.post(
+                f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body)
+            )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
     assert await _snapshot(conn) == before
@@ -124,7 +137,9 @@ async def test_oversized_body_is_413(fk: FlowKeeper, conn: asyncpg.Connection, q
 async def test_malformed_invocations_are_400(fk: FlowKeeper, body: bytes, message: str) -> None:
     await _setup(fk)
     async with serve(fk) as server, httpx.AsyncClient() as client:
-        response = await client.post(f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body))
+        response = await client.post(
+            f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body)
+        )
     assert response.status_code == 400
     assert message in response.json()["error"]["message"]
 
@@ -133,7 +148,9 @@ async def test_unknown_run_is_404(fk: FlowKeeper) -> None:
     await _setup(fk)
     body = json.dumps({"run_id": str(uuid.uuid4()), "lease": None}).encode()
     async with serve(fk) as server, httpx.AsyncClient() as client:
-        response = await client.post(f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body))
+        response = await client.post(
+            f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body)
+        )
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "run_not_found"
 
@@ -167,18 +184,25 @@ async def test_unknown_workflow_fails_the_run_once_not_forever(
             assert (await serving.tick()).claimed == 0
         info = await serving.get_run(orphan.run_id)
         assert info.status == "failed"
-        assert info.error is not None and info.error["type"] == "flowkeeper.errors.UnknownWorkflowError"
+        assert info.error is not None
+        assert info.error["type"] == "flowkeeper.errors.UnknownWorkflowError"
         assert await serving.result(healthy.run_id) == 4
     finally:
         await trigger_side.aclose()
         await serving.aclose()
 
 
-async def test_duplicate_invocation_of_a_finished_run_is_harmless(fk: FlowKeeper, queued_run: str) -> None:
+async def test_duplicate_invocation_of_a_finished_run_is_harmless(
+    fk: FlowKeeper, queued_run: str
+) -> None:
     body = json.dumps({"run_id": queued_run, "lease": None, "wait": True}).encode()
     async with serve(fk) as server, httpx.AsyncClient() as client:
-        first = await client.post(f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body))
-        again = await client.post(f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body))
+        first = await client.post(
+            f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body)
+        )
+        again = await client.post(
+            f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body)
+        )
     assert first.json()["status"] == "completed"
     assert again.status_code == 200
     assert again.json() == {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-
 from collections import Counter
 from datetime import timedelta
 
@@ -13,11 +12,11 @@ import httpx
 
 from flowkeeper import Context, FlowKeeper
 from flowkeeper.engine import ClaimRefused, Outcome
+from flowkeeper.signing import sign_request
 from flowkeeper.store import ClaimedRun
 from flowkeeper.testing import FakeClock
 
 from ..helpers import KEY, drive, make_fk, serve, wait_for
-from flowkeeper.signing import sign_request
 
 
 async def test_twenty_concurrent_invocations_execute_each_step_once(fk: FlowKeeper) -> None:
@@ -39,7 +38,9 @@ async def test_twenty_concurrent_invocations_execute_each_step_once(fk: FlowKeep
 
         async def invoke() -> dict[str, object]:
             headers = sign_request(KEY, method="POST", path="/api/flowkeeper/", body=payload)
-            r = await client.post(f"{server.base_url}/api/flowkeeper/", content=payload, headers=headers)
+            r = await client.post(
+                f"{server.base_url}/api/flowkeeper/", content=payload, headers=headers
+            )
             assert r.status_code == 200, r.text
             return r.json()
 
@@ -79,7 +80,8 @@ async def test_stale_invocation_cannot_write(database_url: str, conn: asyncpg.Co
         stale = asyncio.create_task(fk.execute_claimed(first))
         await wait_for(lambda: _true(calls["slow"] == 1))
         refused = await fk.engine.claim(handle.run_id, None)
-        assert isinstance(refused, ClaimRefused) and refused.reason == "leased"
+        assert isinstance(refused, ClaimRefused)
+        assert refused.reason == "leased"
         await clock.advance(31)  # the first lease expires
         second = await fk.engine.claim(handle.run_id, None)
         assert isinstance(second, ClaimedRun)
@@ -146,7 +148,9 @@ async def test_lease_heartbeat_keeps_a_long_step_exclusive(database_url: str) ->
         await fk.aclose()
 
 
-async def test_tick_dispatches_a_run_whose_invocation_died(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_tick_dispatches_a_run_whose_invocation_died(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
     clock = await FakeClock(conn).install()
     fk = make_fk(database_url)
 
@@ -169,5 +173,3 @@ async def test_tick_dispatches_a_run_whose_invocation_died(database_url: str, co
 
 async def _true(value: bool) -> bool:
     return value
-
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -77,14 +78,17 @@ async def test_checkout_runs_to_completion_in_one_invocation(fk: FlowKeeper) -> 
     assert info.steps[0].input == {"args": [{"id": "o1", "amount": 250}], "kwargs": {}}
 
 
-async def test_bad_input_is_refused_and_creates_no_run(fk: FlowKeeper, conn: asyncpg.Connection) -> None:
+async def test_bad_input_is_refused_and_creates_no_run(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
     @fk.workflow("checkout")
     async def checkout(ctx: Context, order: Order) -> None:
         return None
 
     with pytest.raises(InvalidInputError) as err:
         await fk.trigger("checkout", {"id": "o1", "amount": "a lot"})
-    assert "amount" in str(err.value) and "no run was created" in str(err.value)
+    assert "amount" in str(err.value)
+    assert "no run was created" in str(err.value)
     assert await conn.fetchval("SELECT count(*) FROM flowkeeper.runs") == 0
 
 
@@ -101,7 +105,8 @@ async def test_idempotency_key_returns_the_first_run(fk: FlowKeeper) -> None:
     first = await fk.trigger("w", 1, idempotency_key="order-7")
     second = await fk.trigger("w", 2, idempotency_key="order-7")
     other = await fk.trigger("w", 3, idempotency_key="order-8")
-    assert second.run_id == first.run_id and not second.created
+    assert second.run_id == first.run_id
+    assert not second.created
     assert other.run_id != first.run_id
     # Unique per workflow: the same key on another workflow is another run.
 
@@ -131,8 +136,9 @@ async def test_retry_with_backoff_then_success(fk: FlowKeeper) -> None:
     assert statuses[handle.run_id] == "completed"
     assert len(attempts) == 3
     # Exponential: the second wait is about twice the first.
-    gaps = [(b - a).total_seconds() for a, b in zip(attempts, attempts[1:], strict=False)]
-    assert gaps[0] >= 0.2 and gaps[1] >= 0.4
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(attempts)]
+    assert gaps[0] >= 0.2
+    assert gaps[1] >= 0.4
     info = await fk.get_run(handle.run_id)
     step = info.steps[0]
     assert step.attempts == 3
@@ -160,7 +166,8 @@ async def test_exhausted_retries_fail_the_run_with_type_message_traceback(fk: Fl
     assert info.error is not None
     assert info.error["step"] == "charge"
     assert "always_fails" in info.error["traceback"]
-    assert info.steps[0].status == "failed" and info.steps[0].attempts == 3
+    assert info.steps[0].status == "failed"
+    assert info.steps[0].attempts == 3
     assert len(info.steps[0].failed_attempts) == 3
 
 
@@ -180,8 +187,10 @@ async def test_non_retriable_error_fails_at_once(fk: FlowKeeper) -> None:
         handle = await fk.trigger("w")
         await drive(fk, [handle.run_id])
     info = await fk.get_run(handle.run_id)
-    assert info.status == "failed" and calls == 1
-    assert info.error is not None and info.error["type"] == "flowkeeper.errors.NonRetriableError"
+    assert info.status == "failed"
+    assert calls == 1
+    assert info.error is not None
+    assert info.error["type"] == "flowkeeper.errors.NonRetriableError"
 
 
 async def test_step_failure_can_be_caught_deterministically(fk: FlowKeeper) -> None:
@@ -254,7 +263,9 @@ async def test_step_timeout_counts_as_a_failed_attempt(fk: FlowKeeper) -> None:
     assert info.steps[0].failed_attempts[0].error_type == "flowkeeper.errors.StepTimeoutError"
 
 
-async def test_durable_sleep_of_a_day_with_a_fake_clock(fk: FlowKeeper, conn: asyncpg.Connection) -> None:
+async def test_durable_sleep_of_a_day_with_a_fake_clock(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
     clock = await FakeClock(conn).install()
     done: list[str] = []
 
@@ -268,7 +279,8 @@ async def test_durable_sleep_of_a_day_with_a_fake_clock(fk: FlowKeeper, conn: as
         handle = await fk.trigger("reviews")
         await wait_for(lambda: _status_is(fk, handle.run_id, "sleeping"))
         info = await fk.get_run(handle.run_id)
-        assert info.steps[-1].kind == "sleep" and info.steps[-1].status == "sleeping"
+        assert info.steps[-1].kind == "sleep"
+        assert info.steps[-1].status == "sleeping"
         assert info.due_at is not None
         assert timedelta(hours=23) < info.due_at - info.steps[-1].started_at  # type: ignore[operator]
         assert (await fk.tick()).claimed == 0  # not due: nothing dispatched
@@ -330,7 +342,8 @@ async def test_result_raises_for_cancelled_and_times_out(fk: FlowKeeper) -> None
         with pytest.raises(RunCancelledError):
             await fk.result(handle.run_id, timeout=1)
     info = await fk.get_run(handle.run_id)
-    assert info.status == "cancelled" and info.due_at is None
+    assert info.status == "cancelled"
+    assert info.due_at is None
     assert info.events[-1].kind == "cancelled"
     assert info.events[-1].detail == {"reason": "customer left"}
 
@@ -372,7 +385,7 @@ async def test_trigger_inside_a_transaction_is_an_outbox(fk: FlowKeeper, databas
                 await conn.execute("CREATE TABLE orders (id int)")
                 committed = await fk.trigger("w", 21, connection=conn)
                 # Not visible outside the transaction yet.
-                with pytest.raises(Exception):  # noqa: B017,PT011
+                with pytest.raises(Exception):
                     await fk.get_run(committed.run_id)
             assert await fk.result(committed.run_id, timeout=10) == 42
 
@@ -381,9 +394,12 @@ async def test_trigger_inside_a_transaction_is_an_outbox(fk: FlowKeeper, databas
             rolled_back = await fk.trigger("w", 1, connection=conn)
             await tx.rollback()
             await asyncio.sleep(0.3)
-            assert await conn.fetchval(
-                "SELECT count(*) FROM flowkeeper.runs WHERE id = $1", rolled_back.run_id
-            ) == 0
+            assert (
+                await conn.fetchval(
+                    "SELECT count(*) FROM flowkeeper.runs WHERE id = $1", rolled_back.run_id
+                )
+                == 0
+            )
         finally:
             await conn.close()
 
@@ -399,7 +415,8 @@ async def test_failed_push_leaves_the_run_due_for_the_scheduler(database_url: st
         handle = await fk.trigger("w")
         info = await fk.get_run(handle.run_id)
         assert info.status == "queued"
-        assert info.due_at is not None and info.due_at <= datetime.now(UTC)
+        assert info.due_at is not None
+        assert info.due_at <= datetime.now(UTC)
         async with serve(fk):
             await drive(fk, [handle.run_id])
         assert await fk.result(handle.run_id) == "ran"
@@ -410,6 +427,7 @@ async def test_failed_push_leaves_the_run_due_for_the_scheduler(database_url: st
 async def test_budget_exhausted_hands_the_run_on(database_url: str) -> None:
     fk = make_fk(database_url, time_budget=0.15)
     try:
+
         @fk.workflow("long")
         async def long(ctx: Context) -> int:
             total = 0

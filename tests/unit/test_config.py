@@ -22,7 +22,8 @@ from flowkeeper.sql import load_queries, migrations, validate_schema
 def test_pooler_detection(url: str, pooled: bool) -> None:
     clean, detected = parse_database_url(url)
     assert detected is pooled
-    assert "pgbouncer" not in clean and "flowkeeper_pooled" not in clean
+    assert "pgbouncer" not in clean
+    assert "flowkeeper_pooled" not in clean
     assert clean.startswith("postgresql://")
 
 
@@ -46,7 +47,7 @@ def test_valid_schemas(schema: str) -> None:
 
 @pytest.mark.parametrize("schema", ["", "Flow", "a-b", "x; drop table y", "pg_catalog", "a" * 64])
 def test_invalid_schemas(schema: str) -> None:
-    with pytest.raises(ConfigurationError, match="(?i)schema"):
+    with pytest.raises(ConfigurationError, match=r"(?i)schema"):
         validate_schema(schema)
 
 

@@ -68,7 +68,11 @@ def _sign(body: bytes = b'{"run_id":"x"}', path: str = "/api/flowkeeper/", **kw:
 def test_valid_signature_verifies() -> None:
     header = _sign()
     verify_request(
-        "k1-secret", method="POST", paths=["/api/flowkeeper/"], body=b'{"run_id":"x"}', header=header
+        "k1-secret",
+        method="POST",
+        paths=["/api/flowkeeper/"],
+        body=b'{"run_id":"x"}',
+        header=header,
     )
 
 
@@ -76,7 +80,11 @@ def test_tampered_body_is_refused() -> None:
     header = _sign()
     with pytest.raises(SignatureError) as err:
         verify_request(
-            "k1-secret", method="POST", paths=["/api/flowkeeper/"], body=b'{"run_id":"y"}', header=header
+            "k1-secret",
+            method="POST",
+            paths=["/api/flowkeeper/"],
+            body=b'{"run_id":"y"}',
+            header=header,
         )
     assert err.value.code == "invalid_signature"
     assert "altered" in str(err.value)
@@ -86,7 +94,11 @@ def test_signature_for_another_path_is_refused() -> None:
     header = _sign(path="/api/flowkeeper/")
     with pytest.raises(SignatureError):
         verify_request(
-            "k1-secret", method="POST", paths=["/api/flowkeeper/tick"], body=b'{"run_id":"x"}', header=header
+            "k1-secret",
+            method="POST",
+            paths=["/api/flowkeeper/tick"],
+            body=b'{"run_id":"x"}',
+            header=header,
         )
 
 
@@ -94,14 +106,24 @@ def test_method_is_bound() -> None:
     header = _sign()
     with pytest.raises(SignatureError):
         verify_request(
-            "k1-secret", method="PUT", paths=["/api/flowkeeper/"], body=b'{"run_id":"x"}', header=header
+            "k1-secret",
+            method="PUT",
+            paths=["/api/flowkeeper/"],
+            body=b'{"run_id":"x"}',
+            header=header,
         )
 
 
 def test_expired_signature_is_refused() -> None:
     header = _sign(timestamp=int(time.time()) - 301)
     with pytest.raises(SignatureError) as err:
-        verify_request("k1-secret", method="POST", paths=["/api/flowkeeper/"], body=b'{"run_id":"x"}', header=header)
+        verify_request(
+            "k1-secret",
+            method="POST",
+            paths=["/api/flowkeeper/"],
+            body=b'{"run_id":"x"}',
+            header=header,
+        )
     assert err.value.code == "expired_signature"
 
 
@@ -111,7 +133,9 @@ def test_signature_from_the_future_is_refused_beyond_skew() -> None:
     verify_request("k1-secret", method="POST", paths=["/api/flowkeeper/"], body=body, header=ok)
     bad = _sign(body, timestamp=int(time.time()) + 120)
     with pytest.raises(SignatureError) as err:
-        verify_request("k1-secret", method="POST", paths=["/api/flowkeeper/"], body=body, header=bad)
+        verify_request(
+            "k1-secret", method="POST", paths=["/api/flowkeeper/"], body=body, header=bad
+        )
     assert err.value.code == "future_signature"
 
 
@@ -124,8 +148,13 @@ def test_unknown_key_is_refused() -> None:
 
 @pytest.mark.parametrize(
     ("header", "code"),
-    [(None, "missing_signature"), ("", "missing_signature"), ("abc", "malformed_signature"),
-     ("a.b.c", "malformed_signature"), ("!!!.sig", "invalid_signature")],
+    [
+        (None, "missing_signature"),
+        ("", "missing_signature"),
+        ("abc", "malformed_signature"),
+        ("a.b.c", "malformed_signature"),
+        ("!!!.sig", "invalid_signature"),
+    ],
 )
 def test_malformed_headers(header: str | None, code: str) -> None:
     with pytest.raises(SignatureError) as err:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-
 import pytest
 from pydantic import BaseModel
 from typing_extensions import TypedDict
