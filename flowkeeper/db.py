@@ -66,6 +66,16 @@ def parse_database_url(url: str) -> tuple[str, bool]:
     return clean, pooled
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset hook: flowkeeper leaves no session state behind.
+
+    asyncpg's default reset runs ``RESET ALL; UNLISTEN *; ...`` on every
+    release: one more round trip and one more commit per query.  flowkeeper's
+    queries set no session state (locks are transaction-scoped, LISTEN uses its
+    own connection); an open transaction is still rolled back by asyncpg.
+    """
+
+
 def describe(url: str) -> str:
     """host:port/db of a URL, without credentials, for messages."""
     parts = urlsplit(url)
@@ -142,6 +152,7 @@ class Database:
                     min_size=0,
                     max_size=self.max_size,
                     max_inactive_connection_lifetime=60.0,
+                    reset=_keep_session,
                     **self.connect_kwargs(),
                 )
             except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
