@@ -61,14 +61,15 @@ class LambdaInvokeDispatcher(Dispatcher):
         self.max_connections = 0
         self._client = None
         self._loop = None
-        self._lambda: InvokeClient | None = client
+        #: The Lambda client (boto3's by default, made on first use).
+        self.lambda_client: InvokeClient | None = client
 
-    def _lambda_client(self) -> InvokeClient:
-        if self._lambda is None:
+    def _client_for_invoke(self) -> InvokeClient:
+        if self.lambda_client is None:
             import boto3  # type: ignore[import-not-found, import-untyped, unused-ignore]  # in Lambda's runtime
 
-            self._lambda = boto3.client("lambda")
-        return self._lambda
+            self.lambda_client = boto3.client("lambda")
+        return self.lambda_client
 
     async def invoke(self, run_id: str, token: str | None, *, wait: bool = False) -> Delivery:
         """Start an asynchronous invocation that advances ``run_id`` under ``token``."""
@@ -85,7 +86,7 @@ class LambdaInvokeDispatcher(Dispatcher):
         if self.qualifier:
             kwargs["Qualifier"] = self.qualifier
         try:
-            response = await asyncio.to_thread(self._lambda_client().invoke, **kwargs)
+            response = await asyncio.to_thread(self._client_for_invoke().invoke, **kwargs)
         except Exception as exc:  # botocore raises many kinds: throttling, access, network
             return Delivery(run_id, False, None, f"{type(exc).__name__}: {exc}")
         status = int(response.get("StatusCode", 0))
