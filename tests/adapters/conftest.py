@@ -16,6 +16,13 @@ class ConnectionSampler:
     last: int = 0
     samples: int = 0
 
+    async def fresh(self) -> int:
+        """The count from a sample taken entirely after this call."""
+        start = self.samples
+        while self.samples < start + 2:
+            await asyncio.sleep(0.005)
+        return self.last
+
     async def current(self, conn: asyncpg.Connection) -> int:
         return int(
             await conn.fetchval(

@@ -214,7 +214,7 @@ async def test_checkout_with_retry_and_sleep_completes_on_lambda(
     if dispatch == "self-invoke":
         assert fake.async_invocations >= 1  # the trigger's push went through Invoke
     # Every environment closed its connections when its invocation ended.
-    assert connections.last == 0
+    assert await connections.fresh() == 0
     assert connections.peak <= 2 * len(fake.environments)
 
 
@@ -308,7 +308,7 @@ async def test_a_tick_invocation_uses_at_most_two_connections(
     assert result == {"claimed": 20, "dispatched": 0, "failed": 20}
     assert before <= 1
     assert connections.peak <= 2
-    assert connections.last == 0
+    assert await connections.fresh() == 0
 
 
 # helpers ----------------------------------------------------------------------------

@@ -85,4 +85,4 @@ async def test_example_handler_runs_checkout_to_completion(
         ("ask-for-review", 1),
     ]
     assert not fake.errors
-    assert connections.last == 0
+    assert await connections.fresh() == 0
