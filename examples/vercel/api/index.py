@@ -37,7 +37,7 @@ class Order(BaseModel):
     id: str
     email: str
     amount_cents: int
-    flaky_card: bool = False  # the card network fails the first attempt
+    flaky_card: bool = False  # the card network fails the first attempt in each instance
 
 
 class Charge(BaseModel):
