@@ -404,7 +404,11 @@ class FlowKeeper:
         return create_app(self, **options)
 
     async def aclose(self) -> None:
-        """Close the pool and the HTTP client (waits for pending pushes)."""
+        """Close the pool and the HTTP client (waits for pending pushes).
+
+        The instance stays usable: the next call opens a new pool and client.
+        Hosts that freeze between requests (Lambda) call this after each one.
+        """
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.dispatcher is not None:

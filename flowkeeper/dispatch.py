@@ -15,14 +15,12 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
+from . import http11
 from .errors import ConfigurationError
 from .signing import RequestSigner
-
-if TYPE_CHECKING:
-    import httpx
 
 logger = logging.getLogger("flowkeeper")
 
@@ -49,7 +47,7 @@ class Delivery:
 
 
 class Dispatcher:
-    """Signs and posts invocations; one httpx client per event loop."""
+    """Signs and posts invocations; one keep-alive HTTP client per event loop."""
 
     def __init__(
         self,
@@ -68,23 +66,16 @@ class Dispatcher:
         self.ack_timeout = ack_timeout
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+        self._client: http11.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _http(self) -> httpx.AsyncClient:
-        import httpx
-
+    def _http(self) -> http11.Client:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(
-                    connect=self.connect_timeout, read=self.ack_timeout, write=10.0, pool=60.0
-                ),
-                limits=httpx.Limits(
-                    max_connections=self.max_connections,
-                    max_keepalive_connections=self.max_connections,
-                ),
-                follow_redirects=False,
+            self._client = http11.Client(
+                connect_timeout=self.connect_timeout,
+                read_timeout=self.ack_timeout,
+                max_connections=self.max_connections,
             )
             self._loop = loop
         return self._client
@@ -99,21 +90,19 @@ class Dispatcher:
 
     async def invoke(self, run_id: str, token: str | None, *, wait: bool = False) -> Delivery:
         """Ask the endpoint to advance ``run_id`` under the lease ``token``."""
-        import httpx
-
         payload: dict[str, Any] = {"run_id": run_id, "lease": token}
         if wait:
             payload["wait"] = True
         url, body, headers = self.signed("/", payload)
         try:
             response = await self._http().post(url, content=body, headers=headers)
-        except httpx.ReadTimeout:
+        except http11.ReadTimeout:
             # Sent in full; the endpoint is working on it (or died: the lease expires).
             return Delivery(run_id, True, None, "no answer within the ack timeout (in flight)")
-        except httpx.HTTPError as exc:
+        except http11.HTTPError as exc:
             return Delivery(run_id, False, None, f"{type(exc).__name__}: {exc or 'no detail'}")
         try:
-            data = response.json()
+            data = json.loads(response.content) if response.content else None
         except ValueError:
             data = None
         code = response.status_code

@@ -1,0 +1,15 @@
+"""The app the benchmarks serve: ``uvicorn bench.apps.bench_app:app`` (configured by env)."""
+
+from __future__ import annotations
+
+import os
+
+from flowkeeper import FlowKeeper
+
+from .workflows import WORKFLOWS
+
+fk = FlowKeeper(pool_size=int(os.environ.get("FLOWKEEPER_POOL_SIZE", "5")))
+for wf in WORKFLOWS.values():
+    fk.register(wf)
+
+app = fk.asgi()

@@ -1,0 +1,37 @@
+"""Workflows the benchmarks run: trivial steps, so flowkeeper's own cost shows."""
+
+from __future__ import annotations
+
+from flowkeeper import Context, define_workflow
+
+
+async def noop(i: int) -> int:
+    return i + 1
+
+
+async def three(ctx: Context, n: int) -> int:
+    n = await ctx.step("one", noop, n)
+    n = await ctx.step("two", noop, n)
+    return await ctx.step("three", noop, n)
+
+
+async def five(ctx: Context, n: int) -> int:
+    for name in ("a", "b", "c", "d", "e"):
+        n = await ctx.step(name, noop, n)
+    return n
+
+
+async def five_with_sleep(ctx: Context, n: int) -> int:
+    n = await ctx.step("a", noop, n)
+    n = await ctx.step("b", noop, n)
+    await ctx.sleep("pause", 0.2)
+    n = await ctx.step("c", noop, n)
+    n = await ctx.step("d", noop, n)
+    return await ctx.step("e", noop, n)
+
+
+WORKFLOWS = {
+    "three": define_workflow("three", three),
+    "five": define_workflow("five", five),
+    "five-with-sleep": define_workflow("five-with-sleep", five_with_sleep),
+}
