@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import httpx
 
 from flowkeeper.testing import PostgresCluster
@@ -18,13 +20,28 @@ from flowkeeper.testing.postgres import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "bench-signing-key-0123456789abcdef"
+STATS_IDLE_INTERVAL = 10.0
+
+
+def _has_pg_stat_statements() -> bool:
+    try:
+        libdir = subprocess.run(
+            ["pg_config", "--pkglibdir"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return (Path(libdir) / "pg_stat_statements.so").exists()
 
 
 @contextmanager
 def durable_cluster(**settings: str) -> Iterator[PostgresCluster]:
-    """A private cluster with PostgreSQL's default durability (fsync, synchronous_commit on)."""
+    """A private cluster with PostgreSQL's default durability (fsync, synchronous_commit on).
+
+    pg_stat_statements is preloaded where installed, so round trips can be counted.
+    """
     conf = {"max_connections": "300", **settings}
-    cluster = PostgresCluster(durable=True, settings=conf)
+    preload = ["pg_stat_statements"] if _has_pg_stat_statements() else []
+    cluster = PostgresCluster(durable=True, settings=conf, preload=preload)
     url = os.environ.get("BENCH_DATABASE_URL")
     if url:  # an existing server: only hand it through
         cluster._url = url
@@ -96,6 +113,67 @@ def median(values: Sequence[float]) -> float:
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def sibling_url(url: str, database: str) -> str:
+    """The URL of another database on the same server."""
+    return url.rsplit("/", 1)[0] + f"/{database}"
+
+
+class DatabaseStats:
+    """Commits and statements of one database, read from another one.
+
+    Reading from the ``postgres`` database keeps the readings themselves out
+    of the measured database's counts.  A busy backend that goes idle reports
+    its last commits to ``pg_stat_database`` only when PostgreSQL's idle
+    statistics timeout fires (PGSTAT_IDLE_INTERVAL, 10 s in PostgreSQL 15),
+    so :meth:`settled_commits` waits that long before it reads (``settle``;
+    a smaller one makes a quick but low count).
+    """
+
+    def __init__(self, database_url: str, *, settle: float = STATS_IDLE_INTERVAL + 0.5) -> None:
+        self.settle = settle
+        self.database = database_url.rsplit("/", 1)[1].split("?", 1)[0]
+        self.admin_url = sibling_url(database_url, "postgres")
+        self._conn: asyncpg.Connection | None = None
+        self.has_statements = False
+
+    async def open(self) -> DatabaseStats:
+        self._conn = await asyncpg.connect(self.admin_url)
+        preloaded = await self._conn.fetchval("SHOW shared_preload_libraries")
+        if "pg_stat_statements" in preloaded:
+            await self._conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            self.has_statements = True
+        return self
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def commits(self) -> int:
+        assert self._conn is not None
+        return int(
+            await self._conn.fetchval(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = $1", self.database
+            )
+        )
+
+    async def settled_commits(self) -> int:
+        await asyncio.sleep(self.settle)
+        return await self.commits()
+
+    async def statements(self) -> int | None:
+        """Statements executed so far (each one round trip), None without pg_stat_statements."""
+        if not self.has_statements:
+            return None
+        assert self._conn is not None
+        return int(
+            await self._conn.fetchval(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = $1)",
+                self.database,
+            )
+        )

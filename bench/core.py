@@ -20,29 +20,38 @@ import asyncpg
 from flowkeeper import FlowKeeper
 
 from .apps.workflows import WORKFLOWS
-from .common import KEY, ROOT, durable_cluster, median, served_app, table
-
-
-async def _commits(conn: asyncpg.Connection) -> int:
-    return int(
-        await conn.fetchval(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
-        )
-    )
+from .common import KEY, ROOT, DatabaseStats, durable_cluster, median, served_app, table
 
 
 async def run_batch(
-    database_url: str, endpoint: str, workflow: str, count: int, concurrency: int
+    database_url: str,
+    endpoint: str,
+    workflow: str,
+    count: int,
+    concurrency: int,
+    *,
+    settle: float | None = None,
 ) -> dict[str, float]:
-    """Trigger ``count`` runs, wait until all completed; return timings and costs."""
+    """Trigger ``count`` runs, wait until all completed; return timings and costs.
+
+    ``statements_per_run`` (each statement one round trip to Postgres) is
+    present when the cluster preloads pg_stat_statements.  ``settle``: see
+    :class:`DatabaseStats`.
+    """
     fk = FlowKeeper(database_url, KEY, endpoint, pool_size=10)
     fk.register(WORKFLOWS[workflow])
     watcher = await asyncpg.connect(database_url)
+    stats = (
+        DatabaseStats(database_url)
+        if settle is None
+        else DatabaseStats(database_url, settle=settle)
+    )
+    await stats.open()
     try:
         await fk.migrate()
         await watcher.execute("TRUNCATE flowkeeper.runs CASCADE")
-        await watcher.execute("SELECT pg_stat_clear_snapshot()")
-        commits_before = await _commits(watcher)
+        commits_before = await stats.settled_commits()
+        statements_before = await stats.statements()
         polls = 0
         semaphore = asyncio.Semaphore(concurrency)
 
@@ -71,22 +80,25 @@ async def run_batch(
         await triggering
         if ticking is not None:
             ticking.cancel()
-        # Statistics reach pg_stat_database when backends report (at most ~1 s later).
-        await asyncio.sleep(1.2)
-        await watcher.execute("SELECT pg_stat_clear_snapshot()")
-        commits = await _commits(watcher) - commits_before - polls - 2
+        statements_after = await stats.statements()
+        # The watcher's polls are transactions of this database too.
+        commits = await stats.settled_commits() - commits_before - polls
         invocations = await watcher.fetchval("SELECT sum(invocations) FROM flowkeeper.runs")
         failed = await watcher.fetchval(
             "SELECT count(*) FROM flowkeeper.runs WHERE status <> 'completed'"
         )
         assert failed == 0, f"{failed} runs did not complete"
-        return {
+        result = {
             "elapsed": elapsed,
             "per_second": count / elapsed,
             "commits_per_run": commits / count,
             "invocations_per_run": invocations / count,
         }
+        if statements_before is not None and statements_after is not None:
+            result["statements_per_run"] = (statements_after - statements_before - polls) / count
+        return result
     finally:
+        await stats.close()
         await watcher.close()
         await fk.aclose()
 

@@ -1,0 +1,385 @@
+"""flowkeeper side by side with its peers, on one PostgreSQL, in one run, as one table.
+
+    ./bench/run                                   # makes .venv-bench with the peers, runs this
+    .venv-bench/bin/python -m bench.compare [--workflows 1000] [--rounds 3] [--peers ...]
+
+One private PostgreSQL with default durability (fsync and synchronous_commit
+on, pg_stat_statements preloaded); each system gets its own database on it.
+
+- Throughput: ``--workflows`` three-step workflows triggered and run to
+  completion.  flowkeeper: the endpoint under uvicorn on 127.0.0.1, runs
+  pushed by trigger.  DBOS Transact: its own workflow of three steps.
+  procrastinate and pgqueuer: three chained jobs per workflow.  Rounds are
+  interleaved (flowkeeper, then each peer, then again) so that load on a
+  shared machine falls on all of them alike; medians are reported.
+- Cost: commits per workflow for every system (``pg_stat_database`` of its
+  database); statements (round trips) per step and per run for flowkeeper
+  (``pg_stat_statements``); steps/s against Postgres's own limit on this
+  machine, pgbench's single-row INSERT transactions per second at 8 clients.
+- HTTP invocations per 5-step workflow, without and with one sleep.
+- Import time of flowkeeper, DBOS and the Inngest SDK in fresh interpreters.
+
+The peers run in their own processes (``python -m bench.peers NAME``) and are
+never imported here, so the flowkeeper part runs without them (``--peers``
+with no names), as the CI smoke test does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .coldstart import import_time
+from .common import ROOT, durable_cluster, median, served_app, table
+from .core import run_batch
+
+PEERS = {
+    # name: (label, distribution, what one workflow is)
+    "dbos": ("DBOS Transact", "dbos", "workflow of 3 steps"),
+    "procrastinate": ("procrastinate", "procrastinate", "3 chained jobs"),
+    "pgqueuer": ("pgqueuer", "pgqueuer", "3 chained jobs"),
+}
+IMPORTS = {
+    "flowkeeper": ("flowkeeper", "import flowkeeper"),
+    "DBOS Transact": ("dbos", "import dbos"),
+    "Inngest SDK": ("inngest", "import inngest"),
+}
+PGBENCH_SCRIPT = "INSERT INTO single_row (v) VALUES (1);\n"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _python() -> str:
+    """This interpreter, as a path relative to the repository when it lives there."""
+    try:
+        return str(Path(sys.executable).relative_to(ROOT))
+    except ValueError:
+        return sys.executable
+
+
+async def create_databases(admin_url: str, names: Sequence[str]) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for name in names:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+
+
+async def server_facts(url: str) -> dict[str, str]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {
+            name: str(await conn.fetchval(f"SHOW {name}"))
+            for name in ("server_version", "fsync", "synchronous_commit", "full_page_writes")
+        }
+    finally:
+        await conn.close()
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        memory = f"{kb / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        memory = "?"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{os.cpu_count()} cores ({model}), {memory} RAM, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, load {load:.1f} at the end"
+    )
+
+
+# pgbench -------------------------------------------------------------------------
+def pgbench(url: str, bindir: Path | None, clients: int, seconds: int) -> tuple[float, str]:
+    """Single-row INSERT transactions per second; returns (tps, the command line)."""
+    exe = str(bindir / "pgbench") if bindir else shutil.which("pgbench")
+    if exe is None:
+        raise SystemExit("pgbench not found: install PostgreSQL's client tools")
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
+        f.write(PGBENCH_SCRIPT)
+    command = [
+        exe,
+        "-n",
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, os.cpu_count() or 1)),
+        "-T",
+        str(seconds),
+        "-f",
+        f.name,
+        url,
+    ]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+    if found is None:
+        raise RuntimeError(f"unexpected pgbench output:\n{out}")
+    shown = [*command[:-2], f"<file: {PGBENCH_SCRIPT.strip()}>", url]
+    return float(found.group(1)), " ".join(shown)
+
+
+async def prepare_pgbench(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS single_row "
+            "(id bigserial PRIMARY KEY, v integer, at timestamptz DEFAULT now())"
+        )
+    finally:
+        await conn.close()
+
+
+# peers ---------------------------------------------------------------------------
+def peer_command(name: str, url: str, workflows: int, warmup: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bench.peers",
+        name,
+        "--database-url",
+        url,
+        "--workflows",
+        str(workflows),
+        "--warmup",
+        str(warmup),
+    ]
+
+
+def run_peer(name: str, url: str, workflows: int, warmup: int) -> dict[str, float]:
+    out = subprocess.run(
+        peer_command(name, url, workflows, warmup),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=900,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"peer {name} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+# the run -------------------------------------------------------------------------
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    peers = [p for p in args.peers if _installed(PEERS[p][1])]
+    skipped = [p for p in args.peers if p not in peers]
+    results: dict[str, Any] = {"skipped": skipped, "rounds": {}, "peer_urls": {}}
+    settle = args.stats_settle
+    with durable_cluster() as cluster:
+        databases = ["bench_flowkeeper", "bench_pgbench", *(f"bench_{p}" for p in peers)]
+        await create_databases(cluster.url, databases)
+        results["server"] = await server_facts(cluster.url)
+        fk_url = cluster.dsn("bench_flowkeeper")
+
+        pgbench_url = cluster.dsn("bench_pgbench")
+        await prepare_pgbench(pgbench_url)
+        tps = []
+        for _ in range(args.rounds):
+            value, results["pgbench_command"] = pgbench(
+                pgbench_url, cluster.bindir, args.pgbench_clients, args.pgbench_seconds
+            )
+            tps.append(value)
+        results["pgbench_tps"] = tps
+
+        with served_app(fk_url) as endpoint:
+            await run_batch(fk_url, endpoint, "three", args.warmup, args.concurrency, settle=0)
+            rounds: dict[str, list[dict[str, float]]] = {"flowkeeper": []}
+            for number in range(args.rounds):
+                print(f"round {number + 1}/{args.rounds}: flowkeeper", file=sys.stderr)
+                rounds["flowkeeper"].append(
+                    await run_batch(
+                        fk_url, endpoint, "three", args.workflows, args.concurrency, settle=settle
+                    )
+                )
+                for peer in peers:
+                    print(f"round {number + 1}/{args.rounds}: {peer}", file=sys.stderr)
+                    url = cluster.dsn(f"bench_{peer}")
+                    results["peer_urls"][peer] = url
+                    rounds.setdefault(peer, []).append(
+                        run_peer(peer, url, args.workflows, args.warmup)
+                    )
+            results["rounds"] = rounds
+            results["five"] = await run_batch(
+                fk_url, endpoint, "five", args.invocation_workflows, args.concurrency, settle=0
+            )
+            results["five-with-sleep"] = await run_batch(
+                fk_url,
+                endpoint,
+                "five-with-sleep",
+                args.invocation_workflows,
+                args.concurrency,
+                settle=0,
+            )
+    results["imports"] = {
+        label: median([import_time(code) for _ in range(args.import_runs)])
+        for label, (module, code) in IMPORTS.items()
+        if _installed(module)
+    }
+    return results
+
+
+def render(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    rounds = results["rounds"]
+    n = args.workflows
+
+    def med(system: str, key: str) -> float:
+        return median([r[key] for r in rounds[system]])
+
+    fk_rate = med("flowkeeper", "per_second")
+    rows = [
+        [
+            "flowkeeper " + _version("flowkeeper"),
+            "workflow of 3 steps (HTTP endpoint)",
+            f"{fk_rate:.0f}",
+            "1.00",
+            f"{med('flowkeeper', 'commits_per_run'):.2f}",
+        ]
+    ]
+    for peer in rounds:
+        if peer == "flowkeeper":
+            continue
+        label, dist, shape = PEERS[peer]
+        rate = med(peer, "per_second")
+        rows.append(
+            [
+                f"{label} {_version(dist)}",
+                shape,
+                f"{rate:.0f}",
+                f"{fk_rate / rate:.2f}",
+                f"{med(peer, 'commits_per_workflow'):.2f}",
+            ]
+        )
+    lines = [
+        f"Throughput: {n} three-step workflows triggered and run to completion, median of "
+        f"{args.rounds} interleaved rounds",
+        "",
+        table(rows, ["system", "one workflow is", "workflows/s", "flowkeeper/peer", "commits/wf"]),
+        "",
+    ]
+    tps = median(results["pgbench_tps"])
+    steps = 3 * fk_rate
+    cost = [
+        ["pgbench single-row INSERT tps, " + f"{args.pgbench_clients} clients", f"{tps:.0f}"],
+        ["flowkeeper steps/s (3 x workflows/s)", f"{steps:.0f}"],
+        ["flowkeeper steps/s as a fraction of pgbench", f"{steps / tps:.1%}"],
+    ]
+    if all("statements_per_run" in r for r in rounds["flowkeeper"]):
+        per_run = med("flowkeeper", "statements_per_run")
+        cost += [
+            ["flowkeeper round trips per run (pg_stat_statements)", f"{per_run:.2f}"],
+            ["flowkeeper round trips per step", f"{per_run / 3:.2f}"],
+        ]
+    cost += [
+        [
+            "HTTP invocations per 5-step workflow, no sleep",
+            f"{results['five']['invocations_per_run']:.2f}",
+        ],
+        [
+            "HTTP invocations per 5-step workflow, one sleep",
+            f"{results['five-with-sleep']['invocations_per_run']:.2f}",
+        ],
+    ]
+    for label, seconds in results["imports"].items():
+        cost.append(
+            [f"import time, {label} (median of {args.import_runs})", f"{seconds * 1000:.0f} ms"]
+        )
+    lines += [table(cost, ["figure", "value"]), ""]
+    server = results["server"]
+    lines += [
+        f"machine: {machine()}",
+        f"PostgreSQL {server['server_version']}: fsync={server['fsync']}, "
+        f"synchronous_commit={server['synchronous_commit']}, "
+        f"full_page_writes={server['full_page_writes']}",
+    ]
+    if results["skipped"]:
+        lines.append(
+            "not installed, skipped: "
+            + ", ".join(results["skipped"])
+            + " (./bench/run installs them)"
+        )
+    command = " ".join([_python(), "-m", "bench.compare", *map(shlex.quote, sys.argv[1:])])
+    lines += [
+        "",
+        "commands:",
+        f"  everything above: {command}",
+        f"  pgbench limit:    {results['pgbench_command']}",
+    ]
+    for peer, url in results["peer_urls"].items():
+        shown = peer_command(peer, url, args.workflows, args.warmup)
+        shown[0] = _python()
+        lines.append(f"  {peer + ':':17} {' '.join(shown)}")
+    lines.append(
+        "  flowkeeper:       bench.core.run_batch (python -m bench.core measures it alone)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--workflows", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--invocation-workflows", type=int, default=200)
+    parser.add_argument("--pgbench-clients", type=int, default=8)
+    parser.add_argument("--pgbench-seconds", type=int, default=10)
+    parser.add_argument("--import-runs", type=int, default=9)
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        choices=sorted(PEERS),
+        default=list(PEERS),
+        help="peers to run (default: all; none: flowkeeper alone)",
+    )
+    parser.add_argument(
+        "--stats-settle",
+        type=float,
+        default=None,
+        help="seconds to let commit counts settle (default 10.5; less undercounts commits)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args(argv)
+    results = asyncio.run(measure(args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    print(render(args, results))
+
+
+if __name__ == "__main__":
+    main()
