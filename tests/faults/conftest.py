@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .summary import SUMMARY
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -80,3 +82,12 @@ def app_server() -> Iterator[type[AppServer]]:
     yield Tracked
     for s in servers:
         s.stop()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print what the fault tests injected and what survived, when any of them ran."""
+    if not SUMMARY.tests:
+        return
+    terminalreporter.section("fault suite summary")
+    for line in SUMMARY.lines():
+        terminalreporter.write_line(line)
