@@ -17,6 +17,8 @@ import asyncpg
 from flowkeeper import Context, define_workflow
 
 STEPS = int(os.environ.get("FAULT_STEPS", "5"))
+# The longest a step body takes (seconds); each takes a random part of it.
+STEP_DELAY = float(os.environ.get("FAULT_STEP_DELAY", "0.04"))
 
 _pool: asyncpg.Pool | None = None
 
@@ -38,7 +40,7 @@ async def side_effect(run_id: str, key: str) -> str:
             run_id,
             key,
         )
-    await asyncio.sleep(random.uniform(0.005, 0.04))
+    await asyncio.sleep(random.uniform(STEP_DELAY / 8, STEP_DELAY))
     return key
 
 
