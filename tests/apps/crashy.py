@@ -1,4 +1,4 @@
-"""The workflow of the fault tests, run in a uvicorn subprocess that the tests SIGKILL.
+"""The workflows of the fault tests, run in a uvicorn subprocess that the tests SIGKILL.
 
 Each step body first asks Postgres whether its own result was already
 recorded, and logs that answer with the execution into ``fault_log``: a row
@@ -19,6 +19,8 @@ from flowkeeper import Context, define_workflow
 STEPS = int(os.environ.get("FAULT_STEPS", "5"))
 # The longest a step body takes (seconds); each takes a random part of it.
 STEP_DELAY = float(os.environ.get("FAULT_STEP_DELAY", "0.04"))
+# How long the "slow" step of the stalling workflow takes (seconds).
+SLOW_STEP = float(os.environ.get("FAULT_SLOW_STEP", "2.0"))
 
 _pool: asyncpg.Pool | None = None
 
@@ -44,6 +46,13 @@ async def side_effect(run_id: str, key: str) -> str:
     return key
 
 
+async def slow_effect(run_id: str, key: str) -> int:
+    """A step that outlives its lease when its process is stopped; returns who ran it."""
+    await side_effect(run_id, key)
+    await asyncio.sleep(SLOW_STEP)
+    return os.getpid()
+
+
 async def crashy(ctx: Context, n: int) -> int:
     done = 0
     for i in range(STEPS):
@@ -54,7 +63,16 @@ async def crashy(ctx: Context, n: int) -> int:
     return n + done
 
 
+async def stalling(ctx: Context, n: int) -> int:
+    await ctx.step("before", side_effect, ctx.run_id, "before")
+    await ctx.step("slow", slow_effect, ctx.run_id, "slow")
+    await ctx.step("after", side_effect, ctx.run_id, "after")
+    return n + STALLING_STEPS
+
+
 crashy_workflow = define_workflow("crashy", crashy)
+stalling_workflow = define_workflow("stalling", stalling)
+STALLING_STEPS = 3
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS fault_log (
