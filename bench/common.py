@@ -106,6 +106,14 @@ def served_app(
         proc.wait(timeout=20)
 
 
+def interpreter() -> str:
+    """This interpreter, relative to the repository when it lives there (for printed commands)."""
+    try:
+        return str(Path(sys.executable).relative_to(ROOT))
+    except ValueError:
+        return sys.executable
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -46,7 +46,7 @@ from typing import Any
 import asyncpg
 
 from .coldstart import import_time
-from .common import ROOT, durable_cluster, median, served_app, table
+from .common import ROOT, durable_cluster, interpreter, median, served_app, table
 from .core import run_batch
 
 PEERS = {
@@ -72,14 +72,6 @@ def _version(distribution: str) -> str:
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def _python() -> str:
-    """This interpreter, as a path relative to the repository when it lives there."""
-    try:
-        return str(Path(sys.executable).relative_to(ROOT))
-    except ValueError:
-        return sys.executable
 
 
 async def create_databases(admin_url: str, names: Sequence[str]) -> None:
@@ -333,7 +325,7 @@ def render(args: argparse.Namespace, results: dict[str, Any]) -> str:
             + ", ".join(results["skipped"])
             + " (./bench/run installs them)"
         )
-    command = " ".join([_python(), "-m", "bench.compare", *map(shlex.quote, sys.argv[1:])])
+    command = " ".join([interpreter(), "-m", "bench.compare", *map(shlex.quote, sys.argv[1:])])
     lines += [
         "",
         "commands:",
@@ -342,7 +334,7 @@ def render(args: argparse.Namespace, results: dict[str, Any]) -> str:
     ]
     for peer, url in results["peer_urls"].items():
         shown = peer_command(peer, url, args.workflows, args.warmup)
-        shown[0] = _python()
+        shown[0] = interpreter()
         lines.append(f"  {peer + ':':17} {' '.join(shown)}")
     lines.append(
         "  flowkeeper:       bench.core.run_batch (python -m bench.core measures it alone)"

@@ -20,7 +20,16 @@ import asyncpg
 from flowkeeper import FlowKeeper
 
 from .apps.workflows import WORKFLOWS
-from .common import KEY, ROOT, DatabaseStats, durable_cluster, median, served_app, table
+from .common import (
+    KEY,
+    ROOT,
+    DatabaseStats,
+    durable_cluster,
+    interpreter,
+    median,
+    served_app,
+    table,
+)
 
 
 async def run_batch(
@@ -159,7 +168,7 @@ async def main_async(args: argparse.Namespace) -> None:
         f"import flowkeeper: {own * 1000:.0f} ms; its dependencies: {deps * 1000:.0f} ms; "
         f"ratio {own / deps:.2f}"
     )
-    command = " ".join([".venv/bin/python", "-m", "bench.core", *sys.argv[1:]])
+    command = " ".join([interpreter(), "-m", "bench.core", *sys.argv[1:]])
     print(f"\ncommand: {command}")
 
 
