@@ -142,8 +142,8 @@ class DatabaseStats:
     a smaller one makes a quick but low count).
     """
 
-    def __init__(self, database_url: str, *, settle: float = STATS_IDLE_INTERVAL + 0.5) -> None:
-        self.settle = settle
+    def __init__(self, database_url: str, *, settle: float | None = None) -> None:
+        self.settle = STATS_IDLE_INTERVAL + 0.5 if settle is None else settle
         self.database = database_url.rsplit("/", 1)[1].split("?", 1)[0]
         self.admin_url = sibling_url(database_url, "postgres")
         self._conn: asyncpg.Connection | None = None

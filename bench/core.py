@@ -50,12 +50,7 @@ async def run_batch(
     fk = FlowKeeper(database_url, KEY, endpoint, pool_size=10)
     fk.register(WORKFLOWS[workflow])
     watcher = await asyncpg.connect(database_url)
-    stats = (
-        DatabaseStats(database_url)
-        if settle is None
-        else DatabaseStats(database_url, settle=settle)
-    )
-    await stats.open()
+    stats = await DatabaseStats(database_url, settle=settle).open()
     try:
         await fk.migrate()
         await watcher.execute("TRUNCATE flowkeeper.runs CASCADE")
