@@ -75,24 +75,6 @@ class StepRecord:
     finished_at: datetime | None
     wake_at: datetime | None = None
 
-    def as_json(self) -> str:
-        return _json_object(
-            {
-                "key": self.key,
-                "position": self.position,
-                "name": self.name,
-                "kind": self.kind,
-                "status": self.status,
-                "output_type": self.output_type,
-                "error": self.error,
-                "attempts": self.attempts,
-                "started_at": self.started_at.isoformat(),
-                "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-                "wake_at": self.wake_at.isoformat() if self.wake_at else None,
-            },
-            raw={"input": self.input, "output": self.output},
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
@@ -101,27 +83,33 @@ class EventRecord:
     attempt: int | None = None
     detail: dict[str, Any] | None = None
 
-    def as_json(self) -> str:
-        return _json_object(
-            {
-                "kind": self.kind,
-                "step_key": self.step_key,
-                "attempt": self.attempt,
-                "detail": self.detail,
-            }
-        )
+
+def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
+    """The commit query takes one array per column (unnest): no JSON to build or parse."""
+    return [
+        [s.key for s in steps],
+        [s.position for s in steps],
+        [s.name for s in steps],
+        [s.kind for s in steps],
+        [s.status for s in steps],
+        [s.input for s in steps],
+        [s.output for s in steps],
+        [s.output_type for s in steps],
+        [json.dumps(s.error) if s.error is not None else None for s in steps],
+        [s.attempts for s in steps],
+        [s.started_at for s in steps],
+        [s.finished_at for s in steps],
+        [s.wake_at for s in steps],
+    ]
 
 
-def _json_object(fields: dict[str, Any], raw: dict[str, str | None] | None = None) -> str:
-    """A JSON object; values in ``raw`` are JSON text already and go in verbatim."""
-    parts = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in fields.items()]
-    for k, text in (raw or {}).items():
-        parts.append(f"{json.dumps(k)}:{text if text is not None else 'null'}")
-    return "{" + ",".join(parts) + "}"
-
-
-def _json_array(items: Sequence[str]) -> str:
-    return "[" + ",".join(items) + "]"
+def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
+    return [
+        [e.kind for e in events],
+        [e.step_key for e in events],
+        [e.attempt for e in events],
+        [json.dumps(e.detail) if e.detail is not None else None for e in events],
+    ]
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -305,8 +293,8 @@ class Store:
             json.dumps(error) if error is not None else None,
             step_key,
             step_attempt,
-            _json_array([s.as_json() for s in steps]),
-            _json_array([e.as_json() for e in events]),
+            *_step_columns(steps),
+            *_event_columns(events),
         )
         if row is None:
             return False

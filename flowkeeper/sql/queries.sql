@@ -60,7 +60,8 @@ FROM {schema}.runs WHERE id = $1;
 
 -- name: commit
 -- The one write an invocation makes under its lease: new run state, the
--- step records it has not written yet, and events.  Refused (no row) when
+-- step records it has not written yet ($11-$23, one array per column), and
+-- events ($24-$27).  Refused (no row) when
 -- the lease token is no longer current.  Due time: $6 (absolute), else
 -- now + $5, else none (finished).
 WITH r AS (
@@ -85,15 +86,16 @@ WITH r AS (
     SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, x.output,
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
            CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) END
-    FROM r, jsonb_to_recordset($11::jsonb) AS x(
-        key text, position integer, name text, kind text, status text, input jsonb,
-        output jsonb, output_type text, error jsonb, attempts integer,
-        started_at timestamptz, finished_at timestamptz, wake_at timestamptz)
+    FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
+                   $16::jsonb[], $17::jsonb[], $18::text[], $19::jsonb[], $20::integer[],
+                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
+         AS x(key, position, name, kind, status, input, output, output_type, error,
+              attempts, started_at, finished_at, wake_at)
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, step_key, attempt, detail)
     SELECT r.id, x.kind, x.step_key, x.attempt, x.detail
-    FROM r, jsonb_to_recordset($12::jsonb) AS x(
-        kind text, step_key text, attempt integer, detail jsonb)
+    FROM r, unnest($24::text[], $25::text[], $26::integer[], $27::jsonb[])
+         AS x(kind, step_key, attempt, detail)
 )
 SELECT id, due_at FROM r;
 
