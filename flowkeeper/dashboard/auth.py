@@ -100,16 +100,18 @@ class Auth:
     # sessions -------------------------------------------------------------------------
     def session(self, request: Request) -> Session | None:
         """The request's valid session, or None (absent, forged, expired, old password)."""
-        raw = request.cookies.get(COOKIE)
-        if not raw or self._serializer is None:
+        if self._serializer is None:
             return None
-        try:
-            data = self._serializer.loads(raw, max_age=int(self.ttl.total_seconds()))
-        except BadSignature:
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("csrf"), str):
-            return None
-        return Session(csrf=data["csrf"])
+        # Every cookie of that name counts: a stale or planted one on another
+        # path (sent alongside) must not shadow the valid session.
+        for raw in _cookie_values(request.headers.get("cookie", ""), COOKIE):
+            try:
+                data = self._serializer.loads(raw, max_age=int(self.ttl.total_seconds()))
+            except BadSignature:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("csrf"), str):
+                return Session(csrf=data["csrf"])
+        return None
 
     def start(self, request: Request, response: Response, base: str) -> None:
         assert self._serializer is not None
@@ -139,6 +141,15 @@ class Auth:
         if not given:
             return False
         return hmac.compare_digest(given.encode(), session.csrf.encode())
+
+
+def _cookie_values(header: str, name: str) -> list[str]:
+    values = []
+    for part in header.split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name and value:
+            values.append(value.strip('"'))
+    return values
 
 
 def same_origin(request: Request) -> bool:
