@@ -9,6 +9,7 @@ Routes (relative to the mount point):
 ``GET|POST /tick``  run a scheduler tick; ``Authorization: Bearer <CRON_SECRET>``
                  or a signature.
 ``GET /``        liveness: answers without touching the database.
+``/ui/...``      the dashboard (``dashboard_path``; see :mod:`flowkeeper.dashboard`).
 
 The endpoint knows nothing of SQL: it verifies, parses and delegates to the
 ``FlowKeeper`` object (engine, scheduler).  Every refusal is JSON
@@ -29,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
@@ -314,11 +315,15 @@ def create_app(
 ) -> Starlette:
     """Build the endpoint app.  No I/O happens until the first request."""
     endpoint = Endpoint(fk, time_budget=time_budget)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/", endpoint.invoke, methods=["POST"]),
         Route("/", endpoint.health, methods=["GET"]),
         Route("/tick", endpoint.tick, methods=["GET", "POST"]),
     ]
+    if fk.dashboard_path:  # the dashboard (flowkeeper.dashboard), off with dashboard_path=None
+        from .dashboard import create_dashboard
+
+        routes.append(Mount(fk.dashboard_path, app=create_dashboard(fk)))
     middleware = []
     if endpoint.base_path:
         middleware.append(Middleware(PrefixMiddleware, prefix=endpoint.base_path))

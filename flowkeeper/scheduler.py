@@ -16,6 +16,7 @@ import random
 import uuid
 from datetime import timedelta
 
+from .alerts import AlertSender
 from .dispatch import Delivery, Dispatcher
 from .models import TickResult
 from .store import Store
@@ -40,12 +41,14 @@ class Scheduler:
         dispatch_lease: timedelta = timedelta(seconds=30),
         batch_size: int = 200,
         concurrency: int = 32,
+        alerts: AlertSender | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.dispatch_lease = dispatch_lease
         self.batch_size = batch_size
         self.concurrency = concurrency
+        self.alerts = alerts
 
     async def tick(self, *, max_runs: int = 10_000) -> TickResult:
         """Dispatch up to ``max_runs`` due runs; return the counts."""
@@ -86,6 +89,8 @@ class Scheduler:
                     failed += 1
             if len(rows) < self.batch_size:
                 break
+        if self.alerts is not None:  # failure alerts left undelivered (flowkeeper.alerts)
+            await self.alerts.deliver_due()
         if claimed:
             logger.info("tick: claimed %d, dispatched %d, failed %d", claimed, dispatched, failed)
         return TickResult(claimed=claimed, dispatched=dispatched, failed=failed)

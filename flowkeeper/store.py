@@ -336,3 +336,138 @@ class Store:
     async def clock_now(self) -> datetime:
         now: datetime = await self._call("fetchval", "clock_now")
         return now
+
+    # dashboard: runs list, replay and retry, alerts, login throttling ---------------
+    async def list_run_ids(
+        self,
+        low: uuid.UUID,
+        high: uuid.UUID,
+        limit: int,
+        *,
+        workflow: str | None,
+        status: str | None,
+        search: tuple[uuid.UUID | None, str | None] | None,
+    ) -> list[uuid.UUID]:
+        """Run ids in [low, high), newest first, with one query per filter shape."""
+        if search is not None:
+            rows = await self._call(
+                "fetch", "search_run_ids", low, high, limit, search[0], search[1]
+            )
+        elif workflow is not None and status is not None:
+            rows = await self._call(
+                "fetch", "list_run_ids_by_workflow_status", low, high, limit, workflow, status
+            )
+        elif workflow is not None:
+            rows = await self._call("fetch", "list_run_ids_by_workflow", low, high, limit, workflow)
+        elif status is not None:
+            rows = await self._call("fetch", "list_run_ids_by_status", low, high, limit, status)
+        else:
+            rows = await self._call("fetch", "list_run_ids", low, high, limit)
+        return [r["id"] for r in rows]
+
+    async def run_summaries(self, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        if not ids:
+            return []
+        rows: list[asyncpg.Record] = await self._call("fetch", "run_summaries", list(ids))
+        return rows
+
+    async def count_runs(
+        self, low: uuid.UUID, high: uuid.UUID, *, workflow: str | None
+    ) -> dict[str, int]:
+        if workflow is None:
+            rows = await self._call("fetch", "count_runs_by_status", low, high)
+        else:
+            rows = await self._call("fetch", "count_workflow_runs_by_status", low, high, workflow)
+        return {r["status"]: r["n"] for r in rows}
+
+    async def list_workflows(self) -> list[str]:
+        rows = await self._call("fetch", "list_workflows")
+        return [r["workflow"] for r in rows]
+
+    async def run_version(self, run_id: str) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._call("fetchrow", "run_version", uuid.UUID(run_id))
+        return row
+
+    async def replay(
+        self,
+        run_id: str,
+        position: int,
+        *,
+        kind: str,
+        step_key: str | None,
+        detail: dict[str, Any],
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+    ) -> tuple[bool, int]:
+        """Reset a finished run to run again from ``position``; (replayed, steps forgotten)."""
+        row = await self._call(
+            "fetchrow",
+            "replay_run",
+            uuid.UUID(run_id),
+            position,
+            kind,
+            lease_token,
+            lease,
+            json.dumps(detail),
+            step_key,
+        )
+        return bool(row["replayed"]), int(row["forgotten"])
+
+    async def retry_now(
+        self,
+        run_id: str,
+        *,
+        detail: dict[str, Any],
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+    ) -> bool:
+        row = await self._call(
+            "fetchrow", "retry_now", uuid.UUID(run_id), lease_token, lease, json.dumps(detail)
+        )
+        return bool(row["retried"])
+
+    async def failed_run_ids(
+        self, workflow: str, low: uuid.UUID, high: uuid.UUID, limit: int
+    ) -> list[str]:
+        rows = await self._call("fetch", "failed_run_ids", workflow, low, high, limit)
+        return [str(r["id"]) for r in rows]
+
+    async def claim_alerts(
+        self, limit: int, lease: timedelta, run_id: str | None = None
+    ) -> list[asyncpg.Record]:
+        rid = uuid.UUID(run_id) if run_id is not None else None
+        rows: list[asyncpg.Record] = await self._call("fetch", "claim_alerts", limit, lease, rid)
+        return rows
+
+    async def alert_result(
+        self,
+        alert_id: int,
+        *,
+        done: Sequence[str],
+        outcome: str | None,
+        retry_in: timedelta | None,
+        error: str | None,
+        event: str | None,
+        detail: dict[str, Any] | None,
+    ) -> None:
+        await self._call(
+            "execute",
+            "alert_result",
+            alert_id,
+            list(done),
+            outcome,
+            retry_in,
+            error,
+            event,
+            json.dumps(detail) if detail is not None else None,
+        )
+
+    async def login_failures(self, client: str, window: timedelta) -> int:
+        value = await self._call("fetchval", "login_failures", client, window)
+        return int(value or 0)
+
+    async def login_failed(self, client: str, window: timedelta) -> int:
+        return int(await self._call("fetchval", "login_failed", client, window))
+
+    async def login_succeeded(self, client: str) -> None:
+        await self._call("execute", "login_succeeded", client)

@@ -168,3 +168,174 @@ FROM {schema}.events WHERE run_id = $1 ORDER BY id;
 
 -- name: clock_now
 SELECT {schema}.clock_now();
+
+-- dashboard ------------------------------------------------------------------
+-- The runs list, replay and retry, failure alerts and login throttling.  Run
+-- ids are UUIDv7: "newest first" is id descending and a time range is an id
+-- range [$1, $2).  Each list variant is a plain statement (no "$n IS NULL OR"
+-- switches) so a cached generic plan still uses the right index.
+
+-- name: list_run_ids
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2
+ORDER BY id DESC LIMIT $3;
+
+-- name: list_run_ids_by_status
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND status = $4
+ORDER BY id DESC LIMIT $3;
+
+-- name: list_run_ids_by_workflow
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND workflow = $4
+ORDER BY id DESC LIMIT $3;
+
+-- name: list_run_ids_by_workflow_status
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND workflow = $4 AND status = $5
+ORDER BY id DESC LIMIT $3;
+
+-- name: search_run_ids
+-- An exact run id ($4), or an exact idempotency key ($5) in any workflow.
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND (id = $4 OR idempotency_key = $5)
+ORDER BY id DESC LIMIT $3;
+
+-- name: run_summaries
+SELECT r.id, r.workflow, r.status, r.idempotency_key, r.created_at, r.updated_at,
+       r.started_at, r.finished_at, r.due_at, r.step_key, r.step_attempt, r.invocations,
+       r.error->>'type' AS error_type, left(r.error->>'message', 500) AS error_message,
+       r.error->>'step' AS error_step,
+       (SELECT count(*) FROM {schema}.steps s WHERE s.run_id = r.id) AS steps
+FROM {schema}.runs r WHERE r.id = ANY($1::uuid[])
+ORDER BY r.id DESC;
+
+-- name: count_runs_by_status
+SELECT status, count(*) AS n FROM {schema}.runs
+WHERE id >= $1 AND id < $2
+GROUP BY status;
+
+-- name: count_workflow_runs_by_status
+SELECT status, count(*) AS n FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND workflow = $3
+GROUP BY status;
+
+-- name: list_workflows
+-- Distinct workflow names by skipping through runs_workflow_idx: one index
+-- probe per name, not a scan of every run.
+WITH RECURSIVE w AS (
+    (SELECT workflow FROM {schema}.runs ORDER BY workflow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.workflow FROM {schema}.runs r
+            WHERE r.workflow > w.workflow ORDER BY r.workflow LIMIT 1)
+    FROM w WHERE w.workflow IS NOT NULL
+)
+SELECT workflow FROM w WHERE workflow IS NOT NULL;
+
+-- name: run_version
+-- What a live view polls: it refetches the run only when this changes.
+SELECT r.status, r.updated_at,
+       (SELECT max(e.id) FROM {schema}.events e WHERE e.run_id = r.id) AS last_event
+FROM {schema}.runs r WHERE r.id = $1;
+
+-- name: replay_run
+-- Run a finished run again from step position $2: the step records at and
+-- after it are deleted (earlier results kept), retry state is reset, and the
+-- run is queued, leased to the caller's push ($4 for $5) or due at once.
+-- Refused (replayed = 0) unless the run is finished.  $3 is the event kind,
+-- $6 its detail, $7 its step.
+WITH r AS (
+    UPDATE {schema}.runs
+    SET status = 'queued', output = NULL, error = NULL, step_key = NULL, step_attempt = 0,
+        lease_token = $4, due_at = {schema}.clock_now() + $5::interval,
+        finished_at = NULL, dispatch_failures = 0, updated_at = {schema}.clock_now()
+    WHERE id = $1 AND status IN ('completed', 'failed', 'cancelled')
+    RETURNING id
+), d AS (
+    DELETE FROM {schema}.steps s USING r
+    WHERE s.run_id = r.id AND s.position >= $2
+    RETURNING s.key, s.position
+), e AS (
+    INSERT INTO {schema}.events (run_id, kind, step_key, detail)
+    SELECT r.id, $3, $7,
+           $6::jsonb || jsonb_build_object(
+               'forgotten', (SELECT coalesce(jsonb_agg(d.key ORDER BY d.position), '[]')
+                             FROM d))
+    FROM r
+)
+SELECT (SELECT count(*) FROM r) AS replayed, (SELECT count(*) FROM d) AS forgotten;
+
+-- name: retry_now
+-- A run waiting for a step's retry: make the retry due now (leased to the
+-- caller's push $2 for $3, or due at once) and record it ($4 detail).
+WITH r AS (
+    UPDATE {schema}.runs
+    SET lease_token = $2, due_at = {schema}.clock_now() + $3::interval,
+        updated_at = {schema}.clock_now()
+    WHERE id = $1 AND status = 'retrying' AND lease_token IS NULL
+    RETURNING id, step_key, step_attempt
+), e AS (
+    INSERT INTO {schema}.events (run_id, kind, step_key, attempt, detail)
+    SELECT r.id, 'retried', r.step_key, r.step_attempt + 1, $4::jsonb FROM r
+)
+SELECT count(*) AS retried FROM r;
+
+-- name: failed_run_ids
+SELECT id FROM {schema}.runs
+WHERE workflow = $1 AND status = 'failed' AND id >= $2 AND id < $3
+ORDER BY id LIMIT $4;
+
+-- name: claim_alerts
+-- Due failure alerts (only run $3's when given), each leased to this caller
+-- for $2 so no one else delivers it meanwhile; with what the alert says.
+WITH due AS (
+    SELECT id FROM {schema}.alerts
+    WHERE due_at <= {schema}.clock_now() AND ($3::uuid IS NULL OR run_id = $3::uuid)
+    ORDER BY due_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.alerts a
+SET due_at = {schema}.clock_now() + $2::interval, attempts = a.attempts + 1
+FROM due, {schema}.runs r
+WHERE a.id = due.id AND r.id = a.run_id
+RETURNING a.id, a.run_id, a.attempts, a.done, a.created_at, r.workflow, r.status,
+          r.error::text AS error, r.input::text AS input, r.idempotency_key,
+          r.started_at, r.finished_at;
+
+-- name: alert_result
+-- After a delivery attempt: the destinations done ($2); settled as $3
+-- ('delivered' | 'abandoned') or due again in $4; an event on the run's
+-- history ($6 kind, $7 detail) when $6 is set.
+WITH a AS (
+    UPDATE {schema}.alerts
+    SET done = $2, outcome = $3, last_error = $5,
+        settled_at = CASE WHEN $3::text IS NOT NULL THEN {schema}.clock_now() END,
+        due_at = CASE WHEN $3::text IS NULL THEN {schema}.clock_now() + $4::interval END
+    WHERE id = $1
+    RETURNING run_id
+)
+INSERT INTO {schema}.events (run_id, kind, detail)
+SELECT a.run_id, $6, $7::jsonb FROM a WHERE $6::text IS NOT NULL;
+
+-- name: login_failures
+-- Failed dashboard logins of client $1 within the window $2.
+SELECT failures FROM {schema}.login_failures
+WHERE client = $1 AND window_start > {schema}.clock_now() - $2::interval;
+
+-- name: login_failed
+WITH gc AS (
+    DELETE FROM {schema}.login_failures
+    WHERE client <> $1 AND window_start < {schema}.clock_now() - $2::interval
+)
+INSERT INTO {schema}.login_failures AS f (client, failures, window_start)
+VALUES ($1, 1, {schema}.clock_now())
+ON CONFLICT (client) DO UPDATE
+SET failures = CASE WHEN f.window_start > {schema}.clock_now() - $2::interval
+                    THEN f.failures + 1 ELSE 1 END,
+    window_start = CASE WHEN f.window_start > {schema}.clock_now() - $2::interval
+                        THEN f.window_start ELSE {schema}.clock_now() END
+RETURNING failures;
+
+-- name: login_succeeded
+DELETE FROM {schema}.login_failures WHERE client = $1;
