@@ -429,7 +429,7 @@ class Execution:
             result = await self._write(
                 "running",
                 new_token=self.token,
-                due_in=self.engine.lease,
+                keep_due=True,
                 steps=self._pending_steps,
                 events=self._pending_events,
             )

@@ -278,8 +278,12 @@ class Store:
         step_attempt: int = 0,
         steps: Sequence[StepRecord] = (),
         events: Sequence[EventRecord] = (),
+        keep_due: bool = False,
     ) -> datetime | bool | None:
-        """Write under the lease.  Returns False if the lease was lost, else the new due_at."""
+        """Write under the lease.  Returns False if the lease was lost, else the new due_at.
+
+        ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
+        """
         row = await self._call(
             "fetchrow",
             "commit",
@@ -295,6 +299,7 @@ class Store:
             step_attempt,
             *_step_columns(steps),
             *_event_columns(events),
+            keep_due,
         )
         if row is None:
             return False

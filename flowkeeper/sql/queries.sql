@@ -62,13 +62,16 @@ FROM {schema}.runs WHERE id = $1;
 -- The one write an invocation makes under its lease: new run state, the
 -- step records it has not written yet ($11-$23, one array per column), and
 -- events ($24-$27).  Refused (no row) when
--- the lease token is no longer current.  Due time: $6 (absolute), else
--- now + $5, else none (finished).
+-- the lease token is no longer current.  Due time: unchanged when $28 (a
+-- mid-run flush: no indexed column changes, so the update can be HOT and the
+-- lease is kept alive by the heartbeat), else $6 (absolute), else now + $5,
+-- else none (finished).
 WITH r AS (
     UPDATE {schema}.runs
     SET status = $3,
         lease_token = $4,
-        due_at = CASE WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
+        due_at = CASE WHEN $28::boolean THEN due_at
+                      WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
                       WHEN $5::interval IS NOT NULL THEN {schema}.clock_now() + $5::interval
                  END,
         output = $7::jsonb,

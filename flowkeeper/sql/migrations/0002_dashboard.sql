@@ -5,9 +5,9 @@
 -- UUIDv7, so "newest first" is "id descending" and a time range is an id
 -- range: (status, id) serves a status filter and the per-status counts
 -- (index-only); (workflow, status, id) serves a workflow filter, with or
--- without a status, and that workflow's counts.  Every update of a run
--- already moves due_at (indexed), so updates are never HOT and these add one
--- index entry each per write; bench/dashboard.py measures what that costs.
+-- without a status, and that workflow's counts.  Writes that change a run's
+-- status or due_at are not HOT and add one entry to each; the engine's
+-- mid-run flushes change neither and stay HOT.
 CREATE INDEX runs_status_idx ON {schema}.runs (status, id);
 CREATE INDEX runs_workflow_idx ON {schema}.runs (workflow, status, id);
 
