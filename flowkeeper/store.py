@@ -112,6 +112,12 @@ def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
     ]
 
 
+def _postgres_error() -> type[BaseException]:
+    import asyncpg
+
+    return asyncpg.PostgresError
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
@@ -151,6 +157,12 @@ class Store:
         except _connection_errors() as exc:
             raise DatabaseError(
                 f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except _postgres_error() as exc:
+            raise DatabaseError(
+                f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
+                "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
+                "behind a transaction pooler, make sure it is detected (pooled=True)."
             ) from exc
 
     async def ensure_schema(self) -> None:
