@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import migrate, tick
+from . import migrate, pgcron, scheduler, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [migrate, tick]
+COMMANDS = [migrate, tick, scheduler, pgcron]
 
 
 def build_parser() -> argparse.ArgumentParser:
