@@ -231,10 +231,12 @@ class PgCron:
         cron: asyncpg.Connection | None = None
         try:
             database: str = await app.fetchval("SELECT current_database()")
-            cron_db: str | None = await app.fetchval(
-                "SELECT current_setting('cron.database_name', true)"
-            )
-            if cron_db is None and need_cron:
+            if self.cron_database_url:
+                cron = await Database(self.cron_database_url).connect()
+                cron_db: str | None = await cron.fetchval("SELECT current_database()")
+            else:
+                cron, cron_db = await self._find_cron(app, database)
+            if cron is None and need_cron:
                 major = int(await app.fetchval("SHOW server_version_num")) // 10000
                 raise ConfigurationError(
                     "pg_cron is not loaded in this Postgres server. Install it (Debian/Ubuntu: "
@@ -243,17 +245,44 @@ class PgCron:
                     "cron.database_name, and restart Postgres. Without pg_cron, drive due runs "
                     "with `flowkeeper tick` from any cron or with `flowkeeper scheduler`."
                 )
-            if cron_db is not None:
-                if cron_db == database and not self.cron_database_url:
-                    cron = app
-                else:
-                    url = self.cron_database_url or _with_database(self.db.url, cron_db)
-                    cron = await Database(url).connect()
             yield app, cron, database, cron_db
         finally:
             if cron is not None and cron is not app:
                 await cron.close()
             await app.close()
+
+    async def _find_cron(
+        self, app: asyncpg.Connection, database: str
+    ) -> tuple[asyncpg.Connection | None, str | None]:
+        """A connection to the database pg_cron lives in, and its name (None: not loaded)."""
+        import asyncpg
+
+        try:
+            cron_db: str | None = await app.fetchval(
+                "SELECT current_setting('cron.database_name', true)"
+            )
+        except asyncpg.InsufficientPrivilegeError:
+            # Only superusers (and pg_read_all_settings) may read pg_cron's settings.
+            # The extension exists only in its own database: look here, then in
+            # pg_cron's default, 'postgres'.
+            if await _has_pg_cron(app):
+                return app, database
+            cron_db = "postgres"
+            with contextlib.suppress(DatabaseError):
+                other = await Database(_with_database(self.db.url, cron_db)).connect()
+                if await _has_pg_cron(other):
+                    return other, cron_db
+                await other.close()
+            raise ConfigurationError(
+                "Cannot tell which database pg_cron lives in: reading cron.database_name needs "
+                "a superuser or pg_read_all_settings, and pg_cron is not created here or in "
+                "'postgres'. Pass --cron-database-url with the URL of that database."
+            ) from None
+        if cron_db is None:
+            return None, None
+        if cron_db == database:
+            return app, cron_db
+        return await Database(_with_database(self.db.url, cron_db)).connect(), cron_db
 
     async def install(
         self,
