@@ -101,12 +101,15 @@ class Scheduler:
         max_runs: int = 10_000,
         time_limit: float | None = None,
         stop: asyncio.Event | None = None,
+        claimed_all: asyncio.Event | None = None,
     ) -> TickResult:
         """Dispatch up to ``max_runs`` due runs; return the counts.
 
         ``time_limit`` (seconds) stops claiming after that long; ``stop`` stops
         claiming and sending when set.  Dispatches already in flight finish
         either way, and runs claimed but not sent are released (due at once).
+        ``claimed_all`` is set once the tick claims nothing more, while its
+        last dispatches may still be in flight.
         """
         loop = asyncio.get_running_loop()
         give_up = None if time_limit is None else loop.time() + time_limit
@@ -133,6 +136,8 @@ class Scheduler:
                         _Claim(str(r["id"]), r["lease_token"], r["dispatch_failures"]) for r in rows
                     )
                     more = want > 0 and len(rows) == want
+                if claimed_all is not None and (halted or not more):
+                    claimed_all.set()
                 while pending and not halted and len(running) < self.concurrency:
                     running.add(loop.create_task(self._dispatch(pending.popleft())))
                 if not running:
@@ -151,6 +156,8 @@ class Scheduler:
                     await self._record_failures(failures)
                     failures = []
         finally:
+            if claimed_all is not None:
+                claimed_all.set()
             for task in running:  # only when cancelled: their outcome is unknown
                 task.cancel()
             await self._record_failures(failures)
@@ -221,6 +228,9 @@ class SchedulerLoop:
     URL is pooled.  Several loops may run at once: claims never overlap.
     """
 
+    #: Ticks whose dispatches may be in flight at once.
+    MAX_TICKS = 4
+
     def __init__(
         self,
         fk: FlowKeeper,
@@ -264,6 +274,10 @@ class SchedulerLoop:
         self._wake_at = 0.0
         self._not_before = 0.0
         self._notified = math.inf  # earliest due time announced since the last query
+        self._db_backoff = 0.0
+        self._endpoint_backoff = 0.0
+        #: The database clock minus this event loop's clock, from the last query.
+        self._clock_offset: float | None = None
 
     # control -------------------------------------------------------------------
     def stop(self) -> None:
@@ -279,6 +293,15 @@ class SchedulerLoop:
         """Tick, sleep until the next due time or a notification, repeat; until stop()."""
         listener = asyncio.create_task(self._listen())
         try:
+            # Say at once when the endpoint cannot be used (it also opens the HTTP
+            # connection the first wake-up would otherwise wait for).
+            probe = await self.scheduler.probe()
+            if not probe.delivered:
+                logger.warning(
+                    "scheduler: the endpoint %s does not accept invocations yet: %s",
+                    self.scheduler.dispatcher.endpoint,
+                    probe.reason,
+                )
             await self._ticking()
         finally:
             self.stop()
@@ -288,11 +311,13 @@ class SchedulerLoop:
 
     # notifications ---------------------------------------------------------------
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: object) -> None:
-        schema, _, seconds = str(payload).partition(" ")
+        schema, _, due = str(payload).partition(" ")
         if schema != self.schema:
             return
         try:
-            at = asyncio.get_running_loop().time() + max(0.0, float(seconds))
+            # The payload is the due time on the database's clock: absolute, so
+            # the time its commit took does not make the wake-up late.
+            at = float(due) - self._clock_offset if self._clock_offset is not None else 0.0
         except ValueError:
             return
         self._notified = min(self._notified, at)
@@ -339,35 +364,74 @@ class SchedulerLoop:
 
     # ticking -------------------------------------------------------------------
     async def _ticking(self) -> None:
+        """Start a tick whenever runs fall due; dispatches overlap the next wait.
+
+        A tick is awaited only until it has claimed everything due: its
+        invocations may still be waiting for their 202 while the loop sleeps
+        toward the next due time, so a slow endpoint does not delay the
+        wake-ups of other runs.  At most ``MAX_TICKS`` ticks are in flight.
+        """
         loop = asyncio.get_running_loop()
-        db_backoff = endpoint_backoff = 0.0
-        while not self._stopping.is_set():
-            self._notified = math.inf
-            try:
-                result = await self.scheduler.tick(stop=self._stopping)
-                due_in = await self.store.next_due_in()
-                db_backoff = 0.0
-            except DatabaseError as exc:
-                db_backoff = min(max(db_backoff * 2, 0.5), 30.0)
-                logger.error("scheduler: %s; retrying in %.1fs", exc, db_backoff)
-                self._not_before = loop.time() + db_backoff
-                self._wake_at = self._not_before
+        ticks: set[asyncio.Task[TickResult]] = set()
+        try:
+            while not self._stopping.is_set():
+                self._notified = math.inf
+                if len(ticks) >= self.MAX_TICKS:
+                    await asyncio.wait(ticks, return_when=asyncio.FIRST_COMPLETED)
+                claimed_all = asyncio.Event()
+                tick = loop.create_task(
+                    self.scheduler.tick(stop=self._stopping, claimed_all=claimed_all)
+                )
+                ticks.add(tick)
+                tick.add_done_callback(ticks.discard)
+                tick.add_done_callback(self._tick_done)
+                claiming = loop.create_task(claimed_all.wait())
+                await asyncio.wait({tick, claiming}, return_when=asyncio.FIRST_COMPLETED)
+                claiming.cancel()
+                try:
+                    asked = loop.time()
+                    due, db_now = await self.store.next_due()
+                    self._clock_offset = db_now - (asked + loop.time()) / 2
+                except DatabaseError as exc:
+                    self._database_failed(exc)
+                    due = None
+                now = loop.time()
+                idle = now + (self.max_idle if self._listening else self.poll_interval)
+                wake = idle
+                if due is not None and self._clock_offset is not None:
+                    wake = min(idle, due - self._clock_offset + 0.001)
+                self._wake_at = min(wake, self._notified)
                 await self._sleep()
-                continue
-            self.ticks += 1
-            self.dispatched += result.dispatched
-            now = loop.time()
-            if result.failed and not result.dispatched:
-                # The endpoint is failing: failed runs are backed off one by one,
-                # and the loop itself waits before trying again.
-                endpoint_backoff = min(max(endpoint_backoff * 2, 1.0), 60.0)
-                self._not_before = now + endpoint_backoff
-            elif result.dispatched:
-                endpoint_backoff = 0.0
-            idle = self.max_idle if self._listening else self.poll_interval
-            wait = idle if due_in is None else min(idle, max(0.0, due_in) + 0.001)
-            self._wake_at = min(now + wait, self._notified)
-            await self._sleep()
+        finally:
+            if ticks:  # stopping: the dispatches in flight finish
+                await asyncio.gather(*ticks, return_exceptions=True)
+
+    def _tick_done(self, task: asyncio.Task[TickResult]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, DatabaseError):
+            self._database_failed(exc)
+            return
+        if exc is not None:
+            logger.error("scheduler: tick failed", exc_info=exc)
+            return
+        result = task.result()
+        self.ticks += 1
+        self.dispatched += result.dispatched
+        self._db_backoff = 0.0
+        if result.failed and not result.dispatched:
+            # The endpoint is failing: failed runs are backed off one by one,
+            # and the loop itself waits before trying again.
+            self._endpoint_backoff = min(max(self._endpoint_backoff * 2, 1.0), 60.0)
+            self._not_before = asyncio.get_running_loop().time() + self._endpoint_backoff
+        elif result.dispatched:
+            self._endpoint_backoff = 0.0
+
+    def _database_failed(self, exc: DatabaseError) -> None:
+        self._db_backoff = min(max(self._db_backoff * 2, 0.5), 30.0)
+        logger.error("scheduler: %s; retrying in %.1fs", exc, self._db_backoff)
+        self._not_before = asyncio.get_running_loop().time() + self._db_backoff
 
     async def _sleep(self) -> None:
         """Until the wake time (moved earlier by notifications), no earlier than not_before."""

@@ -351,10 +351,10 @@ class Store:
             [token for _, token in claims],
         )
 
-    async def next_due_in(self) -> float | None:
-        """Seconds until the next run is due (negative when overdue); None if none is live."""
-        value: float | None = await self._call("fetchval", "next_due_in")
-        return value
+    async def next_due(self) -> tuple[float | None, float]:
+        """(next due time or None if no run is live, clock now), as unix seconds."""
+        row = await self._call("fetchrow", "next_due")
+        return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
     async def run_status(self, run_id: str) -> asyncpg.Record | None:

@@ -194,9 +194,11 @@ SET lease_token = NULL, due_at = {schema}.clock_now()
 FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token)
 WHERE r.id = c.id AND r.lease_token = c.token;
 
--- name: next_due_in
--- Seconds until the next run needs attention (negative: overdue), NULL when
--- no run is live.  min() over runs_due_idx reads one index entry.
-SELECT extract(epoch FROM min(due_at) - {schema}.clock_now())::float8
+-- name: next_due
+-- When the next run needs attention (NULL when no run is live) and the
+-- flowkeeper clock now, both as unix seconds.  min() over runs_due_idx reads
+-- one index entry.
+SELECT extract(epoch FROM min(due_at))::float8 AS due,
+       extract(epoch FROM {schema}.clock_now())::float8 AS now
 FROM {schema}.runs
 WHERE due_at IS NOT NULL;

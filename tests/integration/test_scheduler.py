@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from flowkeeper import Context, FlowKeeper
-from flowkeeper.scheduler import Scheduler
+from flowkeeper.scheduler import PROBE_RUN_ID, Scheduler
 from flowkeeper.signing import sign_request
 from flowkeeper.testing import FakeClock
 from flowkeeper.testing.postgres import free_port
@@ -35,7 +35,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 class CountingApp:
-    """Wraps an ASGI app and counts the run ids of the invocations that arrive."""
+    """Wraps an ASGI app and counts the run ids of the invocations that arrive.
+
+    The scheduler loop's start-up probe (a run id that cannot exist) is not counted.
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -52,7 +55,9 @@ class CountingApp:
                 break
         body = b"".join(m.get("body", b"") for m in messages)
         if scope["path"].rstrip("/").endswith("flowkeeper"):
-            self.arrivals[json.loads(body)["run_id"]] += 1
+            run_id = json.loads(body)["run_id"]
+            if run_id != PROBE_RUN_ID:
+                self.arrivals[run_id] += 1
         replay = iter(messages)
 
         async def receive_again() -> Any:

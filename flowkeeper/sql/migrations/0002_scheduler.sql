@@ -9,17 +9,15 @@
 -- leave a due run without a lease token, so the trigger fires only for them:
 -- claims, step writes, heartbeats and completions all hold a token (or clear
 -- due_at) and never notify, which keeps NOTIFY's commit-time lock off the hot
--- path.  The payload is "<schema> <seconds until the run is due>" (one channel
--- for every schema, since a channel name is limited to 63 bytes).
+-- path.  The payload is "<schema> <due_at as unix seconds>" on the flowkeeper
+-- clock: absolute, so that the commit's own latency does not delay the wake-up
+-- (one channel for every schema, since a channel name is limited to 63 bytes).
 
 CREATE FUNCTION {schema}.notify_due() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
 BEGIN
-    PERFORM pg_notify(
-        'flowkeeper_due',
-        '{schema} '
-            || round(greatest(0, extract(epoch FROM NEW.due_at - {schema}.clock_now())), 3));
+    PERFORM pg_notify('flowkeeper_due', '{schema} ' || extract(epoch FROM NEW.due_at));
     RETURN NULL;
 END
 $$;
