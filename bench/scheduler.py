@@ -1,7 +1,7 @@
 """Scheduler figures: claim cost at 1,000,000 live runs, wake-up lateness, NOTIFY's cost.
 
     .venv/bin/python bench/scheduler.py                 # everything (about 3 minutes)
-    .venv/bin/python bench/scheduler.py --only claim    # or: wake, notify
+    .venv/bin/python bench/scheduler.py --only claim    # or: wake, notify, pgcron
 
 claim   the runs table holds 10,000 due runs alone, then 1,000,000 sleeping runs
         plus the same 10,000 due ones (filled with generate_series, not the API).
@@ -12,7 +12,10 @@ wake    `flowkeeper scheduler` (the CLI, a subprocess) and the endpoint (uvicorn
         subprocess); 1,000 runs each sleep 2 s. Lateness = when the step after the
         sleep started minus the sleep's wake time (target: p99 <= 100 ms).
 notify  three-step workflows per second, pushed by trigger, with and without the
-        due-run NOTIFY trigger of migration 0002 (it must not slow the hot path).
+        due-run NOTIFY trigger of migration 0002 (it must not slow the hot path), and
+        the cost of one step write (the engine's commit query) both ways.
+pgcron  how long the pg_cron job's command (PL/Python transport) holds its
+        connection while it dispatches 2,000 due runs to the endpoint.
 
 Runs on a private PostgreSQL with default durability (fsync on), or on
 BENCH_DATABASE_URL (a server you give it; its databases are created and dropped).
@@ -109,7 +112,13 @@ def server() -> Iterator[str]:
     if url:
         yield url
         return
-    cluster = PostgresCluster(durable=True, settings={"max_connections": "300"})
+    # pg_cron preloaded where installed, for the pgcron section.
+    libdir = subprocess.run(
+        ["pg_config", "--pkglibdir"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    preload = ["pg_cron"] if (Path(libdir) / "pg_cron.so").exists() else []
+    settings = {"max_connections": "300", "cron.database_name": "'postgres'"}
+    cluster = PostgresCluster(durable=True, settings=settings, preload=preload)
     try:
         yield cluster.start()
     finally:
@@ -423,9 +432,44 @@ async def _three_signature(ctx: Context, n: int) -> int:
     raise AssertionError("runs execute in the endpoint subprocess")
 
 
+# pgcron -------------------------------------------------------------------------------
+async def bench_pgcron(admin_url: str, due: int, rounds: int) -> None:
+    """How long the pg_cron job's command holds its connection for ``due`` runs."""
+    from flowkeeper.pgcron import PgCron
+
+    print(f"\n== pgcron: CALL flowkeeper.pgcron_tick() over {due:,} due runs (PL/Python)")
+    url = await fresh_database(admin_url, "bench_pgcron")
+    with subprocess_app(url) as endpoint:
+        pgcron = PgCron(url)
+        await pgcron.install(endpoint=endpoint, signing_key=KEY)
+        conn = await asyncpg.connect(url)
+        took = []
+        try:
+            for _ in range(rounds):
+                await conn.execute("TRUNCATE flowkeeper.runs CASCADE")
+                await conn.execute(
+                    """INSERT INTO flowkeeper.runs (id, workflow, status, input, due_at)
+                       SELECT gen_random_uuid(), 'three', 'queued', to_jsonb(i), now()
+                       FROM generate_series(1, $1) AS i""",
+                    due,
+                )
+                started = time.perf_counter()
+                await conn.execute("CALL flowkeeper.pgcron_tick()")
+                took.append(time.perf_counter() - started)
+                await until_completed(conn, 120)
+            last = await conn.fetchval("SELECT last_tick::text FROM flowkeeper.pgcron_settings")
+        finally:
+            await conn.close()
+            await pgcron.uninstall()
+    print(
+        f"  the job's command took {statistics.median(took):.2f} s (median of {rounds}; "
+        f"runs: {[round(t, 2) for t in took]}); last tick: {last}"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["claim", "wake", "notify"])
+    parser.add_argument("--only", choices=["claim", "wake", "notify", "pgcron"])
     parser.add_argument("--live", type=int, default=1_000_000, help="sleeping runs (1,000,000)")
     parser.add_argument("--due", type=int, default=10_000, help="due runs (10,000)")
     parser.add_argument("--batch", type=int, default=200, help="runs per claim (200)")
@@ -445,6 +489,8 @@ async def main() -> None:
             await bench_wake(admin_url, args.sleeps, args.rate)
         if args.only in (None, "notify"):
             await bench_notify(admin_url, args.workflows, args.rounds)
+        if args.only in (None, "pgcron"):
+            await bench_pgcron(admin_url, 2_000, 3)
 
 
 if __name__ == "__main__":

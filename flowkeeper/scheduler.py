@@ -388,13 +388,14 @@ class SchedulerLoop:
                 claiming = loop.create_task(claimed_all.wait())
                 await asyncio.wait({tick, claiming}, return_when=asyncio.FIRST_COMPLETED)
                 claiming.cancel()
-                try:
-                    asked = loop.time()
-                    due, db_now = await self.store.next_due()
-                    self._clock_offset = db_now - (asked + loop.time()) / 2
-                except DatabaseError as exc:
-                    self._database_failed(exc)
-                    due = None
+                due = None
+                if not (tick.done() and isinstance(tick.exception(), DatabaseError)):
+                    try:
+                        asked = loop.time()
+                        due, db_now = await self.store.next_due()
+                        self._clock_offset = db_now - (asked + loop.time()) / 2
+                    except DatabaseError as exc:
+                        self._database_failed(exc)
                 now = loop.time()
                 idle = now + (self.max_idle if self._listening else self.poll_interval)
                 wake = idle

@@ -10,6 +10,7 @@ sends the queued requests over real HTTP, as pg_net's worker does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
@@ -467,3 +468,70 @@ async def _pg_cron_version(database_url: str) -> tuple[int, int]:
         return parse_version(
             await cron.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'pg_cron'")
         )
+
+
+# the command line ------------------------------------------------------------------------------
+@needs_pg_cron
+@needs_plpython
+async def test_cli_install_status_uninstall(database_url: str, pgcron: PgCron) -> None:
+    from .test_scheduler import _cli
+
+    env = {
+        "DATABASE_URL": database_url,
+        "FLOWKEEPER_SIGNING_KEY": KEY,
+        "FLOWKEEPER_ENDPOINT": "http://127.0.0.1:9/api/flowkeeper",
+    }
+    refused = await asyncio.to_thread(_cli, "pgcron", "install", "--every", "10s", env=env)
+    assert refused.returncode == 1
+    assert "by the minute" in refused.stderr
+    installed = await asyncio.to_thread(_cli, "pgcron", "install", "--every", "2m", env=env)
+    assert installed.returncode == 0, installed.stderr
+    assert "scheduled '*/2 * * * *'" in installed.stdout
+    assert "via PL/Python" in installed.stdout
+    status = await asyncio.to_thread(_cli, "pgcron", "status", env=env)
+    assert status.returncode == 0, status.stdout
+    assert "schedule '*/2 * * * *' (GMT), active" in status.stdout
+    assert "sends to http://127.0.0.1:9/api/flowkeeper/ via plpython" in status.stdout
+    removed = await asyncio.to_thread(_cli, "pgcron", "uninstall", env=env)
+    assert removed.returncode == 0
+    assert "job unscheduled; objects dropped" in removed.stdout
+    status = await asyncio.to_thread(_cli, "pgcron", "status", env=env)
+    assert status.returncode == 1  # problems found
+    assert "problem: no pg_cron job is scheduled" in status.stdout
+
+
+class _ServerWithout:
+    """What the catalogs of a server without pg_net and PL/Python answer.
+
+    Both are installed on this machine, so this case cannot be made real here.
+    """
+
+    def __init__(self, available: set[str]) -> None:
+        self.available = available
+
+    async def fetchval(self, query: str, *args: object) -> object:
+        if "server_version_num" in query:
+            return "150004"
+        return None if "pg_net.database_name" in query else False
+
+    async def fetch(self, query: str, *args: object) -> list[dict[str, str]]:
+        return [{"name": name} for name in sorted(self.available)]
+
+    async def execute(self, query: str, *args: object) -> str:
+        raise asyncpg.InsufficientPrivilegeError("permission denied to create extension")
+
+
+async def test_install_names_the_extension_to_enable_when_neither_is_there() -> None:
+    from flowkeeper.pgcron import _choose_transport
+
+    with pytest.raises(ConfigurationError) as err:
+        await _choose_transport(_ServerWithout(set()), "shop", "auto")  # type: ignore[arg-type]
+    message = str(err.value)
+    assert "Neither pg_net nor PL/Python" in message
+    assert "CREATE EXTENSION plpython3u" in message
+    assert "postgresql-plpython3-15" in message
+    assert "pg_net" in message
+    with pytest.raises(ConfigurationError, match="Supabase"):
+        await _choose_transport(_ServerWithout(set()), "shop", "pg_net")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="superuser must run CREATE EXTENSION"):
+        await _choose_transport(_ServerWithout({"plpython3u"}), "shop", "auto")  # type: ignore[arg-type]

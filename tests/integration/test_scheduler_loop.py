@@ -302,3 +302,22 @@ async def test_cli_scheduler_wakes_runs_and_stops_cleanly_on_sigterm(
 
 async def _status(conn: asyncpg.Connection, run_id: str, status: str) -> bool:
     return await conn.fetchval("SELECT status FROM flowkeeper.runs WHERE id = $1", run_id) == status
+
+
+async def test_database_down_the_loop_backs_off_and_still_stops_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fk = make_fk(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
+    loop = SchedulerLoop(fk, max_idle=IDLE)
+    try:
+        task = asyncio.create_task(loop.run())
+        await asyncio.sleep(2.5)
+        assert not task.done()  # a long-running service rides out an outage
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        await fk.aclose()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors
+    assert all("Cannot connect to Postgres" in e for e in errors)
+    assert len(errors) <= 6  # 0.5 s, 1 s, 2 s ... apart, not a tight loop
