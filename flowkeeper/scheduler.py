@@ -156,8 +156,6 @@ class Scheduler:
                     await self._record_failures(failures)
                     failures = []
         finally:
-            if claimed_all is not None:
-                claimed_all.set()
             for task in running:  # only when cancelled: their outcome is unknown
                 task.cancel()
             await self._record_failures(failures)
