@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flowkeeper")
 
-#: The channel migration 0002's trigger notifies; payload "<schema> <seconds>".
+#: The channel migration 0002's trigger notifies; payload "<schema> <due_at, unix seconds>".
 CHANNEL = "flowkeeper_due"
 #: A run id that never exists: probing with it checks reachability, signing
 #: key and the endpoint's own database access without touching any run.

@@ -319,7 +319,10 @@ BEGIN
 END
 $$;
 
+-- Only the installing role runs the job or its pieces (they lease and back off runs).
 REVOKE ALL ON PROCEDURE {schema}.pgcron_tick() FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.pgcron_claim(integer, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {schema}.pgcron_failed(uuid[], uuid[], text[]) FROM PUBLIC;
 
 -- name: pg_net
 -- Read pg_net's responses to earlier ticks' requests: back off the runs whose
@@ -353,6 +356,8 @@ BEGIN
     RETURN {schema}.pgcron_failed(f_ids, f_tokens, f_reasons);
 END
 $$;
+
+REVOKE ALL ON FUNCTION {schema}.pgcron_reconcile() FROM PUBLIC;
 
 -- name: plpython
 -- POST each body to the endpoint, `concurrency` at a time, waiting at most

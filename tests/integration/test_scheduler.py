@@ -383,25 +383,49 @@ async def test_tick_route_authentication(
         await fk.aclose()
 
 
-async def test_tick_route_stops_claiming_before_the_hosts_deadline(
+async def test_tick_route_stops_sending_before_the_hosts_deadline(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
-    fk = make_fk(database_url, cron_secret="s")
-    # A host that leaves the request 5 s: 5 - ack timeout (10 s) - 1 s is floored at 1 s.
-    app = fk.asgi(time_budget=lambda scope: 5.0)
+    async def one_second_ack(request: Any) -> Any:
+        data = json.loads(await request.body())
+        await asyncio.sleep(1.0)
+        return JSONResponse({"run_id": data["run_id"], "accepted": True}, status_code=202)
+
+    # Invocations go to an endpoint that takes 1 s to answer each; the /tick route is
+    # served by a host that leaves the request 5 s: 5 - ack timeout (10 s) - 1 s is
+    # floored at 1 s of sending, then the tick returns and releases the rest.
+    slow = make_fk(database_url)
+    fk = make_fk(database_url, cron_secret="s", endpoint=slow.dispatcher.endpoint)  # type: ignore[union-attr]
+    tick_port = free_port()
+    tick_app = fk.asgi(time_budget=lambda scope: 5.0)
+    slow_app = Starlette(routes=[Route("/api/flowkeeper/", one_second_ack, methods=["POST"])])
     try:
-        await insert_due_runs(conn, "echo", 5)
-        async with Served(app, fk.test_port), httpx.AsyncClient() as client:  # type: ignore[attr-defined]
+        await insert_due_runs(conn, "echo", 100)
+        async with (
+            Served(slow_app, slow.test_port),  # type: ignore[attr-defined]
+            Served(tick_app, tick_port),
+            httpx.AsyncClient() as client,
+        ):
             started = time.monotonic()
             response = await client.get(
-                f"http://127.0.0.1:{fk.test_port}/api/flowkeeper/tick",  # type: ignore[attr-defined]
+                f"http://127.0.0.1:{tick_port}/api/flowkeeper/tick",
                 headers={"Authorization": "Bearer s"},
                 timeout=30,
             )
+            took = time.monotonic() - started
         assert response.status_code == 200
-        assert time.monotonic() - started < 5
+        body = response.json()
+        assert body["claimed"] == 100
+        assert body["dispatched"] == 32  # the first wave (concurrency 32), then time was up
+        assert took < 4
+        released = await conn.fetchval(
+            "SELECT count(*) FROM flowkeeper.runs "
+            "WHERE lease_token IS NULL AND due_at <= flowkeeper.clock_now()"
+        )
+        assert released == 68
     finally:
         await fk.aclose()
+        await slow.aclose()
 
 
 # flowkeeper tick -----------------------------------------------------------------------------
