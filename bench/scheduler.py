@@ -383,10 +383,10 @@ async def bench_notify(admin_url: str, workflows: int, rounds: int) -> None:
         f"(x{with_trigger / without:.2f}); rounds with {[round(r) for r in rates[True]]}, "
         f"without {[round(r) for r in rates[False]]}"
     )
-    await bench_commit_statement(url, rounds)
+    await bench_commit_statement(url, rounds=10)
 
 
-async def bench_commit_statement(url: str, rounds: int, writes: int = 3000) -> None:
+async def bench_commit_statement(url: str, rounds: int, writes: int = 2000) -> None:
     """The step write itself (the engine's commit query, lease held), with and without."""
     from flowkeeper.sql import load_queries
 
@@ -423,8 +423,9 @@ async def bench_commit_statement(url: str, rounds: int, writes: int = 3000) -> N
         await conn.close()
     with_trigger, without = statistics.median(micros[True]), statistics.median(micros[False])
     print(
-        f"  one step write (commit query, {writes:,} per round): {without:.0f} us without the "
-        f"trigger, {with_trigger:.0f} us with it (x{with_trigger / without:.2f})"
+        f"  one step write (the commit query, {writes:,} per round, {rounds} rounds each way): "
+        f"{without:.0f} us without the trigger, {with_trigger:.0f} us with it "
+        f"(x{with_trigger / without:.2f})"
     )
 
 
