@@ -9,7 +9,6 @@ a scheduler loop resumes retries and sleeps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ import uvicorn
 
 from examples.checkout.workflows import Order, checkout_workflow
 from flowkeeper import FlowKeeper, RunInfo
+from flowkeeper.scheduler import SchedulerLoop
 from flowkeeper.testing import PostgresCluster
 from flowkeeper.testing.postgres import free_port
 
@@ -103,15 +103,6 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-async def scheduler_loop(fk: FlowKeeper, stop: asyncio.Event) -> None:
-    """Resume due runs (retries, sleeps, dead invocations) every 200 ms."""
-    while not stop.is_set():
-        with contextlib.suppress(Exception):
-            await fk.tick()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
-
-
 async def demo(database_url: str, where: str) -> int:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}/api/flowkeeper"
@@ -132,8 +123,10 @@ async def demo(database_url: str, where: str) -> int:
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    stop = asyncio.Event()
-    ticking = asyncio.create_task(scheduler_loop(fk, stop))
+    # The scheduler loop resumes retries and sleeps the moment they are due
+    # (LISTEN/NOTIFY plus a timer), as `flowkeeper scheduler` does.
+    scheduler = SchedulerLoop(fk)
+    ticking = asyncio.create_task(scheduler.run())
     try:
         run_tag = f"{int(time.time())}"
         handles = [
@@ -175,7 +168,7 @@ async def demo(database_url: str, where: str) -> int:
         )
         return 0 if ok else 1
     finally:
-        stop.set()
+        scheduler.stop()
         await ticking
         server.should_exit = True
         await serving

@@ -316,8 +316,12 @@ class FlowKeeper:
                 await self.store.release_push(result.run_id, result.handoff_token)
         return result
 
-    async def tick(self, *, max_runs: int = 10_000) -> TickResult:
-        """Dispatch every run that is due now (see :mod:`flowkeeper.scheduler`)."""
+    async def tick(self, *, max_runs: int = 10_000, time_limit: float | None = None) -> TickResult:
+        """Dispatch every run that is due now (see :mod:`flowkeeper.scheduler`).
+
+        Stops claiming after ``max_runs`` runs or ``time_limit`` seconds; the
+        rest stay due for the next tick.
+        """
         if self.dispatcher is None:
             raise ConfigurationError(
                 "tick() needs the endpoint URL to invoke: pass endpoint=... or set "
@@ -326,7 +330,7 @@ class FlowKeeper:
         scheduler = Scheduler(
             self.store, self.dispatcher, dispatch_lease=self.dispatch_lease, alerts=self.alerts
         )
-        return await scheduler.tick(max_runs=max_runs)
+        return await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
 
     # reading ---------------------------------------------------------------------
     async def get_run(self, run_id: str) -> RunInfo:

@@ -227,14 +227,26 @@ class Endpoint:
         refusal = self._authorize_tick(request, body)
         if refusal is not None:
             return refusal
+        # On a host with a deadline, stop claiming early enough for the
+        # dispatches in flight (each at most the ack timeout) to finish.
+        budget = self._budget(request.scope)
+        time_limit = None
+        if budget is not None:
+            ack = self.fk.dispatcher.ack_timeout if self.fk.dispatcher else 0.0
+            time_limit = max(1.0, budget - ack - 1.0)
         try:
-            result = await self.fk.tick()
+            result = await self.fk.tick(time_limit=time_limit)
         except ConfigurationError as exc:
             return error(503, "not_configured", str(exc))
         except DatabaseError as exc:
             return error(503, "database_unavailable", str(exc))
         return JSONResponse(
-            {"claimed": result.claimed, "dispatched": result.dispatched, "failed": result.failed}
+            {
+                "claimed": result.claimed,
+                "dispatched": result.dispatched,
+                "failed": result.failed,
+                "errors": result.errors,
+            }
         )
 
     def _authorize_tick(self, request: Request, body: bytes) -> JSONResponse | None:

@@ -331,8 +331,35 @@ class Store:
         rows: list[asyncpg.Record] = await self._call("fetch", "claim_due", limit, lease)
         return rows
 
-    async def dispatch_failed(self, run_id: str, token: uuid.UUID, delay: timedelta) -> None:
-        await self._call("execute", "dispatch_failed", uuid.UUID(run_id), token, delay)
+    async def dispatch_failed(self, failures: Sequence[tuple[str, uuid.UUID, float, str]]) -> None:
+        """Back off runs whose invocation failed: (run id, token, delay in s, reason)."""
+        if not failures:
+            return
+        ids, tokens, delays, reasons = zip(*failures, strict=True)
+        await self._call(
+            "execute",
+            "dispatch_failed",
+            [uuid.UUID(i) for i in ids],
+            list(tokens),
+            list(delays),
+            list(reasons),
+        )
+
+    async def release_claims(self, claims: Sequence[tuple[str, uuid.UUID]]) -> None:
+        """Make runs claimed by a tick but never sent due again at once."""
+        if not claims:
+            return
+        await self._call(
+            "execute",
+            "release_claims",
+            [uuid.UUID(run_id) for run_id, _ in claims],
+            [token for _, token in claims],
+        )
+
+    async def next_due(self) -> tuple[float | None, float]:
+        """(next due time or None if no run is live, clock now), as unix seconds."""
+        row = await self._call("fetchrow", "next_due")
+        return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
     async def run_status(self, run_id: str) -> asyncpg.Record | None:

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import migrate, runs, tick
+from . import migrate, pgcron, runs, scheduler, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [migrate, tick, runs]
+COMMANDS = [migrate, tick, scheduler, pgcron, runs]
 
 
 def build_parser() -> argparse.ArgumentParser:

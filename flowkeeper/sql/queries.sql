@@ -141,14 +141,6 @@ FROM due
 WHERE r.id = due.id
 RETURNING r.id, r.lease_token, r.dispatch_failures;
 
--- name: dispatch_failed
--- An invocation could not be delivered: back off, keep the run due later.
-UPDATE {schema}.runs
-SET lease_token = NULL,
-    due_at = {schema}.clock_now() + $3::interval,
-    dispatch_failures = dispatch_failures + 1
-WHERE id = $1 AND lease_token = $2;
-
 -- name: run_status
 SELECT status, output::text AS output, error::text AS error, workflow
 FROM {schema}.runs WHERE id = $1;
@@ -342,3 +334,47 @@ RETURNING failures;
 
 -- name: login_succeeded
 DELETE FROM {schema}.login_failures WHERE client = $1;
+
+-- scheduler ---------------------------------------------------------------
+
+-- name: dispatch_failed
+-- Invocations that could not be delivered ($1 runs, $2 the tokens they were
+-- claimed with): release the lease and make each due again after its backoff
+-- ($3, seconds).  Visible as dispatch_failures, and as a 'dispatch_failed'
+-- event ($4, the reason) on the 1st, 2nd, 4th, 8th... failure in a row, so an
+-- endpoint that stays down for days adds a handful of events per run, not one
+-- per attempt.
+WITH failed AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::float8[], $4::text[])
+        AS f(id, token, delay, reason)
+), r AS (
+    UPDATE {schema}.runs r
+    SET lease_token = NULL,
+        due_at = {schema}.clock_now() + make_interval(secs => f.delay),
+        dispatch_failures = r.dispatch_failures + 1
+    FROM failed f
+    WHERE r.id = f.id AND r.lease_token = f.token
+    RETURNING r.id, r.dispatch_failures, f.delay, f.reason
+)
+INSERT INTO {schema}.events (run_id, kind, detail)
+SELECT id, 'dispatch_failed',
+       jsonb_build_object('reason', reason, 'failures', dispatch_failures, 'retry_in', delay)
+FROM r
+WHERE dispatch_failures & (dispatch_failures - 1) = 0;
+
+-- name: release_claims
+-- Runs a tick claimed but did not send (it was stopped, or the endpoint kept
+-- failing): due again at once instead of when the tick's lease runs out.
+UPDATE {schema}.runs r
+SET lease_token = NULL, due_at = {schema}.clock_now()
+FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token)
+WHERE r.id = c.id AND r.lease_token = c.token;
+
+-- name: next_due
+-- When the next run needs attention (NULL when no run is live) and the
+-- flowkeeper clock now, both as unix seconds.  min() over runs_due_idx reads
+-- one index entry.
+SELECT extract(epoch FROM min(due_at))::float8 AS due,
+       extract(epoch FROM {schema}.clock_now())::float8 AS now
+FROM {schema}.runs
+WHERE due_at IS NOT NULL;
