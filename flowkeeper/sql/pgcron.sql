@@ -312,6 +312,32 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- Failure alerts whose first delivery failed are retried by the endpoint's
+    -- own tick (flowkeeper.alerts needs Python: webhooks, on_failure hooks), so
+    -- when some are due, ask it for one.  One small signed POST, only then.
+    IF EXISTS (SELECT 1 FROM {schema}.alerts WHERE due_at <= {schema}.clock_now()) THEN
+        DECLARE
+            tick_url text := regexp_replace(s.invoke_url, '/$', '') || '/tick';
+            tick_sig text := {schema}.fk_signature(
+                pads, 'POST', regexp_replace(s.invoke_path, '/$', '') || '/tick',
+                convert_to('{}', 'UTF8'), extract(epoch FROM clock_timestamp())::bigint);
+        BEGIN
+            IF s.transport = 'pg_net' THEN
+                PERFORM net.http_post(
+                    url := tick_url,
+                    body := '{}'::jsonb,
+                    headers := jsonb_build_object(
+                        'Content-Type', 'application/json',
+                        'User-Agent', 'flowkeeper-pgcron',
+                        'Flowkeeper-Signature', tick_sig),
+                    timeout_milliseconds := s.http_timeout_ms);
+            ELSE
+                PERFORM 1 FROM {schema}.pgcron_http_post(
+                    tick_url, ARRAY['{}'], ARRAY[tick_sig], s.http_timeout_ms, 1);
+            END IF;
+        END;
+    END IF;
+
     UPDATE {schema}.pgcron_settings
     SET last_tick = jsonb_build_object(
         'at', started, 'seconds', round(extract(epoch FROM clock_timestamp() - started), 3),

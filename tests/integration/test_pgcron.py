@@ -535,3 +535,53 @@ async def test_install_names_the_extension_to_enable_when_neither_is_there() -> 
         await _choose_transport(_ServerWithout(set()), "shop", "pg_net")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="superuser must run CREATE EXTENSION"):
         await _choose_transport(_ServerWithout({"plpython3u"}), "shop", "auto")  # type: ignore[arg-type]
+
+
+@needs_pg_cron
+@needs_plpython
+async def test_job_asks_the_endpoint_to_retry_undelivered_failure_alerts(
+    database_url: str, conn: asyncpg.Connection, pgcron: PgCron
+) -> None:
+    from .test_alerts import Receiver
+
+    receiver = Receiver()
+    fk = make_fk(database_url, alert_webhook=receiver.url)
+
+    @fk.workflow("doomed")
+    async def doomed(ctx: Context) -> None:
+        await ctx.step("charge", _declined)
+
+    try:
+        await pgcron.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY)
+        async with serve(fk):
+            run_id = (await fk.trigger("doomed")).run_id  # the webhook is down: not delivered
+            await wait_for(lambda: _alert_tried(conn, run_id))
+            assert receiver.received == []
+            await conn.execute("UPDATE flowkeeper.alerts SET due_at = now()")  # skip the backoff
+            async with receiver.serve():
+                await conn.execute("CALL flowkeeper.pgcron_tick()")
+                await wait_for(lambda: _alert_delivered(conn, run_id))
+        assert [a["run_id"] for a in receiver.received] == [run_id]
+    finally:
+        await fk.aclose()
+
+
+def _declined() -> None:
+    from flowkeeper import NonRetriableError
+
+    raise NonRetriableError("card declined")
+
+
+async def _alert_tried(conn: asyncpg.Connection, run_id: str) -> bool:
+    # The failed first attempt is recorded (its backoff set), not merely claimed.
+    error = await conn.fetchval(
+        "SELECT last_error FROM flowkeeper.alerts WHERE run_id = $1::uuid", run_id
+    )
+    return error is not None
+
+
+async def _alert_delivered(conn: asyncpg.Connection, run_id: str) -> bool:
+    outcome = await conn.fetchval(
+        "SELECT outcome FROM flowkeeper.alerts WHERE run_id = $1::uuid", run_id
+    )
+    return outcome == "delivered"
