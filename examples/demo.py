@@ -9,11 +9,13 @@ a scheduler loop resumes retries and sleeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,6 +28,8 @@ from flowkeeper import FlowKeeper, RunInfo
 from flowkeeper.scheduler import SchedulerLoop
 from flowkeeper.testing import PostgresCluster
 from flowkeeper.testing.postgres import free_port
+
+DASHBOARD_PASSWORD = "demo"
 
 ORDERS = [
     Order(id="o-1001", email="ada@example.com", amount_cents=4200, flaky_card=True),
@@ -103,11 +107,14 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-async def demo(database_url: str, where: str) -> int:
+async def demo(database_url: str, where: str, *, serve_after: bool = False) -> int:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}/api/flowkeeper"
     fk = FlowKeeper(
-        database_url, signing_key="demo-signing-key-not-for-production", endpoint=endpoint
+        database_url,
+        signing_key="demo-signing-key-not-for-production",
+        endpoint=endpoint,
+        dashboard_password=DASHBOARD_PASSWORD,
     )
     fk.register(checkout_workflow)
 
@@ -166,6 +173,16 @@ async def demo(database_url: str, where: str) -> int:
             f"{DIM}Runs stay in the database; any left unfinished by an interrupted demo "
             f"are resumed by the next one.{RESET}"
         )
+        if serve_after:
+            say()
+            say(
+                f"{BOLD}dashboard{RESET}  {endpoint}/ui   password: {DASHBOARD_PASSWORD}"
+                f"   {DIM}(Ctrl-C to stop){RESET}"
+            )
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        elif sys.stdout.isatty():
+            say(f"{DIM}./scripts/demo --serve keeps it running with the dashboard.{RESET}")
         return 0 if ok else 1
     finally:
         scheduler.stop()
@@ -177,17 +194,27 @@ async def demo(database_url: str, where: str) -> int:
 
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)
+    serve_after = "--serve" in sys.argv[1:]
     url = os.environ.get("DATABASE_URL")
     if url:
-        return asyncio.run(demo(url, f"DATABASE_URL ({url.split('@')[-1]})"))
+        return _run(demo(url, f"DATABASE_URL ({url.split('@')[-1]})", serve_after=serve_after))
     data_dir = ROOT / ".flowkeeper" / "pg"
     say(f"{DIM}starting an embedded PostgreSQL in {data_dir.relative_to(ROOT)} ...{RESET}")
     cluster = PostgresCluster(data_dir)
     url = cluster.start()
     try:
-        return asyncio.run(demo(url, f"embedded PostgreSQL at {url.split('@')[-1]}"))
+        where = f"embedded PostgreSQL at {url.split('@')[-1]}"
+        return _run(demo(url, where, serve_after=serve_after))
     finally:
         cluster.stop()
+
+
+def _run(coro: Any) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        say()
+        return 0
 
 
 if __name__ == "__main__":
