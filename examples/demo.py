@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -24,8 +25,11 @@ import uvicorn
 
 from examples.checkout.workflows import Order, checkout_workflow
 from flowkeeper import FlowKeeper, RunInfo
+from flowkeeper.scheduler import SchedulerLoop
 from flowkeeper.testing import PostgresCluster
 from flowkeeper.testing.postgres import free_port
+
+DASHBOARD_PASSWORD = "demo"
 
 ORDERS = [
     Order(id="o-1001", email="ada@example.com", amount_cents=4200, flaky_card=True),
@@ -103,20 +107,14 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-async def scheduler_loop(fk: FlowKeeper, stop: asyncio.Event) -> None:
-    """Resume due runs (retries, sleeps, dead invocations) every 200 ms."""
-    while not stop.is_set():
-        with contextlib.suppress(Exception):
-            await fk.tick()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.2)
-
-
-async def demo(database_url: str, where: str) -> int:
+async def demo(database_url: str, where: str, *, serve_after: bool = False) -> int:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}/api/flowkeeper"
     fk = FlowKeeper(
-        database_url, signing_key="demo-signing-key-not-for-production", endpoint=endpoint
+        database_url,
+        signing_key="demo-signing-key-not-for-production",
+        endpoint=endpoint,
+        dashboard_password=DASHBOARD_PASSWORD,
     )
     fk.register(checkout_workflow)
 
@@ -132,8 +130,10 @@ async def demo(database_url: str, where: str) -> int:
     serving = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
-    stop = asyncio.Event()
-    ticking = asyncio.create_task(scheduler_loop(fk, stop))
+    # The scheduler loop resumes retries and sleeps the moment they are due
+    # (LISTEN/NOTIFY plus a timer), as `flowkeeper scheduler` does.
+    scheduler = SchedulerLoop(fk)
+    ticking = asyncio.create_task(scheduler.run())
     try:
         run_tag = f"{int(time.time())}"
         handles = [
@@ -173,9 +173,19 @@ async def demo(database_url: str, where: str) -> int:
             f"{DIM}Runs stay in the database; any left unfinished by an interrupted demo "
             f"are resumed by the next one.{RESET}"
         )
+        if serve_after:
+            say()
+            say(
+                f"{BOLD}dashboard{RESET}  {endpoint}/ui   password: {DASHBOARD_PASSWORD}"
+                f"   {DIM}(Ctrl-C to stop){RESET}"
+            )
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        elif sys.stdout.isatty():
+            say(f"{DIM}./scripts/demo --serve keeps it running with the dashboard.{RESET}")
         return 0 if ok else 1
     finally:
-        stop.set()
+        scheduler.stop()
         await ticking
         server.should_exit = True
         await serving
@@ -184,17 +194,27 @@ async def demo(database_url: str, where: str) -> int:
 
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)
+    serve_after = "--serve" in sys.argv[1:]
     url = os.environ.get("DATABASE_URL")
     if url:
-        return asyncio.run(demo(url, f"DATABASE_URL ({url.split('@')[-1]})"))
+        return _run(demo(url, f"DATABASE_URL ({url.split('@')[-1]})", serve_after=serve_after))
     data_dir = ROOT / ".flowkeeper" / "pg"
     say(f"{DIM}starting an embedded PostgreSQL in {data_dir.relative_to(ROOT)} ...{RESET}")
     cluster = PostgresCluster(data_dir)
     url = cluster.start()
     try:
-        return asyncio.run(demo(url, f"embedded PostgreSQL at {url.split('@')[-1]}"))
+        where = f"embedded PostgreSQL at {url.split('@')[-1]}"
+        return _run(demo(url, where, serve_after=serve_after))
     finally:
         cluster.stop()
+
+
+def _run(coro: Any) -> int:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        say()
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .alerts import FailureAlert
 from .client import FlowKeeper
 from .context import Context
 from .errors import (
@@ -25,6 +26,7 @@ from .errors import (
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
+    RunStateError,
     RunTimeoutError,
     SerializationError,
     SignatureError,
@@ -36,6 +38,7 @@ from .errors import (
 )
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
+from .runlist import RunFilter, RunPage, RunSummary
 from .workflow import Workflow, define_workflow
 
 __all__ = [
@@ -46,6 +49,7 @@ __all__ = [
     "DeterminismError",
     "DispatchError",
     "DuplicateWorkflowError",
+    "FailureAlert",
     "FlowKeeper",
     "FlowKeeperError",
     "InvalidInputError",
@@ -56,10 +60,14 @@ __all__ = [
     "RunCancelledError",
     "RunEvent",
     "RunFailedError",
+    "RunFilter",
     "RunHandle",
     "RunInfo",
     "RunNotFoundError",
+    "RunPage",
+    "RunStateError",
     "RunStatus",
+    "RunSummary",
     "RunTimeoutError",
     "SerializationError",
     "SignatureError",

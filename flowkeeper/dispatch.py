@@ -106,19 +106,40 @@ class Dispatcher:
         except ValueError:
             data = None
         code = response.status_code
-        if code in (200, 202):
+        answered = isinstance(data, dict) and "run_id" in data
+        if code in (200, 202) and answered:
             return Delivery(run_id, True, code, "", data)
-        if code == 404 and isinstance(data, dict):
+        if code == 404 and _error_code(data) in ("run_not_found", "unknown_workflow"):
             # Unknown run (rolled-back outbox trigger) or unknown workflow (the run
             # was marked failed by the endpoint): delivered, nothing to retry.
             return Delivery(run_id, True, code, _error_message(data), data)
-        return Delivery(run_id, False, code, f"HTTP {code}: {_error_message(data)}", data)
+        if _error_code(data) is not None:
+            return Delivery(run_id, False, code, f"HTTP {code}: {_error_message(data)}", data)
+        if code >= 500:
+            detail = " ".join(response.text.split())[:200] or "empty body"
+            return Delivery(run_id, False, code, f"HTTP {code}: {detail}", data)
+        # Not flowkeeper's answer (a 404 page, another app, a login wall): retried
+        # like any failure, with a reason that says where to look.
+        reason = (
+            f"HTTP {code} from {self.endpoint}/, which does not answer as a flowkeeper "
+            "endpoint (check FLOWKEEPER_ENDPOINT and where fk.asgi() is mounted)"
+        )
+        return Delivery(run_id, False, code, reason, data)
 
     async def aclose(self) -> None:
         client, self._client, self._loop = self._client, None, None
         if client is not None:
             with contextlib.suppress(RuntimeError):  # a closed loop
                 await client.aclose()
+
+
+def _error_code(data: Any) -> str | None:
+    """The endpoint's error code, or None when the body is not flowkeeper's."""
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and isinstance(err.get("code"), str):
+            return str(err["code"])
+    return None
 
 
 def _error_message(data: Any) -> str:

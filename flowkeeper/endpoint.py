@@ -9,6 +9,7 @@ Routes (relative to the mount point):
 ``GET|POST /tick``  run a scheduler tick; ``Authorization: Bearer <CRON_SECRET>``
                  or a signature.
 ``GET /``        liveness: answers without touching the database.
+``/ui/...``      the dashboard (``dashboard_path``; see :mod:`flowkeeper.dashboard`).
 
 The endpoint knows nothing of SQL: it verifies, parses and delegates to the
 ``FlowKeeper`` object (engine, scheduler).  Every refusal is JSON
@@ -29,7 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
@@ -226,14 +227,26 @@ class Endpoint:
         refusal = self._authorize_tick(request, body)
         if refusal is not None:
             return refusal
+        # On a host with a deadline, stop claiming early enough for the
+        # dispatches in flight (each at most the ack timeout) to finish.
+        budget = self._budget(request.scope)
+        time_limit = None
+        if budget is not None:
+            ack = self.fk.dispatcher.ack_timeout if self.fk.dispatcher else 0.0
+            time_limit = max(1.0, budget - ack - 1.0)
         try:
-            result = await self.fk.tick()
+            result = await self.fk.tick(time_limit=time_limit)
         except ConfigurationError as exc:
             return error(503, "not_configured", str(exc))
         except DatabaseError as exc:
             return error(503, "database_unavailable", str(exc))
         return JSONResponse(
-            {"claimed": result.claimed, "dispatched": result.dispatched, "failed": result.failed}
+            {
+                "claimed": result.claimed,
+                "dispatched": result.dispatched,
+                "failed": result.failed,
+                "errors": result.errors,
+            }
         )
 
     def _authorize_tick(self, request: Request, body: bytes) -> JSONResponse | None:
@@ -314,11 +327,15 @@ def create_app(
 ) -> Starlette:
     """Build the endpoint app.  No I/O happens until the first request."""
     endpoint = Endpoint(fk, time_budget=time_budget)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/", endpoint.invoke, methods=["POST"]),
         Route("/", endpoint.health, methods=["GET"]),
         Route("/tick", endpoint.tick, methods=["GET", "POST"]),
     ]
+    if fk.dashboard_path:  # the dashboard (flowkeeper.dashboard), off with dashboard_path=None
+        from .dashboard import create_dashboard
+
+        routes.append(Mount(fk.dashboard_path, app=create_dashboard(fk)))
     middleware = []
     if endpoint.base_path:
         middleware.append(Middleware(PrefixMiddleware, prefix=endpoint.base_path))

@@ -15,6 +15,7 @@ current is refused and the invocation stops (fencing).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import enum
 import functools
 import inspect
@@ -25,6 +26,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from . import serialization
@@ -113,13 +116,28 @@ class _Abort(BaseException):
         self.error = error
 
 
+_PLUMBING = (
+    str(Path(__file__).resolve().parent),  # flowkeeper itself
+    str(Path(asyncio.__file__).resolve().parent),
+    str(Path(concurrent.futures.__file__).resolve().parent),
+)
+
+
+def _user_frames(tb: TracebackType | None) -> TracebackType | None:
+    """Drop the leading frames of flowkeeper and asyncio: the story starts in user code."""
+    first = tb
+    while first is not None and first.tb_frame.f_code.co_filename.startswith(_PLUMBING):
+        first = first.tb_next
+    return first if first is not None else tb
+
+
 def error_info(exc: BaseException, *, step: str | None = None) -> dict[str, Any]:
     """The stored form of an error: type, message, traceback (and step)."""
     cls = type(exc)
     name = (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
-    tb = "".join(traceback.format_exception(exc))
+    tb = "".join(traceback.format_exception(exc.with_traceback(_user_frames(exc.__traceback__))))
     if len(tb) > _MAX_TRACEBACK:
         tb = tb[:1000] + "\n...\n" + tb[-(_MAX_TRACEBACK - 1000) :]
     info: dict[str, Any] = {"type": name, "message": str(exc), "traceback": tb}
@@ -429,7 +447,7 @@ class Execution:
             result = await self._write(
                 "running",
                 new_token=self.token,
-                due_in=self.engine.lease,
+                keep_due=True,
                 steps=self._pending_steps,
                 events=self._pending_events,
             )

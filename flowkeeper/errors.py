@@ -20,6 +20,7 @@ and what to do about it.
     ├── NonRetriableError         raise it from a step to fail it at once
     ├── RetryAfterError           raise it from a step to ask for a specific retry delay
     ├── RunNotFoundError
+    ├── RunStateError             an action the run's status does not allow (replay a live run)
     ├── RunFailedError            fk.result() on a run that failed
     ├── RunCancelledError         fk.result() on a run that was cancelled
     ├── RunTimeoutError           fk.result() gave up waiting (also a TimeoutError)
@@ -159,6 +160,16 @@ class RunNotFoundError(FlowKeeperError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"No run with id {run_id!r} exists.")
+
+
+class RunStateError(FlowKeeperError):
+    """The run's status does not allow this action (replaying a live run, cancelling a
+    finished one); the message says what would."""
+
+    def __init__(self, run_id: str, status: str | None, message: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(message)
 
 
 class RunFailedError(FlowKeeperError):

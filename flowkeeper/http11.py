@@ -31,7 +31,11 @@ class HTTPError(Exception):
     """The request could not be completed (connection, protocol)."""
 
 
-class ConnectTimeout(HTTPError):
+class ConnectError(HTTPError):
+    """No connection could be made (refused, unreachable, TLS failure)."""
+
+
+class ConnectTimeout(ConnectError):
     pass
 
 
@@ -44,6 +48,10 @@ class Response:
     status_code: int
     headers: dict[str, str]
     content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +131,7 @@ class Client:
         except TimeoutError as exc:
             raise ConnectTimeout(f"connecting to {origin.host}:{origin.port} timed out") from exc
         except OSError as exc:
-            raise HTTPError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
+            raise ConnectError(f"cannot connect to {origin.host}:{origin.port}: {exc}") from exc
         return _Connection(reader, writer)
 
     async def _exchange(

@@ -102,11 +102,16 @@ class RunInfo:
 
 @dataclass(frozen=True, slots=True)
 class TickResult:
-    """What one scheduler tick did."""
+    """What one scheduler tick did.
+
+    ``errors`` counts the failed dispatches by reason (the endpoint refused,
+    could not be reached...); each of those runs is due again after a backoff.
+    """
 
     claimed: int = 0
     dispatched: int = 0
     failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

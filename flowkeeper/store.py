@@ -75,24 +75,6 @@ class StepRecord:
     finished_at: datetime | None
     wake_at: datetime | None = None
 
-    def as_json(self) -> str:
-        return _json_object(
-            {
-                "key": self.key,
-                "position": self.position,
-                "name": self.name,
-                "kind": self.kind,
-                "status": self.status,
-                "output_type": self.output_type,
-                "error": self.error,
-                "attempts": self.attempts,
-                "started_at": self.started_at.isoformat(),
-                "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-                "wake_at": self.wake_at.isoformat() if self.wake_at else None,
-            },
-            raw={"input": self.input, "output": self.output},
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
@@ -101,27 +83,39 @@ class EventRecord:
     attempt: int | None = None
     detail: dict[str, Any] | None = None
 
-    def as_json(self) -> str:
-        return _json_object(
-            {
-                "kind": self.kind,
-                "step_key": self.step_key,
-                "attempt": self.attempt,
-                "detail": self.detail,
-            }
-        )
+
+def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
+    """The commit query takes one array per column (unnest): no JSON to build or parse."""
+    return [
+        [s.key for s in steps],
+        [s.position for s in steps],
+        [s.name for s in steps],
+        [s.kind for s in steps],
+        [s.status for s in steps],
+        [s.input for s in steps],
+        [s.output for s in steps],
+        [s.output_type for s in steps],
+        [json.dumps(s.error) if s.error is not None else None for s in steps],
+        [s.attempts for s in steps],
+        [s.started_at for s in steps],
+        [s.finished_at for s in steps],
+        [s.wake_at for s in steps],
+    ]
 
 
-def _json_object(fields: dict[str, Any], raw: dict[str, str | None] | None = None) -> str:
-    """A JSON object; values in ``raw`` are JSON text already and go in verbatim."""
-    parts = [f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in fields.items()]
-    for k, text in (raw or {}).items():
-        parts.append(f"{json.dumps(k)}:{text if text is not None else 'null'}")
-    return "{" + ",".join(parts) + "}"
+def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
+    return [
+        [e.kind for e in events],
+        [e.step_key for e in events],
+        [e.attempt for e in events],
+        [json.dumps(e.detail) if e.detail is not None else None for e in events],
+    ]
 
 
-def _json_array(items: Sequence[str]) -> str:
-    return "[" + ",".join(items) + "]"
+def _postgres_error() -> type[BaseException]:
+    import asyncpg
+
+    return asyncpg.PostgresError
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -163,6 +157,12 @@ class Store:
         except _connection_errors() as exc:
             raise DatabaseError(
                 f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
+            ) from exc
+        except _postgres_error() as exc:
+            raise DatabaseError(
+                f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
+                "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
+                "behind a transaction pooler, make sure it is detected (pooled=True)."
             ) from exc
 
     async def ensure_schema(self) -> None:
@@ -290,8 +290,12 @@ class Store:
         step_attempt: int = 0,
         steps: Sequence[StepRecord] = (),
         events: Sequence[EventRecord] = (),
+        keep_due: bool = False,
     ) -> datetime | bool | None:
-        """Write under the lease.  Returns False if the lease was lost, else the new due_at."""
+        """Write under the lease.  Returns False if the lease was lost, else the new due_at.
+
+        ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
+        """
         row = await self._call(
             "fetchrow",
             "commit",
@@ -305,8 +309,9 @@ class Store:
             json.dumps(error) if error is not None else None,
             step_key,
             step_attempt,
-            _json_array([s.as_json() for s in steps]),
-            _json_array([e.as_json() for e in events]),
+            *_step_columns(steps),
+            *_event_columns(events),
+            keep_due,
         )
         if row is None:
             return False
@@ -326,8 +331,35 @@ class Store:
         rows: list[asyncpg.Record] = await self._call("fetch", "claim_due", limit, lease)
         return rows
 
-    async def dispatch_failed(self, run_id: str, token: uuid.UUID, delay: timedelta) -> None:
-        await self._call("execute", "dispatch_failed", uuid.UUID(run_id), token, delay)
+    async def dispatch_failed(self, failures: Sequence[tuple[str, uuid.UUID, float, str]]) -> None:
+        """Back off runs whose invocation failed: (run id, token, delay in s, reason)."""
+        if not failures:
+            return
+        ids, tokens, delays, reasons = zip(*failures, strict=True)
+        await self._call(
+            "execute",
+            "dispatch_failed",
+            [uuid.UUID(i) for i in ids],
+            list(tokens),
+            list(delays),
+            list(reasons),
+        )
+
+    async def release_claims(self, claims: Sequence[tuple[str, uuid.UUID]]) -> None:
+        """Make runs claimed by a tick but never sent due again at once."""
+        if not claims:
+            return
+        await self._call(
+            "execute",
+            "release_claims",
+            [uuid.UUID(run_id) for run_id, _ in claims],
+            [token for _, token in claims],
+        )
+
+    async def next_due(self) -> tuple[float | None, float]:
+        """(next due time or None if no run is live, clock now), as unix seconds."""
+        row = await self._call("fetchrow", "next_due")
+        return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
     async def run_status(self, run_id: str) -> asyncpg.Record | None:
@@ -348,3 +380,138 @@ class Store:
     async def clock_now(self) -> datetime:
         now: datetime = await self._call("fetchval", "clock_now")
         return now
+
+    # dashboard: runs list, replay and retry, alerts, login throttling ---------------
+    async def list_run_ids(
+        self,
+        low: uuid.UUID,
+        high: uuid.UUID,
+        limit: int,
+        *,
+        workflow: str | None,
+        status: str | None,
+        search: tuple[uuid.UUID | None, str | None] | None,
+    ) -> list[uuid.UUID]:
+        """Run ids in [low, high), newest first, with one query per filter shape."""
+        if search is not None:
+            rows = await self._call(
+                "fetch", "search_run_ids", low, high, limit, search[0], search[1]
+            )
+        elif workflow is not None and status is not None:
+            rows = await self._call(
+                "fetch", "list_run_ids_by_workflow_status", low, high, limit, workflow, status
+            )
+        elif workflow is not None:
+            rows = await self._call("fetch", "list_run_ids_by_workflow", low, high, limit, workflow)
+        elif status is not None:
+            rows = await self._call("fetch", "list_run_ids_by_status", low, high, limit, status)
+        else:
+            rows = await self._call("fetch", "list_run_ids", low, high, limit)
+        return [r["id"] for r in rows]
+
+    async def run_summaries(self, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        if not ids:
+            return []
+        rows: list[asyncpg.Record] = await self._call("fetch", "run_summaries", list(ids))
+        return rows
+
+    async def count_runs(
+        self, low: uuid.UUID, high: uuid.UUID, *, workflow: str | None
+    ) -> dict[str, int]:
+        if workflow is None:
+            rows = await self._call("fetch", "count_runs_by_status", low, high)
+        else:
+            rows = await self._call("fetch", "count_workflow_runs_by_status", low, high, workflow)
+        return {r["status"]: r["n"] for r in rows}
+
+    async def list_workflows(self) -> list[str]:
+        rows = await self._call("fetch", "list_workflows")
+        return [r["workflow"] for r in rows]
+
+    async def run_version(self, run_id: str) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._call("fetchrow", "run_version", uuid.UUID(run_id))
+        return row
+
+    async def replay(
+        self,
+        run_id: str,
+        position: int,
+        *,
+        kind: str,
+        step_key: str | None,
+        detail: dict[str, Any],
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+    ) -> tuple[bool, int]:
+        """Reset a finished run to run again from ``position``; (replayed, steps forgotten)."""
+        row = await self._call(
+            "fetchrow",
+            "replay_run",
+            uuid.UUID(run_id),
+            position,
+            kind,
+            lease_token,
+            lease,
+            json.dumps(detail),
+            step_key,
+        )
+        return bool(row["replayed"]), int(row["forgotten"])
+
+    async def retry_now(
+        self,
+        run_id: str,
+        *,
+        detail: dict[str, Any],
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+    ) -> bool:
+        row = await self._call(
+            "fetchrow", "retry_now", uuid.UUID(run_id), lease_token, lease, json.dumps(detail)
+        )
+        return bool(row["retried"])
+
+    async def failed_run_ids(
+        self, workflow: str, low: uuid.UUID, high: uuid.UUID, limit: int
+    ) -> list[str]:
+        rows = await self._call("fetch", "failed_run_ids", workflow, low, high, limit)
+        return [str(r["id"]) for r in rows]
+
+    async def claim_alerts(
+        self, limit: int, lease: timedelta, run_id: str | None = None
+    ) -> list[asyncpg.Record]:
+        rid = uuid.UUID(run_id) if run_id is not None else None
+        rows: list[asyncpg.Record] = await self._call("fetch", "claim_alerts", limit, lease, rid)
+        return rows
+
+    async def alert_result(
+        self,
+        alert_id: int,
+        *,
+        done: Sequence[str],
+        outcome: str | None,
+        retry_in: timedelta | None,
+        error: str | None,
+        event: str | None,
+        detail: dict[str, Any] | None,
+    ) -> None:
+        await self._call(
+            "execute",
+            "alert_result",
+            alert_id,
+            list(done),
+            outcome,
+            retry_in,
+            error,
+            event,
+            json.dumps(detail) if detail is not None else None,
+        )
+
+    async def login_failures(self, client: str, window: timedelta) -> int:
+        value = await self._call("fetchval", "login_failures", client, window)
+        return int(value or 0)
+
+    async def login_failed(self, client: str, window: timedelta) -> int:
+        return int(await self._call("fetchval", "login_failed", client, window))
+
+    async def login_succeeded(self, client: str) -> None:
+        await self._call("execute", "login_succeeded", client)

@@ -21,6 +21,8 @@ from .errors import (
 from .retry import RetryPolicy
 
 WorkflowFunction = Callable[..., Awaitable[Any]]
+#: Called with a :class:`flowkeeper.alerts.FailureAlert` when a run fails for good.
+FailureHook = Callable[[Any], Any]
 
 _MAX_NAME = 200
 
@@ -46,6 +48,7 @@ class Workflow:
     name: str
     fn: WorkflowFunction
     retry: RetryPolicy | None = None
+    on_failure: FailureHook | None = None
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
@@ -131,15 +134,24 @@ class Workflow:
 
 
 def define_workflow(
-    name: str, fn: WorkflowFunction, *, retry: RetryPolicy | None = None
+    name: str,
+    fn: WorkflowFunction,
+    *,
+    retry: RetryPolicy | None = None,
+    on_failure: FailureHook | None = None,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
     The input parameter's annotation (a pydantic model, a TypedDict, ``int``...)
     validates inputs at trigger time.  ``retry`` is the default policy for this
-    workflow's steps.  Register the result with ``fk.register(wf)``.
+    workflow's steps.  ``on_failure`` (sync or async) is called with a
+    :class:`~flowkeeper.alerts.FailureAlert` when a run fails for good; it is
+    retried with backoff until it returns without raising.  Register the result
+    with ``fk.register(wf)``.
     """
-    return Workflow(name=name, fn=fn, retry=retry)
+    if on_failure is not None and not callable(on_failure):
+        raise WorkflowError(f"Workflow {name!r}: on_failure must be a function, got {on_failure!r}")
+    return Workflow(name=name, fn=fn, retry=retry, on_failure=on_failure)
 
 
 class Registry:

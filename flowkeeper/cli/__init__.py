@@ -14,16 +14,19 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import migrate, tick
+from . import migrate, pgcron, runs, scheduler, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [migrate, tick]
+COMMANDS = [migrate, tick, scheduler, pgcron, runs]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowkeeper",
-        description="Durable workflows on Postgres: migrate the schema, drive due runs.",
+        description=(
+            "Durable workflows on Postgres: migrate the schema, drive due runs, "
+            "inspect and replay runs."
+        ),
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

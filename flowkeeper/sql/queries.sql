@@ -60,14 +60,18 @@ FROM {schema}.runs WHERE id = $1;
 
 -- name: commit
 -- The one write an invocation makes under its lease: new run state, the
--- step records it has not written yet, and events.  Refused (no row) when
--- the lease token is no longer current.  Due time: $6 (absolute), else
--- now + $5, else none (finished).
+-- step records it has not written yet ($11-$23, one array per column), and
+-- events ($24-$27).  Refused (no row) when
+-- the lease token is no longer current.  Due time: unchanged when $28 (a
+-- mid-run flush: no indexed column changes, so the update can be HOT and the
+-- lease is kept alive by the heartbeat), else $6 (absolute), else now + $5,
+-- else none (finished).
 WITH r AS (
     UPDATE {schema}.runs
     SET status = $3,
         lease_token = $4,
-        due_at = CASE WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
+        due_at = CASE WHEN $28::boolean THEN due_at
+                      WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
                       WHEN $5::interval IS NOT NULL THEN {schema}.clock_now() + $5::interval
                  END,
         output = $7::jsonb,
@@ -85,15 +89,16 @@ WITH r AS (
     SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, x.output,
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
            CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) END
-    FROM r, jsonb_to_recordset($11::jsonb) AS x(
-        key text, position integer, name text, kind text, status text, input jsonb,
-        output jsonb, output_type text, error jsonb, attempts integer,
-        started_at timestamptz, finished_at timestamptz, wake_at timestamptz)
+    FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
+                   $16::jsonb[], $17::jsonb[], $18::text[], $19::jsonb[], $20::integer[],
+                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
+         AS x(key, position, name, kind, status, input, output, output_type, error,
+              attempts, started_at, finished_at, wake_at)
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, step_key, attempt, detail)
     SELECT r.id, x.kind, x.step_key, x.attempt, x.detail
-    FROM r, jsonb_to_recordset($12::jsonb) AS x(
-        kind text, step_key text, attempt integer, detail jsonb)
+    FROM r, unnest($24::text[], $25::text[], $26::integer[], $27::jsonb[])
+         AS x(kind, step_key, attempt, detail)
 )
 SELECT id, due_at FROM r;
 
@@ -136,14 +141,6 @@ FROM due
 WHERE r.id = due.id
 RETURNING r.id, r.lease_token, r.dispatch_failures;
 
--- name: dispatch_failed
--- An invocation could not be delivered: back off, keep the run due later.
-UPDATE {schema}.runs
-SET lease_token = NULL,
-    due_at = {schema}.clock_now() + $3::interval,
-    dispatch_failures = dispatch_failures + 1
-WHERE id = $1 AND lease_token = $2;
-
 -- name: run_status
 SELECT status, output::text AS output, error::text AS error, workflow
 FROM {schema}.runs WHERE id = $1;
@@ -166,3 +163,218 @@ FROM {schema}.events WHERE run_id = $1 ORDER BY id;
 
 -- name: clock_now
 SELECT {schema}.clock_now();
+
+-- dashboard ------------------------------------------------------------------
+-- The runs list, replay and retry, failure alerts and login throttling.  Run
+-- ids are UUIDv7: "newest first" is id descending and a time range is an id
+-- range [$1, $2).  Each list variant is a plain statement (no "$n IS NULL OR"
+-- switches) so a cached generic plan still uses the right index.
+
+-- name: list_run_ids
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2
+ORDER BY id DESC LIMIT $3;
+
+-- name: list_run_ids_by_status
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND status = $4
+ORDER BY id DESC LIMIT $3;
+
+-- name: list_run_ids_by_workflow
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND workflow = $4
+ORDER BY id DESC LIMIT $3;
+
+-- name: list_run_ids_by_workflow_status
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND workflow = $4 AND status = $5
+ORDER BY id DESC LIMIT $3;
+
+-- name: search_run_ids
+-- An exact run id ($4), or an exact idempotency key ($5) in any workflow.
+SELECT id FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND (id = $4 OR idempotency_key = $5)
+ORDER BY id DESC LIMIT $3;
+
+-- name: run_summaries
+SELECT r.id, r.workflow, r.status, r.idempotency_key, r.created_at, r.updated_at,
+       r.started_at, r.finished_at, r.due_at, r.step_key, r.step_attempt, r.invocations,
+       r.error->>'type' AS error_type, left(r.error->>'message', 500) AS error_message,
+       r.error->>'step' AS error_step,
+       (SELECT count(*) FROM {schema}.steps s WHERE s.run_id = r.id) AS steps
+FROM {schema}.runs r WHERE r.id = ANY($1::uuid[])
+ORDER BY r.id DESC;
+
+-- name: count_runs_by_status
+SELECT status, count(*) AS n FROM {schema}.runs
+WHERE id >= $1 AND id < $2
+GROUP BY status;
+
+-- name: count_workflow_runs_by_status
+SELECT status, count(*) AS n FROM {schema}.runs
+WHERE id >= $1 AND id < $2 AND workflow = $3
+GROUP BY status;
+
+-- name: list_workflows
+-- Distinct workflow names by skipping through runs_workflow_idx: one index
+-- probe per name, not a scan of every run.
+WITH RECURSIVE w AS (
+    (SELECT workflow FROM {schema}.runs ORDER BY workflow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT r.workflow FROM {schema}.runs r
+            WHERE r.workflow > w.workflow ORDER BY r.workflow LIMIT 1)
+    FROM w WHERE w.workflow IS NOT NULL
+)
+SELECT workflow FROM w WHERE workflow IS NOT NULL;
+
+-- name: run_version
+-- What a live view polls: it refetches the run only when this changes.
+SELECT r.status, r.updated_at,
+       (SELECT max(e.id) FROM {schema}.events e WHERE e.run_id = r.id) AS last_event
+FROM {schema}.runs r WHERE r.id = $1;
+
+-- name: replay_run
+-- Run a finished run again from step position $2: the step records at and
+-- after it are deleted (earlier results kept), retry state is reset, and the
+-- run is queued, leased to the caller's push ($4 for $5) or due at once.
+-- Refused (replayed = 0) unless the run is finished.  $3 is the event kind,
+-- $6 its detail, $7 its step.
+WITH r AS (
+    UPDATE {schema}.runs
+    SET status = 'queued', output = NULL, error = NULL, step_key = NULL, step_attempt = 0,
+        lease_token = $4, due_at = {schema}.clock_now() + $5::interval,
+        finished_at = NULL, dispatch_failures = 0, updated_at = {schema}.clock_now()
+    WHERE id = $1 AND status IN ('completed', 'failed', 'cancelled')
+    RETURNING id
+), d AS (
+    DELETE FROM {schema}.steps s USING r
+    WHERE s.run_id = r.id AND s.position >= $2
+    RETURNING s.key, s.position
+), e AS (
+    INSERT INTO {schema}.events (run_id, kind, step_key, detail)
+    SELECT r.id, $3, $7,
+           $6::jsonb || jsonb_build_object(
+               'forgotten', (SELECT coalesce(jsonb_agg(d.key ORDER BY d.position), '[]')
+                             FROM d))
+    FROM r
+)
+SELECT (SELECT count(*) FROM r) AS replayed, (SELECT count(*) FROM d) AS forgotten;
+
+-- name: retry_now
+-- A run waiting for a step's retry: make the retry due now (leased to the
+-- caller's push $2 for $3, or due at once) and record it ($4 detail).
+WITH r AS (
+    UPDATE {schema}.runs
+    SET lease_token = $2, due_at = {schema}.clock_now() + $3::interval,
+        updated_at = {schema}.clock_now()
+    WHERE id = $1 AND status = 'retrying' AND lease_token IS NULL
+    RETURNING id, step_key, step_attempt
+), e AS (
+    INSERT INTO {schema}.events (run_id, kind, step_key, attempt, detail)
+    SELECT r.id, 'retried', r.step_key, r.step_attempt + 1, $4::jsonb FROM r
+)
+SELECT count(*) AS retried FROM r;
+
+-- name: failed_run_ids
+SELECT id FROM {schema}.runs
+WHERE workflow = $1 AND status = 'failed' AND id >= $2 AND id < $3
+ORDER BY id LIMIT $4;
+
+-- name: claim_alerts
+-- Due failure alerts (only run $3's when given), each leased to this caller
+-- for $2 so no one else delivers it meanwhile; with what the alert says.
+WITH due AS (
+    SELECT id FROM {schema}.alerts
+    WHERE due_at <= {schema}.clock_now() AND ($3::uuid IS NULL OR run_id = $3::uuid)
+    ORDER BY due_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.alerts a
+SET due_at = {schema}.clock_now() + $2::interval, attempts = a.attempts + 1
+FROM due, {schema}.runs r
+WHERE a.id = due.id AND r.id = a.run_id
+RETURNING a.id, a.run_id, a.attempts, a.done, a.created_at, r.workflow, r.status,
+          r.error::text AS error, r.input::text AS input, r.idempotency_key,
+          r.started_at, r.finished_at;
+
+-- name: alert_result
+-- After a delivery attempt: the destinations done ($2); settled as $3
+-- ('delivered' | 'abandoned') or due again in $4; an event on the run's
+-- history ($6 kind, $7 detail) when $6 is set.
+WITH a AS (
+    UPDATE {schema}.alerts
+    SET done = $2, outcome = $3, last_error = $5,
+        settled_at = CASE WHEN $3::text IS NOT NULL THEN {schema}.clock_now() END,
+        due_at = CASE WHEN $3::text IS NULL THEN {schema}.clock_now() + $4::interval END
+    WHERE id = $1
+    RETURNING run_id
+)
+INSERT INTO {schema}.events (run_id, kind, detail)
+SELECT a.run_id, $6, $7::jsonb FROM a WHERE $6::text IS NOT NULL;
+
+-- name: login_failures
+-- Failed dashboard logins of client $1 within the window $2.
+SELECT failures FROM {schema}.login_failures
+WHERE client = $1 AND window_start > {schema}.clock_now() - $2::interval;
+
+-- name: login_failed
+WITH gc AS (
+    DELETE FROM {schema}.login_failures
+    WHERE client <> $1 AND window_start < {schema}.clock_now() - $2::interval
+)
+INSERT INTO {schema}.login_failures AS f (client, failures, window_start)
+VALUES ($1, 1, {schema}.clock_now())
+ON CONFLICT (client) DO UPDATE
+SET failures = CASE WHEN f.window_start > {schema}.clock_now() - $2::interval
+                    THEN f.failures + 1 ELSE 1 END,
+    window_start = CASE WHEN f.window_start > {schema}.clock_now() - $2::interval
+                        THEN f.window_start ELSE {schema}.clock_now() END
+RETURNING failures;
+
+-- name: login_succeeded
+DELETE FROM {schema}.login_failures WHERE client = $1;
+
+-- scheduler ---------------------------------------------------------------
+
+-- name: dispatch_failed
+-- Invocations that could not be delivered ($1 runs, $2 the tokens they were
+-- claimed with): release the lease and make each due again after its backoff
+-- ($3, seconds).  Visible as dispatch_failures, and as a 'dispatch_failed'
+-- event ($4, the reason) on the 1st, 2nd, 4th, 8th... failure in a row, so an
+-- endpoint that stays down for days adds a handful of events per run, not one
+-- per attempt.
+WITH failed AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::float8[], $4::text[])
+        AS f(id, token, delay, reason)
+), r AS (
+    UPDATE {schema}.runs r
+    SET lease_token = NULL,
+        due_at = {schema}.clock_now() + make_interval(secs => f.delay),
+        dispatch_failures = r.dispatch_failures + 1
+    FROM failed f
+    WHERE r.id = f.id AND r.lease_token = f.token
+    RETURNING r.id, r.dispatch_failures, f.delay, f.reason
+)
+INSERT INTO {schema}.events (run_id, kind, detail)
+SELECT id, 'dispatch_failed',
+       jsonb_build_object('reason', reason, 'failures', dispatch_failures, 'retry_in', delay)
+FROM r
+WHERE dispatch_failures & (dispatch_failures - 1) = 0;
+
+-- name: release_claims
+-- Runs a tick claimed but did not send (it was stopped, or the endpoint kept
+-- failing): due again at once instead of when the tick's lease runs out.
+UPDATE {schema}.runs r
+SET lease_token = NULL, due_at = {schema}.clock_now()
+FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token)
+WHERE r.id = c.id AND r.lease_token = c.token;
+
+-- name: next_due
+-- When the next run needs attention (NULL when no run is live) and the
+-- flowkeeper clock now, both as unix seconds.  min() over runs_due_idx reads
+-- one index entry.
+SELECT extract(epoch FROM min(due_at))::float8 AS due,
+       extract(epoch FROM {schema}.clock_now())::float8 AS now
+FROM {schema}.runs
+WHERE due_at IS NOT NULL;

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from pydantic import BaseModel
 
 from flowkeeper import Context, FlowKeeper
 from flowkeeper.testing import FakeClock
@@ -191,3 +192,56 @@ async def test_parallel_steps_are_refused_clearly(fk: FlowKeeper) -> None:
 
 async def _status(fk: FlowKeeper, run_id: str, status: str) -> bool:
     return (await fk.get_run(run_id)).status == status
+
+
+class OrderV1(BaseModel):
+    id: str
+
+
+class OrderV2(BaseModel):
+    id: str
+    currency: str  # a new required field: old inputs no longer validate
+
+
+async def test_changed_input_annotation_fails_the_live_run_clearly(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    clock = await FakeClock(conn).install()
+    calls: Counter[str] = Counter()
+    fk1 = make_fk(database_url)
+
+    @fk1.workflow("w")
+    async def w1(ctx: Context, order: OrderV1) -> None:
+        await ctx.step("a", _step(calls, "a"))
+        await ctx.sleep("nap", 60)
+
+    async with serve(fk1):
+        handle = await fk1.trigger("w", {"id": "o1"})
+        await wait_for(lambda: _status(fk1, handle.run_id, "sleeping"))
+    await fk1.aclose()
+    fk2 = make_fk(database_url)
+
+    @fk2.workflow("w")
+    async def w2(ctx: Context, order: OrderV2) -> None:
+        await ctx.step("a", _step(calls, "a"))
+        await ctx.sleep("nap", 60)
+
+    try:
+        other = await fk2.trigger("w", {"id": "o2", "currency": "EUR"})
+        await clock.advance(3600)
+        async with serve(fk2):
+            await drive(fk2, [handle.run_id])
+            await wait_for(lambda: _status(fk2, other.run_id, "sleeping"))
+        info = await fk2.get_run(handle.run_id)
+        assert info.status == "failed"
+        assert info.error is not None
+        assert "no longer matches the input annotation" in info.error["message"]
+        assert "currency" in info.error["message"]
+        # A run started under the new code goes on as usual.
+        assert [s.status for s in (await fk2.get_run(other.run_id)).steps] == [
+            "completed",
+            "sleeping",
+        ]
+        assert calls == {"a": 2}  # once per run: nothing re-executed
+    finally:
+        await fk2.aclose()

@@ -166,6 +166,9 @@ async def test_exhausted_retries_fail_the_run_with_type_message_traceback(fk: Fl
     assert info.error is not None
     assert info.error["step"] == "charge"
     assert "always_fails" in info.error["traceback"]
+    # The traceback starts in user code, not in flowkeeper's or asyncio's plumbing.
+    assert "flowkeeper/engine.py" not in info.error["traceback"]
+    assert "concurrent/futures" not in info.error["traceback"]
     assert info.steps[0].status == "failed"
     assert info.steps[0].attempts == 3
     assert len(info.steps[0].failed_attempts) == 3

@@ -36,7 +36,7 @@ CREATE TABLE {schema}.runs (
     updated_at        timestamptz NOT NULL DEFAULT {schema}.clock_now(),
     started_at        timestamptz,
     finished_at       timestamptz
-);
+) WITH (fillfactor = 70);  -- room on each page for HOT updates of a run in flight
 
 -- The scheduler's only access path: due runs, oldest first.  Partial, so its
 -- size follows the live runs, not the history.

@@ -1,0 +1,188 @@
+"""The dashboard in a real headless Chromium, against a real uvicorn and Postgres.
+
+Log in, read a failed run's timeline, replay it from the failed step and watch
+it complete live, cancel a sleeping run; and the refusals: no session, a
+forged cookie, an action without its CSRF token.  Screenshots of the run page
+are kept under artifacts/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowkeeper import Context, FlowKeeper, RetryPolicy
+
+from ..helpers import make_fk, serve, wait_for
+
+PASSWORD = "browser-test-password"
+UI = "/api/flowkeeper/ui"
+
+
+class Shop:
+    """A checkout whose card charge is broken until ``fixed``, and a long nap."""
+
+    def __init__(self, fk: FlowKeeper) -> None:
+        self.fixed = False
+
+        def charge(amount: int) -> dict[str, Any]:
+            if not self.fixed:
+                raise ConnectionError("card processor unreachable")
+            return {"charge_id": "ch_123", "amount": amount}
+
+        @fk.workflow("checkout", retry=RetryPolicy(max_attempts=2, initial_delay=0.2, jitter=0))
+        async def checkout(ctx: Context, amount: int) -> str:
+            await ctx.step("reserve-stock", lambda: {"sku": "tea", "qty": 1})
+            charged = await ctx.step("charge-card", charge, amount)
+            await ctx.step("send-receipt", lambda: "sent")
+            return str(charged["charge_id"])
+
+        @fk.workflow("follow-up")
+        async def follow_up(ctx: Context) -> None:
+            await ctx.step("note", lambda: "noted")
+            await ctx.sleep("wait-a-day", timedelta(days=1))
+            await ctx.step("ask-for-review", lambda: "asked")
+
+
+@contextlib.asynccontextmanager
+async def running_app(database_url: str) -> AsyncIterator[tuple[FlowKeeper, Shop, str]]:
+    """The app served by uvicorn, and a scheduler loop ticking every 200 ms."""
+    fk = make_fk(database_url, dashboard_password=PASSWORD)
+    shop = Shop(fk)
+
+    async def scheduler() -> None:
+        while True:
+            await fk.tick()
+            await asyncio.sleep(0.2)
+
+    async with serve(fk) as server:
+        ticker = asyncio.create_task(scheduler())
+        try:
+            yield fk, shop, server.base_url
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await fk.aclose()
+
+
+async def _status(fk: FlowKeeper, run_id: str, status: str) -> bool:
+    return (await fk.get_run(run_id)).status == status
+
+
+async def _log_in(page: Any, base: str) -> None:
+    await page.goto(f"{base}{UI}/")
+    await page.fill("#password", PASSWORD)
+    await page.click("#login")
+    await page.wait_for_selector("table#runs tbody tr.row")
+
+
+@pytest.mark.slow
+async def test_failed_run_timeline_replay_live_and_cancel_a_sleeping_run(
+    database_url: str, browser_context: Any, artifacts_dir: Path
+) -> None:
+    async with running_app(database_url) as (fk, shop, base):
+        failed = (await fk.trigger("checkout", 250, idempotency_key="order-17")).run_id
+        napping = (await fk.trigger("follow-up")).run_id
+        await wait_for(lambda: _status(fk, failed, "failed"))
+        await wait_for(lambda: _status(fk, napping, "sleeping"))
+
+        page = await browser_context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        await _log_in(page, base)
+
+        # The list: newest first, counts per status.
+        rows = page.locator("table#runs tbody tr.row")
+        assert await rows.count() == 2
+        assert await rows.nth(0).get_attribute("data-id") == napping
+        assert await page.inner_text(".pill.p-failed b") == "1"
+        await page.click(f'tr.row[data-id="{failed}"] a')
+
+        # The failed run: timeline with both failed attempts, the backoff between, the error.
+        await page.wait_for_selector("#run-status .badge.s-failed")
+        assert await page.inner_text("#run-id") == failed
+        lane = page.locator('.tl-row[data-key="charge-card"]')
+        assert await lane.locator(".bar.o-failed").count() == 2
+        assert await lane.locator(".bar.o-waiting").count() == 1
+        assert await page.locator('.tl-row[data-key="reserve-stock"] .bar.o-completed').count() == 1
+        assert "card processor unreachable" in await page.inner_text("#run-error")
+        await page.click('tr.step[data-key="charge-card"] td.mono')  # open the step's details
+        detail = await page.inner_text("tr.detail")
+        assert "failed attempts" in detail.lower() and "250" in detail  # its input, pretty-printed
+        await page.screenshot(path=str(artifacts_dir / "dashboard-run-failed.png"), full_page=True)
+
+        # The fix is deployed; replay from the failed step, confirmed, and watch it finish.
+        shop.fixed = True
+        await page.click("#replay-failed-step")
+        await page.wait_for_selector("dialog#confirm[open]")
+        assert "charge-card" in await page.inner_text("#confirm-text")
+        await page.fill("#confirm-reason", "processor is back")
+        await page.click("#confirm-yes")
+        await page.wait_for_selector("#run-status .badge.s-completed", timeout=20_000)
+        assert await page.locator("tr.step").count() == 3
+        assert await page.inner_text("#run-output") == '"ch_123"'
+        history = await page.inner_text("#events")
+        assert "replayed" in history and "processor is back" in history
+        await page.screenshot(
+            path=str(artifacts_dir / "dashboard-run-replayed.png"), full_page=True
+        )
+        info = await fk.get_run(failed)
+        assert info.status == "completed"
+        assert [s.key for s in info.steps] == ["reserve-stock", "charge-card", "send-receipt"]
+        assert info.steps[0].attempts == 1  # kept, not run again
+
+        # A sleeping run: its sleep drawn as a span; cancel it.
+        await page.goto(f"{base}{UI}/runs/{napping}")
+        await page.wait_for_selector("#run-status .badge.s-sleeping")
+        assert await page.locator('.tl-row[data-key="wait-a-day"] .bar.o-sleeping').count() == 1
+        await page.click("#cancel")
+        await page.click("#confirm-yes")
+        await page.wait_for_selector("#run-status .badge.s-cancelled")
+        assert (await fk.get_run(napping)).status == "cancelled"
+        assert errors == []
+
+
+@pytest.mark.slow
+async def test_refuses_without_login_forged_cookie_and_missing_csrf(
+    database_url: str, browser_context: Any
+) -> None:
+    async with running_app(database_url) as (fk, _shop, base):
+        napping = (await fk.trigger("follow-up")).run_id
+        await wait_for(lambda: _status(fk, napping, "sleeping"))
+        page = await browser_context.new_page()
+
+        # No session: any page leads to the sign-in form, remembering where to go.
+        await page.goto(f"{base}{UI}/runs/{napping}")
+        await page.wait_for_selector("#password")
+        assert "/login?next=" in page.url
+        wrong = await page.goto(f"{base}{UI}/runs/{napping}")
+        assert wrong is not None
+        await page.fill("#password", "not-the-password")
+        await page.click("#login")
+        assert "Wrong password" in await page.inner_text("#login-error")
+
+        # A cookie that was not signed by this deployment is ignored.
+        await browser_context.add_cookies(
+            [{"name": "flowkeeper_session", "value": "eyJjc3JmIjoieCJ9.Zz.forged", "url": base}]
+        )
+        await page.goto(f"{base}{UI}/")
+        await page.wait_for_selector("#password")
+
+        # Signed in, an action without the CSRF token is refused and changes nothing.
+        await _log_in(page, base)
+        response = await page.request.post(f"{base}{UI}/api/runs/{napping}/cancel", data="{}")
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "csrf"
+        assert (await fk.get_run(napping)).status == "sleeping"
+        # And the page's own button (which sends it) works.
+        await page.goto(f"{base}{UI}/runs/{napping}")
+        await page.click("#cancel")
+        await page.click("#confirm-yes")
+        await page.wait_for_selector("#run-status .badge.s-cancelled")
