@@ -313,7 +313,7 @@ BEGIN
     END IF;
 
     -- Failure alerts whose first delivery failed are retried by the endpoint's
-    -- own tick (flowkeeper.alerts needs Python: webhooks, on_failure hooks), so
+    -- own tick (the alerts module needs Python: webhooks, on_failure hooks), so
     -- when some are due, ask it for one.  One small signed POST, only then.
     IF EXISTS (SELECT 1 FROM {schema}.alerts WHERE due_at <= {schema}.clock_now()) THEN
         DECLARE
