@@ -21,6 +21,7 @@ STEPS = int(os.environ.get("FAULT_STEPS", "5"))
 STEP_DELAY = float(os.environ.get("FAULT_STEP_DELAY", "0.04"))
 # How long the "slow" step of the stalling workflow takes (seconds).
 SLOW_STEP = float(os.environ.get("FAULT_SLOW_STEP", "2.0"))
+STALLING_STEPS = 3
 
 _pool: asyncpg.Pool | None = None
 
@@ -72,7 +73,6 @@ async def stalling(ctx: Context, n: int) -> int:
 
 crashy_workflow = define_workflow("crashy", crashy)
 stalling_workflow = define_workflow("stalling", stalling)
-STALLING_STEPS = 3
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS fault_log (

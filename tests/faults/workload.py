@@ -3,8 +3,9 @@
 Runs of ``tests/apps/crashy.py`` log every step execution into ``fault_log``
 with whether that step's result was already recorded; :func:`check_runs`
 turns the database's final state into the guarantees: every run finished
-(completed, or failed/cancelled with its error), no recorded step ran again,
-every step recorded exactly once.
+(crashy's steps fail only while something is down, and are retried, so
+finished means completed), no recorded step ran again, every step recorded
+exactly once and executed at least once, every output right.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def check_runs(
     """
     id_list = list(ids)
     rows = await conn.fetch(
-        "SELECT id::text, status, input::int AS i, output::text AS output, error::text "
+        "SELECT id::text, status, input::int AS i, output::text AS output "
         "FROM flowkeeper.runs WHERE id = ANY($1::uuid[])",
         id_list,
     )
@@ -123,7 +124,7 @@ async def check_runs(
 
     assert missing == 0, f"{missing} runs vanished"
     assert not lost, f"{len(lost)} runs did not finish: {lost[:5]}"
-    # crashy's steps fail only while Postgres is down, and are retried: all complete.
+    # crashy's steps fail only while something is down, and are retried: all complete.
     not_completed = [dict(r) for r in rows if r["status"] != "completed"]
     assert not not_completed, not_completed[:5]
     assert reexecuted == 0, f"{reexecuted} recorded steps ran again"
