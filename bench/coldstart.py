@@ -27,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.common import bytecode_env, compile_sources  # noqa: E402
+
 KEY = "bench-signing-key-0123456789abcdef"
 
 IMPORTS = {
@@ -68,11 +71,22 @@ FIRST_REQUEST = textwrap.dedent(
 
 
 def import_time(statement: str) -> float:
+    compile_sources_once()
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=bytecode_env()
     ).stdout
     return float(out)
+
+
+_compiled = False
+
+
+def compile_sources_once() -> None:
+    global _compiled
+    if not _compiled:
+        compile_sources()
+        _compiled = True
 
 
 async def prepare(url: str) -> str:
@@ -119,6 +133,7 @@ def main() -> None:
         "FLOWKEEPER_ENDPOINT": "http://127.0.0.1:9/api/flowkeeper",
     }
     os.environ.update(env)
+    compile_sources_once()
     try:
         run_id = asyncio.run(prepare(url))
         rows = []
@@ -127,7 +142,7 @@ def main() -> None:
                 [sys.executable, "-c", FIRST_REQUEST, str(ROOT / "examples/vercel"), run_id, url],
                 capture_output=True,
                 text=True,
-                env=env,
+                env=bytecode_env(env),
                 check=True,
             ).stdout
             rows.append(json.loads(out))

@@ -24,6 +24,8 @@ from .common import (
     KEY,
     ROOT,
     DatabaseStats,
+    bytecode_env,
+    compile_sources,
     durable_cluster,
     interpreter,
     median,
@@ -110,6 +112,8 @@ async def run_batch(
 def import_times(rounds: int) -> tuple[float, float]:
     """Median wall time of `import flowkeeper` vs importing its dependencies, fresh processes."""
 
+    compile_sources()
+
     def measure(code: str) -> float:
         samples = []
         for _ in range(rounds):
@@ -123,6 +127,7 @@ def import_times(rounds: int) -> tuple[float, float]:
                 text=True,
                 check=True,
                 cwd=ROOT,
+                env=bytecode_env(),
             )
             samples.append(float(out.stdout))
         return median(samples)
