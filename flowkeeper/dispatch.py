@@ -81,12 +81,51 @@ class Dispatcher:
         return self._client
 
     def signed(self, route: str, payload: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
-        """URL, body and headers of a signed POST to ``route`` ("/" or "/tick")."""
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        path = self.base_path + route
-        headers = self.signer.sign(method="POST", path=path, body=body)
+        """URL, body and headers of a signed POST of ``payload`` to ``route`` ("/", "/tick")."""
+        return self.sign_body(route, json.dumps(payload, separators=(",", ":")).encode())
+
+    def sign_body(self, route: str, body: bytes) -> tuple[str, bytes, dict[str, str]]:
+        """URL, body and headers of a signed POST of these exact bytes to ``route``."""
+        headers = self.signer.sign(method="POST", path=self.base_path + route, body=body)
         headers["Content-Type"] = "application/json"
         return self.endpoint + route, body, headers
+
+    #: Whether :meth:`create` can hand new runs to the endpoint (it needs the
+    #: endpoint's answer: an asynchronous transport such as Lambda's Event
+    #: invoke cannot say whether the run was created).
+    supports_create = True
+
+    async def create(
+        self, run_id: str, workflow: str, input_json: str, idempotency_key: str | None
+    ) -> Delivery:
+        """Hand a new run to the endpoint, which creates and starts it in one write.
+
+        ``delivered`` only when the endpoint answered with the run's id (the
+        run exists, perhaps under an earlier run with the same idempotency key,
+        whose id ``body["run_id"]`` is then).  Anything else, including no
+        answer in time, leaves it to the caller to insert the run itself.
+        """
+        # The input is JSON text already: embed it without parsing it again.
+        url, body, headers = self.sign_body(
+            "/",
+            (
+                f'{{"run_id":"{run_id}","lease":null,"create":{{"workflow":{json.dumps(workflow)},'
+                f'"idempotency_key":{json.dumps(idempotency_key)},"input":{input_json}}}}}'
+            ).encode(),
+        )
+        try:
+            response = await self._http().post(url, content=body, headers=headers)
+        except http11.HTTPError as exc:
+            return Delivery(run_id, False, None, f"{type(exc).__name__}: {exc or 'no detail'}")
+        try:
+            data = json.loads(response.content) if response.content else None
+        except ValueError:
+            data = None
+        answered = isinstance(data, dict) and isinstance(data.get("run_id"), str)
+        code = response.status_code
+        if answered and (code in (200, 202) or _error_code(data) == "unknown_workflow"):
+            return Delivery(run_id, True, code, "", data)
+        return Delivery(run_id, False, code, f"HTTP {code}: {_error_message(data)}", data)
 
     async def invoke(self, run_id: str, token: str | None, *, wait: bool = False) -> Delivery:
         """Ask the endpoint to advance ``run_id`` under the lease ``token``."""

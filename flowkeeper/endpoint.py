@@ -165,12 +165,19 @@ class Endpoint:
         parsed = _parse_invocation(body)
         if isinstance(parsed, JSONResponse):
             return parsed
-        run_id, lease, wait = parsed
+        run_id, lease, wait, create = parsed
         try:
-            claim = await self.fk.engine.claim(run_id, lease)
+            if create is not None:
+                claim = await self.fk.engine.create(run_id, *create)
+            else:
+                claim = await self.fk.engine.claim(run_id, lease)
         except DatabaseError as exc:
             logger.error("invocation of run %s: %s", run_id, exc)
             return error(503, "database_unavailable", str(exc), run_id=run_id)
+        if isinstance(claim, str):  # the idempotency key belongs to that run
+            return JSONResponse(
+                {"run_id": claim, "accepted": False, "created": False, "reason": "idempotency_key"}
+            )
         if isinstance(claim, ClaimRefused):
             return _refused(claim)
 
@@ -180,7 +187,12 @@ class Endpoint:
         if wait or not self.fk.engine.knows(claim.workflow):
             return await self._execute_now(claim, budget)
         return JSONResponse(
-            {"run_id": run_id, "accepted": True, "status": "running"},
+            {
+                "run_id": run_id,
+                "accepted": True,
+                "status": "running",
+                "created": create is not None,
+            },
             status_code=202,
             background=BackgroundTask(self._execute_later, claim, budget),
         )
@@ -272,7 +284,13 @@ class Endpoint:
         return None
 
 
-def _parse_invocation(body: bytes) -> tuple[str, uuid.UUID | None, bool] | JSONResponse:
+Create = tuple[str, str, str | None]  # workflow, input JSON, idempotency key
+
+
+def _parse_invocation(
+    body: bytes,
+) -> tuple[str, uuid.UUID | None, bool, Create | None] | JSONResponse:
+    """``{"run_id", "lease", "wait"?, "create"?: {"workflow", "input", "idempotency_key"}}``."""
     import json
 
     try:
@@ -300,7 +318,21 @@ def _parse_invocation(body: bytes) -> tuple[str, uuid.UUID | None, bool] | JSONR
     wait = data.get("wait", False)
     if not isinstance(wait, bool):
         return error(400, "invalid_body", "wait must be true or false.")
-    return run_id, token, wait
+    create: Create | None = None
+    if "create" in data:
+        spec = data["create"]
+        workflow = spec.get("workflow") if isinstance(spec, dict) else None
+        key = spec.get("idempotency_key") if isinstance(spec, dict) else None
+        if not isinstance(workflow, str) or not workflow or "input" not in spec:
+            return error(
+                400, "invalid_body", "create needs a workflow name and an input (may be null)."
+            )
+        if key is not None and not isinstance(key, str):
+            return error(400, "invalid_body", "create.idempotency_key must be a string or null.")
+        if token is not None:
+            return error(400, "invalid_body", "A create invocation carries no lease.")
+        create = (workflow, json.dumps(spec["input"], separators=(",", ":")), key)
+    return run_id, token, wait, create
 
 
 def _refused(claim: ClaimRefused) -> JSONResponse:

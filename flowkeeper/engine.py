@@ -183,6 +183,31 @@ class Engine:
             return ClaimRefused(run_id, "finished", status)
         return ClaimRefused(run_id, "leased" if state["leased"] else "not_due", status)
 
+    async def create(
+        self, run_id: str, workflow: str, input_json: str, idempotency_key: str | None
+    ) -> ClaimedRun | ClaimRefused | str:
+        """Create a run handed over by trigger() and take its lease at once.
+
+        Returns the claimed run; or, when ``run_id`` already exists (a replayed
+        request, or trigger() inserted it itself after losing the answer), the
+        outcome of claiming it as usual; or, when the idempotency key belongs
+        to another run, that run's id.
+        """
+        result = await self.store.create_claimed(
+            run_id=run_id,
+            workflow=workflow,
+            input_json=input_json,
+            idempotency_key=idempotency_key,
+            lease_token=uuid.uuid4(),
+            lease=self.lease,
+        )
+        if isinstance(result, ClaimedRun):
+            return result
+        existing, same = result
+        if same:
+            return await self.claim(run_id, None)
+        return existing
+
     def knows(self, workflow: str) -> bool:
         return workflow in self.registry
 

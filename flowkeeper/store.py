@@ -228,12 +228,63 @@ class Store:
         )
         if row is not None:
             return str(row["id"]), True
+        return await self._existing(run_id, workflow, idempotency_key, conn=conn)
+
+    async def _existing(
+        self,
+        run_id: str,
+        workflow: str,
+        idempotency_key: str | None,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> tuple[str, bool]:
+        """The run an insert conflicted with: (id, whether it is this very run)."""
         existing = await self._call(
-            "fetchrow", "run_by_idempotency_key", workflow, idempotency_key, conn=conn
+            "fetchrow", "run_by_id_or_key", uuid.UUID(run_id), workflow, idempotency_key, conn=conn
         )
-        if existing is None:  # pragma: no cover - conflict row vanished (deleted meanwhile)
-            raise DatabaseError("idempotency key conflict but no run found; retry the trigger")
-        return str(existing["id"]), False
+        if existing is None:  # pragma: no cover - the conflicting run was deleted meanwhile
+            raise DatabaseError("the run conflicted with one that no longer exists; trigger again")
+        found = str(existing["id"])
+        return found, found == run_id
+
+    async def create_claimed(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        lease_token: uuid.UUID,
+        lease: timedelta,
+    ) -> ClaimedRun | tuple[str, bool]:
+        """Create a run already leased to the caller (the endpoint), in one statement.
+
+        On a conflict returns what :meth:`insert_run` would: the existing run's
+        id and whether it is this run (created earlier under the same id).
+        """
+        row = await self._call(
+            "fetchrow",
+            "create_claimed_run",
+            uuid.UUID(run_id),
+            workflow,
+            input_json,
+            idempotency_key,
+            lease_token,
+            lease,
+        )
+        if row is None:
+            return await self._existing(run_id, workflow, idempotency_key)
+        return ClaimedRun(
+            run_id=str(row["id"]),
+            lease_token=lease_token,
+            workflow=row["workflow"],
+            input=row["input"],
+            step_key=row["step_key"],
+            step_attempt=row["step_attempt"],
+            invocations=row["invocations"],
+            db_now=row["db_now"],
+            history=[],
+        )
 
     async def release_push(self, run_id: str, token: uuid.UUID) -> None:
         await self._call("execute", "release_push", uuid.UUID(run_id), token)

@@ -5,14 +5,32 @@
 
 -- name: insert_run
 -- Create a run.  With a positive $6 the run starts leased to the trigger's
--- own push (token $5); with $6 = 0 it is due at once for the scheduler.
+-- own push (token $5); with $6 = 0 it is due at once for the scheduler.  A
+-- conflict (the same run id already created by the endpoint, or the
+-- idempotency key taken) inserts nothing: see run_by_id_or_key.
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at)
 VALUES ($1, $2, 'queued', $3::jsonb, $4, $5, {schema}.clock_now() + $6::interval)
-ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+ON CONFLICT DO NOTHING
 RETURNING id;
 
--- name: run_by_idempotency_key
-SELECT id, status FROM {schema}.runs WHERE workflow = $1 AND idempotency_key = $2;
+-- name: create_claimed_run
+-- The endpoint creates a run handed to it by trigger() and takes its lease in
+-- the same statement: one commit for "the run exists and is executing".
+INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
+                           started_at, invocations)
+VALUES ($1, $2, 'running', $3::jsonb, $4, $5, {schema}.clock_now() + $6::interval,
+        {schema}.clock_now(), 1)
+ON CONFLICT DO NOTHING
+RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
+          {schema}.clock_now() AS db_now;
+
+-- name: run_by_id_or_key
+-- After an insert that conflicted: the run with this id, else the run holding
+-- the idempotency key.
+SELECT id FROM {schema}.runs
+WHERE id = $1 OR (workflow = $2 AND idempotency_key = $3)
+ORDER BY (id = $1) DESC
+LIMIT 1;
 
 -- name: release_push
 -- The trigger's push did not get through: make the run due now.

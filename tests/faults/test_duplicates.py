@@ -38,16 +38,29 @@ class DuplicatingDispatcher(Dispatcher):
         self.signed_requests: list[tuple[str, bytes, dict[str, str]]] = []
         self.deliveries: list[tuple[int | None, dict[str, Any] | None]] = []
 
-    def signed(self, route: str, payload: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
-        request = super().signed(route, payload)
+    def sign_body(self, route: str, body: bytes) -> tuple[str, bytes, dict[str, str]]:
+        request = super().sign_body(route, body)
         self.signed_requests.append(request)
         return request
 
     async def invoke(self, run_id: str, token: str | None, *, wait: bool = False) -> Delivery:
         send = super().invoke
         copies = await asyncio.gather(*(send(run_id, token) for _ in range(COPIES)))
+        return self._winner(copies)
+
+    async def create(
+        self, run_id: str, workflow: str, input_json: str, idempotency_key: str | None
+    ) -> Delivery:
+        # trigger() hands new runs over this way: duplicate those requests too.
+        send = super().create
+        copies = await asyncio.gather(
+            *(send(run_id, workflow, input_json, idempotency_key) for _ in range(COPIES))
+        )
+        return self._winner(copies)
+
+    def _winner(self, copies: list[Delivery]) -> Delivery:
         self.deliveries += [(d.status_code, d.body) for d in copies]
-        # The scheduler sees the copy that won, as it would see the one that got there.
+        # The caller sees the copy that won, as it would see the one that got there.
         return next((d for d in copies if d.body and d.body.get("accepted")), copies[0])
 
     async def replay(self, http: httpx.AsyncClient) -> None:

@@ -36,6 +36,9 @@ class InvokeClient(Protocol):
 class LambdaInvokeDispatcher(Dispatcher):
     """Pushes invocations with Lambda's Invoke API (asynchronous, signed envelope)."""
 
+    #: An Event invoke returns before the run is created: trigger() inserts runs itself.
+    supports_create = False
+
     def __init__(
         self,
         function_name: str,
