@@ -212,14 +212,17 @@ class FlowKeeper:
         idempotency_key: str | None = None,
         connection: asyncpg.Connection | None = None,
     ) -> RunHandle:
-        """Start a run of ``workflow`` with ``input``; return its handle at once.
+        """Start a run of ``workflow`` with ``input``; return its handle once it is stored.
 
         The input is validated against the workflow's annotation first (a bad
-        one raises :class:`InvalidInputError` and creates nothing).  A second
-        trigger with the same ``idempotency_key`` returns the first run
-        (``handle.created`` is False).  With ``connection=`` (an asyncpg
-        connection) the run is inserted in that connection's transaction and
-        exists only if it commits; it is pushed once the transaction ends.
+        one raises :class:`InvalidInputError` and creates nothing).  The run is
+        handed to the endpoint, which stores and starts it in one write; if
+        the endpoint cannot be reached, the run is inserted here, due for the
+        scheduler.  A second trigger with the same ``idempotency_key`` returns
+        the first run (``handle.created`` is False).  With ``connection=`` (an
+        asyncpg connection) the run is inserted in that connection's
+        transaction and exists only if it commits; it is pushed once the
+        transaction ends.
         """
         wf = self._workflow(workflow)
         input_json = wf.dump_input(input)
