@@ -6,6 +6,8 @@ import os
 import time
 import uuid
 
+from .errors import RunNotFoundError
+
 
 def new_run_id() -> str:
     """A UUIDv7 string: 48 bits of Unix milliseconds, then random bits."""
@@ -17,3 +19,11 @@ def new_run_id() -> str:
     value |= 0b10 << 62  # variant
     value |= rand & ((1 << 62) - 1)
     return str(uuid.UUID(int=value))
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id in canonical form; anything that is not a UUID names no run."""
+    try:
+        return str(uuid.UUID(str(run_id)))
+    except ValueError:
+        raise RunNotFoundError(str(run_id)) from None

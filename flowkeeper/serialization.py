@@ -49,6 +49,11 @@ def dumps(value: Any, *, what: str) -> str:
     return text
 
 
+def json_or_none(text: str | None) -> Any:
+    """Stored JSON text as Python data (None stays None)."""
+    return json.loads(text) if text is not None else None
+
+
 def dumps_best_effort(value: Any) -> str:
     """JSON for display only (step arguments): never fails, falls back to repr."""
     try:
