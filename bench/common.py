@@ -187,6 +187,28 @@ class DatabaseStats:
         )
 
 
+async def quiesce(database_url: str, *, limit: float = 60.0) -> None:
+    """Let the server settle before a measured round, the same for every system.
+
+    A CHECKPOINT writes out what the previous round dirtied, and autovacuum
+    workers cleaning up its tables are waited for (up to ``limit`` seconds),
+    so no system's round pays for another's aftermath.
+    """
+    conn = await asyncpg.connect(sibling_url(database_url, "postgres"))
+    try:
+        await conn.execute("CHECKPOINT")
+        give_up = time.monotonic() + limit
+        while time.monotonic() < give_up:
+            busy = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+            )
+            if not busy:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await conn.close()
+
+
 def bytecode_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for timing imports: bytecode written and used, as deployed.
 

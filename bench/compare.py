@@ -46,7 +46,7 @@ from typing import Any
 import asyncpg
 
 from .coldstart import import_time
-from .common import ROOT, durable_cluster, interpreter, median, served_app, table
+from .common import ROOT, durable_cluster, interpreter, median, quiesce, served_app, table
 from .core import run_batch
 
 PEERS = {
@@ -203,6 +203,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         await prepare_pgbench(pgbench_url)
         tps = []
         for _ in range(args.rounds):
+            await quiesce(pgbench_url)
             value, results["pgbench_command"] = pgbench(
                 pgbench_url, cluster.bindir, args.pgbench_clients, args.pgbench_seconds
             )
@@ -214,6 +215,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             rounds: dict[str, list[dict[str, float]]] = {"flowkeeper": []}
             for number in range(args.rounds):
                 print(f"round {number + 1}/{args.rounds}: flowkeeper", file=sys.stderr)
+                await quiesce(fk_url)
                 rounds["flowkeeper"].append(
                     await run_batch(
                         fk_url, endpoint, "three", args.workflows, args.concurrency, settle=settle
@@ -223,6 +225,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"round {number + 1}/{args.rounds}: {peer}", file=sys.stderr)
                     url = cluster.dsn(f"bench_{peer}")
                     results["peer_urls"][peer] = url
+                    await quiesce(url)
                     rounds.setdefault(peer, []).append(
                         run_peer(peer, url, args.workflows, args.warmup)
                     )

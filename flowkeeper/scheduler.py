@@ -7,7 +7,7 @@ is over, its retry is due, or the lease of the invocation that held it expired
 :class:`Scheduler` is one tick.  It claims due runs in batches with
 ``FOR UPDATE SKIP LOCKED``, leasing each to itself for ``dispatch_lease`` so
 that no other tick dispatches it meanwhile, and keeps ``concurrency`` signed
-invocations in flight over the dispatcher's one httpx client, claiming the
+invocations in flight over the dispatcher's one keep-alive HTTP client, claiming the
 next batch as the current one drains.  The endpoint answers 202 once it has
 claimed a run, so a dispatch costs one short round trip.  Any number of ticks
 may run at once, on any number of machines.
@@ -20,7 +20,7 @@ failing every due run one by one.
 
 :class:`SchedulerLoop` is ``flowkeeper scheduler``, for users with one always-on
 host: it LISTENs for runs that become due without a push (sleeps, retries,
-failed pushes; see migration 0002) and keeps a timer to the next due time, so
+failed pushes; see migration 0003) and keeps a timer to the next due time, so
 a two-second sleep wakes within milliseconds rather than at the next cron
 minute.  Notifications only shorten the wait: correctness comes from the timer
 and the database, so a lost notification costs latency, never a run.
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flowkeeper")
 
-#: The channel migration 0002's trigger notifies; payload "<schema> <due_at, unix seconds>".
+#: The channel migration 0003's trigger notifies; payload "<schema> <due_at, unix seconds>".
 CHANNEL = "flowkeeper_due"
 #: A run id that never exists: probing with it checks reachability, signing
 #: key and the endpoint's own database access without touching any run.
