@@ -197,10 +197,10 @@ class RunOperations:
                 f"Run {rid} is {status}: only a finished run can be replayed. Cancel it first "
                 "(fk.cancel, `flowkeeper runs cancel`, or the dashboard), then replay it.",
             )
-        position, key = _replay_point(rid, status, json_or_none(run["error"]), steps, from_step)
+        error = json_or_none(run["error"])
+        position, key = _replay_point(rid, status, error, steps, from_step)
         push = self.dispatcher is not None
         token = uuid.uuid4() if push else None
-        error = json_or_none(run["error"])
         detail = {
             "from_step": key,
             "position": position,

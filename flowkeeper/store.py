@@ -112,6 +112,21 @@ def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
     ]
 
 
+def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> ClaimedRun:
+    """A claim query's row (create_claimed_run, claim_run) as the engine takes it."""
+    return ClaimedRun(
+        run_id=str(row["id"]),
+        lease_token=token,
+        workflow=row["workflow"],
+        input=row["input"],
+        step_key=row["step_key"],
+        step_attempt=row["step_attempt"],
+        invocations=row["invocations"],
+        db_now=row["db_now"],
+        history=history,
+    )
+
+
 def _postgres_error() -> type[BaseException]:
     import asyncpg
 
@@ -274,17 +289,7 @@ class Store:
         )
         if row is None:
             return await self._existing(run_id, workflow, idempotency_key)
-        return ClaimedRun(
-            run_id=str(row["id"]),
-            lease_token=lease_token,
-            workflow=row["workflow"],
-            input=row["input"],
-            step_key=row["step_key"],
-            step_attempt=row["step_attempt"],
-            invocations=row["invocations"],
-            db_now=row["db_now"],
-            history=[],
-        )
+        return _claimed_run(row, lease_token, [])
 
     async def release_push(self, run_id: str, token: uuid.UUID) -> None:
         await self._call("execute", "release_push", uuid.UUID(run_id), token)
@@ -310,17 +315,7 @@ class Store:
             )
             for h in (json.loads(row["steps"]) if row["steps"] else [])
         ]
-        return ClaimedRun(
-            run_id=str(row["id"]),
-            lease_token=new_token,
-            workflow=row["workflow"],
-            input=row["input"],
-            step_key=row["step_key"],
-            step_attempt=row["step_attempt"],
-            invocations=row["invocations"],
-            db_now=row["db_now"],
-            history=history,
-        )
+        return _claimed_run(row, new_token, history)
 
     async def run_state(self, run_id: str) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_state", uuid.UUID(run_id))
