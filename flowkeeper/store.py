@@ -167,8 +167,16 @@ class Store:
         try:
             if conn is not None:
                 return await getattr(conn, method)(query, *args)
-            pool = await self.db.pool()
-            return await getattr(pool, method)(query, *args)
+            own = await self.db.get()
+            try:
+                result = await getattr(own, method)(query, *args)
+            except BaseException as exc:
+                # Reusable only when the server refused the statement: after a
+                # cancellation, a timeout or a socket error its state is unknown.
+                self.db.put(own, reusable=isinstance(exc, _postgres_error()))
+                raise
+            self.db.put(own)
+            return result
         except _connection_errors() as exc:
             raise DatabaseError(
                 f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"

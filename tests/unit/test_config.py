@@ -90,4 +90,4 @@ def test_constructing_does_no_io() -> None:
     fk = FlowKeeper("postgresql://nobody@127.0.0.1:1/none", "k", "http://127.0.0.1:1/api/fk")
     app = fk.asgi()
     assert app is not None
-    assert fk.db._pool is None
+    assert fk.db._slots is None and not fk.db._idle
