@@ -111,6 +111,8 @@ class Database:
         self._slots: asyncio.Semaphore | None = None
         #: Idle connections, most recently released last, with the loop time of release.
         self._idle: list[tuple[asyncpg.Connection, float]] = []
+        #: Connections handed out by get() since the pool was (re)made.
+        self._busy: set[asyncpg.Connection] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -149,8 +151,9 @@ class Database:
                 for conn, _ in self._idle:
                     with contextlib.suppress(Exception):  # best effort on a dead loop
                         conn.terminate()
-            self._idle = []
-            self._expiry = None
+            if self._expiry is not None:
+                self._expiry.cancel()
+            self._idle, self._busy, self._expiry = [], set(), None
             self._loop = loop
             self._slots = asyncio.Semaphore(self.max_size)
         return self._slots
@@ -160,21 +163,26 @@ class Database:
         slots = self._slots_for(asyncio.get_running_loop())
         await slots.acquire()
         try:
-            while self._idle:
+            conn = None
+            while self._idle and conn is None:
                 conn, _ = self._idle.pop()
-                if not conn.is_closed():
-                    return conn
-            return await self.connect()
+                if conn.is_closed():
+                    conn = None
+            if conn is None:
+                conn = await self.connect()
+            self._busy.add(conn)
+            return conn
         except BaseException:
             slots.release()
             raise
 
     def put(self, conn: asyncpg.Connection, *, reusable: bool = True) -> None:
         """Give back a connection from :meth:`get`; close it unless it is known to be clean."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop or self._slots is None:  # the pool was closed or replaced
+        if conn not in self._busy or self._slots is None:  # the pool was closed or replaced
             self._discard(conn)
             return
+        self._busy.discard(conn)
+        loop = asyncio.get_running_loop()
         if reusable and not conn.is_closed() and not conn.is_in_transaction():
             self._idle.append((conn, loop.time()))
             if self._expiry is None:
@@ -233,7 +241,7 @@ class Database:
         if self._expiry is not None:
             self._expiry.cancel()
         same_loop = self._loop is asyncio.get_running_loop()
-        self._loop, self._slots, self._expiry = None, None, None
+        self._loop, self._slots, self._expiry, self._busy = None, None, None, set()
         for conn, _ in idle:
             if same_loop:
                 await self._close(conn)

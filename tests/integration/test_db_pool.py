@@ -142,6 +142,25 @@ async def test_a_lost_server_connection_is_discarded(
         await db.close()
 
 
+async def test_a_connection_given_back_after_close_is_closed_not_pooled(
+    database_url: str,
+) -> None:
+    db = Database(database_url, max_size=1)
+    early = await db.get()
+    await db.close()  # e.g. aclose() while an invocation was still querying
+    current = await db.get()  # the pool is made again on next use
+    db.put(early)
+    assert early.is_closed()
+    # Giving back the old connection did not add a second slot to a pool of one.
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await db.get()
+    db.put(current)
+    async with db.acquire() as c:
+        assert c is current
+    await db.close()
+
+
 def test_each_event_loop_gets_its_own_connections(database_url: str) -> None:
     # Serverless hosts may run each invocation in a new event loop.
     db = Database(database_url, max_size=2)
