@@ -9,7 +9,7 @@
 -- conflict (the same run id already created by the endpoint, or the
 -- idempotency key taken) inserts nothing: see run_by_id_or_key.
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at)
-VALUES ($1, $2, 'queued', $3::jsonb, $4, $5, {schema}.clock_now() + $6::interval)
+VALUES ($1, $2, 'queued', $3::json, $4, $5, {schema}.clock_now() + $6::interval)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -18,7 +18,7 @@ RETURNING id;
 -- the same statement: one commit for "the run exists and is executing".
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
                            started_at, invocations)
-VALUES ($1, $2, 'running', $3::jsonb, $4, $5, {schema}.clock_now() + $6::interval,
+VALUES ($1, $2, 'running', $3::json, $4, $5, {schema}.clock_now() + $6::interval,
         {schema}.clock_now(), 1)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
@@ -92,7 +92,7 @@ WITH r AS (
                       WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
                       WHEN $5::interval IS NOT NULL THEN {schema}.clock_now() + $5::interval
                  END,
-        output = $7::jsonb,
+        output = $7::json,
         error = $8::jsonb,
         step_key = $9,
         step_attempt = $10,
@@ -108,7 +108,7 @@ WITH r AS (
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
            CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) END
     FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
-                   $16::jsonb[], $17::jsonb[], $18::text[], $19::jsonb[], $20::integer[],
+                   $16::json[], $17::json[], $18::text[], $19::jsonb[], $20::integer[],
                    $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
          AS x(key, position, name, kind, status, input, output, output_type, error,
               attempts, started_at, finished_at, wake_at)
