@@ -13,8 +13,10 @@ from .alerts import FailureAlert
 from .client import FlowKeeper
 from .context import Context
 from .errors import (
+    AttemptLostError,
     ConfigurationError,
     DatabaseError,
+    DatabaseRefusedError,
     DeterminismError,
     DispatchError,
     DuplicateWorkflowError,
@@ -43,9 +45,11 @@ from .workflow import Workflow, define_workflow
 
 __all__ = [
     "AttemptError",
+    "AttemptLostError",
     "ConfigurationError",
     "Context",
     "DatabaseError",
+    "DatabaseRefusedError",
     "DeterminismError",
     "DispatchError",
     "DuplicateWorkflowError",

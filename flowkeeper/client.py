@@ -24,7 +24,8 @@ from .errors import (
     RunTimeoutError,
     UnknownWorkflowError,
 )
-from .ids import check_run_id, new_run_id
+from .executor import StepExecutor
+from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
     RunEvent,
@@ -59,6 +60,12 @@ def _duration(value: float | timedelta, name: str) -> timedelta:
     return delta
 
 
+def _positive_int(value: int, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive whole number, got {value!r}")
+    return value
+
+
 def _env_keys() -> list[str] | None:
     raw = os.environ.get("FLOWKEEPER_SIGNING_KEY")
     if not raw:
@@ -78,6 +85,9 @@ class FlowKeeper(RunOperations):
     ``endpoint`` is the public URL where ``fk.asgi()`` is mounted.  Without it
     this process can still trigger runs (they are left due for the scheduler)
     and serve invocations, but cannot push them.
+
+    Sync step functions run in threads of flowkeeper's own, at most
+    ``max_step_threads`` at once per process (see :mod:`flowkeeper.executor`).
     """
 
     def __init__(
@@ -102,6 +112,7 @@ class FlowKeeper(RunOperations):
         dashboard_path: str | None = "/ui",
         dashboard_session_ttl: float | timedelta = timedelta(hours=12),
         alert_webhook: str | None = None,
+        max_step_threads: int = 32,
     ) -> None:
         url = (
             database_url
@@ -140,6 +151,7 @@ class FlowKeeper(RunOperations):
             dispatch_lease=self.dispatch_lease,
             default_retry=default_retry or DEFAULT_RETRY,
             record_step_inputs=record_step_inputs,
+            executor=StepExecutor(_positive_int(max_step_threads, "max_step_threads")),
         )
         self.dispatcher = (
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None
@@ -225,8 +237,7 @@ class FlowKeeper(RunOperations):
         """
         wf = self._workflow(workflow)
         input_json = wf.dump_input(input)
-        if idempotency_key is not None and not isinstance(idempotency_key, str):
-            idempotency_key = str(idempotency_key)
+        idempotency_key = check_idempotency_key(idempotency_key, wf.name)
         run_id = new_run_id()
         if (
             connection is None
@@ -434,8 +445,12 @@ class FlowKeeper(RunOperations):
     async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:
         """Cancel a live run.  Returns False if it had already finished.
 
-        A step that is executing right now finishes, but its result is not
-        recorded and nothing after it runs.
+        Nothing after the cancellation is recorded and no further step starts.
+        A step executing right now is stopped by its invocation within a
+        heartbeat (a third of the lease): an async step's task is cancelled; a
+        sync step cannot be interrupted, so its invocation waits for it to
+        return.  Until that invocation has stopped, the run stays held and
+        :meth:`replay` refuses it, so one step never runs twice at once.
         """
         cancelled, previous = await self.store.cancel(
             check_run_id(run_id), {"reason": reason or "cancelled by fk.cancel()"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import inspect
@@ -33,7 +34,9 @@ from typing import Any
 from . import serialization
 from .context import Context
 from .errors import (
+    AttemptLostError,
     DatabaseError,
+    DatabaseRefusedError,
     DeterminismError,
     InvalidInputError,
     SerializationError,
@@ -43,7 +46,9 @@ from .errors import (
     UnknownWorkflowError,
     WorkflowError,
 )
+from .executor import StepExecutor
 from .retry import DEFAULT_RETRY, RetryPolicy
+from .serialization import clean_text
 from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
 from .workflow import Registry, Workflow, validate_name
 
@@ -61,6 +66,7 @@ class Outcome(enum.StrEnum):
     RETRYING = "retrying"
     HANDOFF = "handoff"  # time budget used up; handed on with a fresh token
     LEASE_LOST = "lease_lost"  # another invocation took over; nothing more written
+    CANCELLED = "cancelled"  # cancelled under this invocation, which stopped its step
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +138,33 @@ def _user_frames(tb: TracebackType | None) -> TracebackType | None:
 
 
 def error_info(exc: BaseException, *, step: str | None = None) -> dict[str, Any]:
-    """The stored form of an error: type, message, traceback (and step)."""
+    """The stored form of an error: type, message, traceback (and step).
+
+    Whatever the exception holds (NUL, lone surrogates, a ``__str__`` that
+    raises), the result can be stored: an error must never be the reason a
+    step's failure is not recorded.
+    """
     cls = type(exc)
     name = (
         cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     )
-    tb = "".join(traceback.format_exception(exc.with_traceback(_user_frames(exc.__traceback__))))
+    try:
+        message = str(exc)
+    except Exception as broken:  # a user's __str__ that raises
+        message = f"<{name}: str() raised {type(broken).__name__}>"
+    try:
+        tb = "".join(
+            traceback.format_exception(exc.with_traceback(_user_frames(exc.__traceback__)))
+        )
+    except Exception:
+        tb = f"{name}: {message}\n"
     if len(tb) > _MAX_TRACEBACK:
         tb = tb[:1000] + "\n...\n" + tb[-(_MAX_TRACEBACK - 1000) :]
-    info: dict[str, Any] = {"type": name, "message": str(exc), "traceback": tb}
+    info: dict[str, Any] = {
+        "type": clean_text(name),
+        "message": clean_text(message),
+        "traceback": clean_text(tb),
+    }
     if step is not None:
         info["step"] = step
     return info
@@ -162,6 +186,7 @@ class Engine:
         dispatch_lease: timedelta = timedelta(seconds=30),
         default_retry: RetryPolicy = DEFAULT_RETRY,
         record_step_inputs: bool = True,
+        executor: StepExecutor | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -169,6 +194,7 @@ class Engine:
         self.dispatch_lease = dispatch_lease
         self.default_retry = default_retry
         self.record_step_inputs = record_step_inputs
+        self.executor = executor or StepExecutor()
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
         """Take the run's lease, or say why not."""
@@ -258,9 +284,17 @@ class Execution:
         self._pending_steps: list[StepRecord] = []
         self._pending_events: list[EventRecord] = []
         self._executed = 0
+        # The ctx operation in progress: taken before any await, so a second
+        # concurrent ctx call (asyncio.gather) is refused before any body starts.
         self._busy: str | None = None
         self._lease_lost = False
         self._broken: WorkflowError | None = None
+        # Attempts that died with earlier invocations, charged to the frontier step.
+        self._lost_attempts = claimed.lost_attempts
+        self._cancelled = False  # the run was cancelled under this invocation
+        self._interrupted: str | None = None  # why this invocation cancelled its own task
+        self._in_body = False  # a step body is running now
+        self._task: asyncio.Task[Any] | None = None
 
     # clock ---------------------------------------------------------------
     def db_time(self) -> datetime:
@@ -269,38 +303,75 @@ class Execution:
 
     # driver --------------------------------------------------------------
     async def run(self) -> SegmentResult:
+        self._task = asyncio.current_task()
         heartbeat = asyncio.create_task(self._heartbeat())
         try:
             return await self._run()
+        except _Suspend as suspend:  # a write after the workflow function returned
+            return suspend.result
         except _Abort as abort:
             raise abort.error from abort.error.__cause__
         finally:
             heartbeat.cancel()
 
     async def _write(self, status: str, **fields: Any) -> datetime | bool | None:
-        """Commit under the lease; a database failure aborts the invocation."""
+        """Commit under the lease.
+
+        A lost database aborts the invocation (the lease brings the run back);
+        a value Postgres refuses for good fails the run with that message
+        instead, so the same write is never attempted again and again.
+        """
         try:
             return await self.store.commit(self.run_id, self.token, status=status, **fields)
+        except DatabaseRefusedError as exc:
+            raise await self._refused(exc) from exc
         except DatabaseError as exc:
             raise _Abort(exc) from exc
+
+    async def _refused(self, exc: DatabaseRefusedError) -> _Suspend:
+        logger.error("run %s: %s; the run fails with this error", self.run_id, exc)
+        error = error_info(exc)
+        error["traceback"] = None
+        try:
+            ok = await self.store.commit(self.run_id, self.token, status="failed", error=error)
+        except DatabaseRefusedError as again:  # pragma: no cover - the error is plain text
+            raise _Abort(DatabaseError(str(again))) from again
+        except DatabaseError as lost:
+            raise _Abort(lost) from lost
+        if ok is False:
+            return _Suspend(await self._lost())
+        return _Suspend(SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error))
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.engine.lease.total_seconds() / 3)
         while True:
             await asyncio.sleep(interval)
             try:
-                alive = await self.store.heartbeat(self.run_id, self.token, self.engine.lease)
+                status = await self.store.heartbeat(self.run_id, self.token, self.engine.lease)
             except Exception as exc:  # the next write will tell for sure
                 logger.warning("run %s: lease heartbeat failed: %s", self.run_id, exc)
                 continue
-            if not alive:
+            if status is None:
                 logger.warning(
-                    "run %s: lease taken over by another invocation; this one stops at its "
-                    "next write",
+                    "run %s: lease taken over by another invocation; this one stops its step "
+                    "and writes nothing more",
                     self.run_id,
                 )
                 self._lease_lost = True
+                self._interrupt("lease_lost")
                 return
+            if status == "cancelled" and not self._cancelled:
+                # The lease stays ours (the heartbeat goes on) until the step has
+                # really ended: only then may the run be replayed.
+                logger.info("run %s: cancelled; stopping its step", self.run_id)
+                self._cancelled = True
+                self._interrupt("cancelled")
+
+    def _interrupt(self, reason: str) -> None:
+        """Cancel the step body running now, if any (a sync one is waited for)."""
+        if self._in_body and self._interrupted is None and self._task is not None:
+            self._interrupted = reason
+            self._task.cancel()
 
     async def _run(self) -> SegmentResult:
         ctx = Context(self)
@@ -345,6 +416,8 @@ class Execution:
                     position=entry.position,
                 )
             )
+        if self._cancelled:
+            return await self._stopped(None, 0)
         try:
             output = self.workflow.dump_output(value)
         except SerializationError as exc:
@@ -356,7 +429,7 @@ class Execution:
             events=self._pending_events,
         )
         if ok is False:
-            return self._lost()
+            return await self._lost()
         logger.debug("run %s completed (%d steps this invocation)", self.run_id, self._executed)
         return SegmentResult(self.run_id, Outcome.COMPLETED, self._executed)
 
@@ -375,16 +448,40 @@ class Execution:
             events=self._pending_events,
         )
         if ok is False:
-            return self._lost()
+            return await self._lost()
         return SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
 
-    def _lost(self) -> SegmentResult:
+    async def _lost(self) -> SegmentResult:
+        """A write was refused: the run was cancelled meanwhile, or another invocation has it."""
+        with contextlib.suppress(DatabaseError, DatabaseRefusedError):
+            if await self.store.release_stopped(
+                self.run_id, self.token, {"how": "stopped before its next write"}
+            ):
+                logger.info("run %s: cancelled; this invocation stopped", self.run_id)
+                return SegmentResult(self.run_id, Outcome.CANCELLED, self._executed)
         logger.warning(
             "run %s: lease lost (another invocation took over or the run was cancelled); "
             "nothing from this invocation was written",
             self.run_id,
         )
         return SegmentResult(self.run_id, Outcome.LEASE_LOST, self._executed)
+
+    async def _stopped(self, key: str | None, attempt: int, how: str = "") -> SegmentResult:
+        """The run was cancelled under this invocation, which has now stopped: let go of it."""
+        detail: dict[str, Any] = {"how": how or "stopped between steps"}
+        if key is not None:
+            detail.update(step=key, attempt=attempt)
+        try:
+            await self.store.release_stopped(self.run_id, self.token, detail)
+        except (DatabaseError, DatabaseRefusedError) as exc:
+            logger.warning(
+                "run %s: could not release the cancelled run (%s); it is free once its lease "
+                "expires",
+                self.run_id,
+                exc,
+            )
+        logger.info("run %s: cancelled; %s", self.run_id, detail["how"])
+        return SegmentResult(self.run_id, Outcome.CANCELLED, self._executed)
 
     async def _suspend(
         self,
@@ -411,7 +508,7 @@ class Execution:
             events=self._pending_events,
         )
         if result is False:
-            return _Suspend(self._lost())
+            return _Suspend(await self._lost())
         self._pending_steps, self._pending_events = [], []
         due = result if isinstance(result, datetime) else None
         return _Suspend(
@@ -426,17 +523,31 @@ class Execution:
         )
 
     # history -------------------------------------------------------------
+    def _check_name(self, name: str, kind: str) -> None:
+        try:
+            validate_name(name, kind)
+        except WorkflowError as exc:
+            raise StepUsageError(str(exc)) from None
+        if "#" in name:
+            raise StepUsageError(
+                f"The {kind} name {name!r} contains '#', which flowkeeper keeps for the "
+                "occurrence numbers it gives a name repeated in one run (name#2, name#3...). "
+                "Use another character, e.g. 'sync-2' or 'sync:2'."
+            )
+
     def _next(self, name: str, kind: str) -> tuple[str, int, HistoryEntry | None]:
+        """Take the next position in the history for a ctx operation (and the busy slot)."""
         if self._broken is not None:
             raise self._broken
-        validate_name(name, "step")
         if self._busy is not None:
             self._broken = StepUsageError(
-                f"Run {self.run_id}: {kind} {name!r} started while step {self._busy!r} is still "
-                "running. Await each ctx.step before starting the next; flowkeeper records "
-                "steps one after another."
+                f"Run {self.run_id}: {kind} {name!r} was called while {self._busy!r} is still "
+                "in progress (two ctx calls at once, e.g. in asyncio.gather, or a ctx call "
+                "inside a step function). Await each ctx call before starting the next: "
+                "flowkeeper records steps one after another."
             )
             raise self._broken
+        self._check_name(name, kind)
         count = self._occurrences.get(name, 0) + 1
         self._occurrences[name] = count
         key = name if count == 1 else f"{name}#{count}"
@@ -454,12 +565,19 @@ class Execution:
                 position=position,
             )
             raise self._broken
+        self._busy = key
         return key, position, entry
 
-    async def _before_new_work(self) -> None:
-        """Flush deferred records and check the lease and the time budget."""
+    async def _before_new_work(self, *, step_key: str | None = None, step_attempt: int = 0) -> None:
+        """Flush deferred records and check the lease, cancellation and the time budget.
+
+        ``step_key``/``step_attempt``: the step about to start and its attempts
+        so far, kept on the run by any write made now.
+        """
         if self._lease_lost:
-            raise _Suspend(self._lost())
+            raise _Suspend(await self._lost())
+        if self._cancelled:
+            raise _Suspend(await self._stopped(None, 0))
         if self._executed > 0 and time.monotonic() >= self.deadline:
             # Budget used: hand the run on with a fresh token for the continuation.
             raise await self._suspend(
@@ -467,17 +585,21 @@ class Execution:
                 status="running",
                 new_token=uuid.uuid4(),
                 due_in=self.engine.dispatch_lease,
+                step_key=step_key,
+                step_attempt=step_attempt,
             )
         if self._pending_steps or self._pending_events:
             result = await self._write(
                 "running",
                 new_token=self.token,
                 keep_due=True,
+                step_key=step_key,
+                step_attempt=step_attempt,
                 steps=self._pending_steps,
                 events=self._pending_events,
             )
             if result is False:
-                raise _Suspend(self._lost())
+                raise _Suspend(await self._lost())
             self._pending_steps, self._pending_events = [], []
 
     # steps ---------------------------------------------------------------
@@ -493,7 +615,31 @@ class Execution:
     ) -> Any:
         if not callable(fn):
             raise StepUsageError(f"ctx.step({name!r}, ...) needs a function, got {fn!r}")
+        if timeout is not None:
+            seconds = _seconds(timeout)
+            if not 0 < seconds < float("inf"):
+                raise StepUsageError(
+                    f"ctx.step({name!r}, ...): timeout must be a positive, finite number of "
+                    f"seconds or a timedelta, got {timeout!r}."
+                )
         key, position, entry = self._next(name, "step")
+        try:
+            return await self._step(key, position, name, entry, fn, args, kwargs, retry, timeout)
+        finally:
+            self._busy = None
+
+    async def _step(
+        self,
+        key: str,
+        position: int,
+        name: str,
+        entry: HistoryEntry | None,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        retry: RetryPolicy | None,
+        timeout: float | timedelta | None,
+    ) -> Any:
         hint = serialization.return_hint(fn)
         if entry is not None:
             if entry.status == "completed":
@@ -509,25 +655,62 @@ class Execution:
                 entry.attempts,
             )
 
-        await self._before_new_work()
-        attempt = self.claimed.step_attempt + 1 if self.claimed.step_key == key else 1
+        policy = retry or self.workflow.retry or self.engine.default_retry
+        prior = self.claimed.step_attempt if self.claimed.step_key == key else 0
+        lost, self._lost_attempts = self._lost_attempts, 0
+        attempt = prior + lost + 1
+        if lost:
+            self._charge_lost(key, prior, lost, policy)
+            if attempt > policy.max_attempts:
+                exc = AttemptLostError(
+                    f"Step {key!r} was being executed when its invocation ended (the process "
+                    "was killed, ran out of memory, hit its host's time limit or called "
+                    f"os._exit), {lost} time(s) in a row; with {attempt - 1} attempt(s) used "
+                    f"of the {policy.max_attempts} its retry policy allows, it is not run "
+                    "again. Look for what ends the process during this step."
+                )
+                self._record_failure(
+                    key, position, name, attempt - 1, self.db_time(), exc, args, kwargs,
+                    attempt_event=False,
+                )  # fmt: skip
+                error = error_info(exc, step=key)
+                error["traceback"] = None
+                raise StepFailedError(key, error["type"], error["message"], None, attempt - 1)
+
+        await self._before_new_work(step_key=key, step_attempt=attempt - 1)
+        # Let the siblings of an asyncio.gather make their ctx calls (and be
+        # refused) before this body starts, whatever position the step has.
+        await asyncio.sleep(0)
+        if self._broken is not None:
+            raise self._broken
+        if self._cancelled:
+            raise _Suspend(await self._stopped(None, 0))
         started = self.db_time()
-        self._busy = key
         try:
-            value = await self._invoke(fn, args, kwargs, timeout)
+            value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
             output = serialization.dumps(value, what=f"The result of step {key!r}")
             tag = serialization.type_tag(value) if hint is None else None
             restored = serialization.loads(output, hint, tag, what=f"The result of step {key!r}")
+        except asyncio.CancelledError:
+            reason, self._interrupted = self._interrupted, None
+            if reason is None:
+                raise  # the host cancelled this invocation: let it end
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
+            if reason == "cancelled":
+                how = "cancelled its task" if inspect.iscoroutinefunction(fn) else (
+                    "waited for its thread to return"
+                )  # fmt: skip
+                raise _Suspend(await self._stopped(key, attempt, how)) from None
+            raise _Suspend(await self._lost()) from None
         except SerializationError as exc:
             # Deterministic: retrying would fail the same way.
-            self._busy = None
             self._executed += 1
             self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
             raise StepFailedError(key, "SerializationError", str(exc), None, attempt) from exc
         except Exception as exc:
-            self._busy = None
             self._executed += 1
-            policy = retry or self.workflow.retry or self.engine.default_retry
             if policy.should_retry(attempt, exc):
                 delay = policy.next_delay(attempt, exc)
                 logger.info(
@@ -536,7 +719,7 @@ class Execution:
                     key,
                     attempt,
                     type(exc).__name__,
-                    exc,
+                    clean_text(str(exc)),
                     delay,
                 )
                 error = error_info(exc, step=key)
@@ -556,7 +739,6 @@ class Execution:
             raise StepFailedError(
                 key, error["type"], error["message"], error["traceback"], attempt
             ) from exc
-        self._busy = None
         self._executed += 1
         self._pending_steps.append(
             StepRecord(
@@ -576,6 +758,35 @@ class Execution:
         )
         return restored
 
+    def _charge_lost(self, key: str, prior: int, lost: int, policy: RetryPolicy) -> None:
+        """Record each attempt that died with its invocation on the run's history."""
+        logger.warning(
+            "run %s: step %r: %d attempt(s) ended with their invocation (the process died "
+            "during the step); attempt %d of %d is next",
+            self.run_id,
+            key,
+            lost,
+            prior + lost + 1,
+            policy.max_attempts,
+        )
+        for attempt in range(prior + 1, prior + lost + 1):
+            self._pending_events.append(
+                EventRecord(
+                    "attempt_lost",
+                    step_key=key,
+                    attempt=attempt,
+                    detail={
+                        "error": {
+                            "type": "flowkeeper.errors.AttemptLostError",
+                            "message": "The invocation ended while this attempt was running "
+                            "(process killed, out of memory, host time limit or os._exit); "
+                            "its lease expired and the attempt counts as failed.",
+                            "traceback": None,
+                        }
+                    },
+                )
+            )
+
     def _record_failure(
         self,
         key: str,
@@ -586,6 +797,8 @@ class Execution:
         exc: BaseException,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        *,
+        attempt_event: bool = True,
     ) -> None:
         error = error_info(exc, step=key)
         logger.warning(
@@ -596,7 +809,8 @@ class Execution:
             error["type"],
             error["message"],
         )
-        self._pending_events.append(self._attempt_event(key, attempt, started, error, None))
+        if attempt_event:
+            self._pending_events.append(self._attempt_event(key, attempt, started, error, None))
         self._pending_steps.append(
             StepRecord(
                 key=key,
@@ -634,46 +848,150 @@ class Execution:
     def _input_json(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         if not self.engine.record_step_inputs or (not args and not kwargs):
             return None
-        text = serialization.dumps_best_effort({"args": args, "kwargs": kwargs})
-        return text if "\\u0000" not in text else None
+        return serialization.dumps_best_effort({"args": args, "kwargs": kwargs})
 
     async def _invoke(
         self,
+        key: str,
+        attempt: int,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | timedelta | None,
     ) -> Any:
-        async def call() -> Any:
+        seconds = _seconds(timeout) if timeout is not None else None
+        self._in_body = True
+        try:
             if inspect.iscoroutinefunction(fn):
-                return await fn(*args, **kwargs)
-            result = await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+                return await self._invoke_async(fn, args, kwargs, seconds)
+            result = await self._invoke_sync(
+                key, attempt, functools.partial(fn, *args, **kwargs), seconds
+            )
             if inspect.isawaitable(result):
                 result = await result
             return result
+        finally:
+            self._in_body = False
 
-        if timeout is None:
-            return await call()
-        seconds = _seconds(timeout)
+    @staticmethod
+    async def _invoke_async(
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        seconds: float | None,
+    ) -> Any:
+        if seconds is None:
+            return await fn(*args, **kwargs)
         try:
-            async with asyncio.timeout(seconds):
-                return await call()
-        except TimeoutError as exc:
-            if isinstance(exc, StepTimeoutError):
-                raise
+            async with asyncio.timeout(seconds) as scope:
+                return await fn(*args, **kwargs)
+        except TimeoutError:
+            if not scope.expired():
+                raise  # the step's own TimeoutError, not ours
+            # asyncio.timeout cancelled the body and waited for it to end.
             raise StepTimeoutError(f"Step attempt exceeded its timeout of {seconds:g}s") from None
+
+    async def _invoke_sync(
+        self, key: str, attempt: int, call: Callable[[], Any], seconds: float | None
+    ) -> Any:
+        future = self.engine.executor.submit(call)
+        wrapped = asyncio.wrap_future(future)
+        try:
+            done, _ = await asyncio.wait({wrapped}, timeout=seconds)
+        except asyncio.CancelledError:
+            if self._interrupted is not None:
+                # A thread cannot be stopped: wait until it returns, so that no
+                # other attempt of this step can start while it still runs.
+                await self._wait_thread(wrapped)
+            raise
+        if done:
+            return wrapped.result()
+        assert seconds is not None
+        raise await self._hung(key, attempt, future, wrapped, seconds)
+
+    async def _hung(
+        self,
+        key: str,
+        attempt: int,
+        future: concurrent.futures.Future[Any],
+        wrapped: asyncio.Future[Any],
+        seconds: float,
+    ) -> StepTimeoutError:
+        """A sync step overran its timeout: report it now, and wait until its thread ends."""
+        self.engine.executor.abandon(future)
+        logger.warning(
+            "run %s: sync step %r attempt %d overran its timeout of %gs and its thread is "
+            "still running (Python cannot interrupt a thread); the run keeps its lease and "
+            "the next attempt waits until the thread returns",
+            self.run_id,
+            key,
+            attempt,
+            seconds,
+        )
+        self._pending_events.append(
+            EventRecord(
+                "step_hung",
+                step_key=key,
+                attempt=attempt,
+                detail={"timeout": seconds, "threads_hung": self.engine.executor.abandoned},
+            )
+        )
+        with contextlib.suppress(_Suspend):
+            await self._before_new_work(step_key=key, step_attempt=attempt - 1)
+        waited = time.monotonic()
+        try:
+            await self._wait_thread(wrapped)
+        except asyncio.CancelledError:
+            raise
+        late = time.monotonic() - waited
+        return StepTimeoutError(
+            f"Step attempt exceeded its timeout of {seconds:g}s; it was a sync function, "
+            f"whose thread returned {late:.1f}s later (its result was discarded)"
+        )
+
+    async def _wait_thread(self, wrapped: asyncio.Future[Any]) -> None:
+        """Wait until a step's thread has returned, through our own interruptions."""
+        interrupted = False
+        while not wrapped.done():
+            try:
+                await asyncio.wait({wrapped})
+            except asyncio.CancelledError:
+                if self._interrupted is None:
+                    raise
+                interrupted = True
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    task.uncancel()
+        if interrupted:
+            raise asyncio.CancelledError
 
     # sleeps --------------------------------------------------------------
     async def sleep(
         self, name: str, *, duration: timedelta | float | None, until: datetime | None
     ) -> None:
         key, position, entry = self._next(name, "sleep")
+        try:
+            await self._sleep(key, position, name, entry, duration=duration, until=until)
+        finally:
+            self._busy = None
+
+    async def _sleep(
+        self,
+        key: str,
+        position: int,
+        name: str,
+        entry: HistoryEntry | None,
+        *,
+        duration: timedelta | float | None,
+        until: datetime | None,
+    ) -> None:
         if entry is not None:
             if entry.wake_at is None or self.db_time() >= entry.wake_at:
                 return
             # Invoked before the wake time (a duplicate or early dispatch).
             raise await self._suspend(Outcome.SLEEPING, status="sleeping", due_at=entry.wake_at)
 
+        self._lost_attempts = 0  # an invocation that died here was not inside a step
         if until is not None:
             if until.tzinfo is None:
                 self._broken = StepUsageError(
@@ -685,9 +1003,16 @@ class Execution:
         else:
             assert duration is not None
             seconds = _seconds(duration)
+            if seconds != seconds or seconds == float("inf"):
+                self._broken = StepUsageError(
+                    f"ctx.sleep({name!r}, ...) needs a finite duration, got {duration!r}."
+                )
+                raise self._broken
         started = self.db_time()
         if self._lease_lost:
-            raise _Suspend(self._lost())
+            raise _Suspend(await self._lost())
+        if self._cancelled:
+            raise _Suspend(await self._stopped(None, 0))
         if seconds <= 0:
             self._pending_steps.append(self._sleep_record(key, position, name, started, started))
             return

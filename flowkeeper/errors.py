@@ -6,8 +6,9 @@ and what to do about it.
 
     FlowKeeperError
     ├── ConfigurationError        bad settings given to FlowKeeper(...) or the CLI
-    ├── DatabaseError             Postgres unreachable or refusing us
+    ├── DatabaseError             Postgres unreachable (transient: the run comes back)
     │   └── MigrationError        the schema could not be brought up to date
+    ├── DatabaseRefusedError      Postgres refused a value for good (also a ValueError)
     ├── WorkflowError
     │   ├── UnknownWorkflowError  a name nobody registered in this process
     │   ├── DuplicateWorkflowError
@@ -17,6 +18,7 @@ and what to do about it.
     │   └── StepUsageError        a Context method used the wrong way
     ├── StepFailedError           a step exhausted its retries (raised inside the workflow)
     ├── StepTimeoutError          a step ran longer than its timeout (also a TimeoutError)
+    ├── AttemptLostError          a step's invocation died during the step, too often
     ├── NonRetriableError         raise it from a step to fail it at once
     ├── RetryAfterError           raise it from a step to ask for a specific retry delay
     ├── RunNotFoundError
@@ -48,6 +50,25 @@ class DatabaseError(FlowKeeperError):
 
 class MigrationError(DatabaseError):
     """The flowkeeper schema could not be created or upgraded."""
+
+
+class DatabaseRefusedError(FlowKeeperError, ValueError):
+    """Postgres refused a value for a reason that will not change on retry.
+
+    A data exception or an integrity violation (SQLSTATE classes 22 and 23), or
+    a value the driver cannot encode: unlike :class:`DatabaseError` it is never
+    retried, and reaches the caller (or fails the step) with this message.
+    """
+
+    def __init__(self, query: str, sqlstate: str | None, detail: str) -> None:
+        self.query = query
+        self.sqlstate = sqlstate
+        code = f" (SQLSTATE {sqlstate})" if sqlstate else ""
+        super().__init__(
+            f"Postgres refused a value in flowkeeper's {query} query{code}: {detail}. "
+            "Retrying cannot help: the value itself must change (NUL characters, lone "
+            "surrogates and NaN/Infinity cannot be stored)."
+        )
 
 
 class WorkflowError(FlowKeeperError):
@@ -134,10 +155,18 @@ class StepFailedError(FlowKeeperError):
 class StepTimeoutError(FlowKeeperError, TimeoutError):
     """A step attempt ran longer than the ``timeout`` given to ``ctx.step``.
 
-    The attempt counts as failed and is retried per the retry policy.  A sync
-    step keeps running in its thread (threads cannot be interrupted), but its
-    result is discarded.
+    The attempt counts as failed and is retried per the retry policy.  An
+    async step is cancelled at the timeout.  A sync step cannot be interrupted
+    (Python threads cannot be stopped): the attempt is reported as hung at the
+    timeout, and its retry starts only once the thread has returned (its late
+    result is discarded), so two attempts of one step never overlap.
     """
+
+
+class AttemptLostError(FlowKeeperError):
+    """A step's attempts ended with their invocation (the process was killed, ran out
+    of memory, hit its host's time limit or called ``os._exit``) until the retry
+    policy gave up.  Each lost attempt counts as an attempt."""
 
 
 class NonRetriableError(FlowKeeperError):

@@ -197,6 +197,18 @@ class RunOperations:
                 f"Run {rid} is {status}: only a finished run can be replayed. Cancel it first "
                 "(fk.cancel, `flowkeeper runs cancel`, or the dashboard), then replay it.",
             )
+        if run["leased"]:
+            # Cancelled while a step was executing, and that invocation has not
+            # stopped yet: replaying now could run the step twice at once.
+            wait = max(0.0, (run["due_at"] - await self.store.clock_now()).total_seconds())
+            raise RunStateError(
+                rid,
+                status,
+                f"Run {rid} was cancelled while a step was executing, and its invocation has "
+                "not stopped yet (a sync step cannot be interrupted: it holds the run until "
+                f"it returns). Try again in {wait:.0f} s; if that step is still running then, "
+                "it is still held.",
+            )
         error = json_or_none(run["error"])
         position, key = _replay_point(rid, status, error, steps, from_step)
         push = self.dispatcher is not None
@@ -222,7 +234,10 @@ class RunOperations:
         )
         if not replayed:
             raise RunStateError(
-                rid, None, f"Run {rid} changed while it was being replayed; look at it again."
+                rid,
+                None,
+                f"Run {rid} changed while it was being replayed, or an invocation still holds "
+                "it; look at it again in a few seconds.",
             )
         logger.info(
             "run %s: %s from %s (position %d, %d step record(s) forgotten) by %s",

@@ -15,6 +15,8 @@ import importlib
 import inspect
 import json
 import logging
+import math
+import re
 import typing
 import weakref
 from collections.abc import Callable
@@ -31,20 +33,61 @@ _NO_HINT: Any = object()
 _hint_cache: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
 
 
+# A JSON-escaped NUL (\u0000) not itself escaped: an odd run of backslashes before it.
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_NONFINITE = ("NaN", "Infinity")
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(token)
+
+
+def has_nonfinite(text: str) -> bool:
+    """Whether JSON text holds a bare NaN/Infinity (not merely the word inside a string)."""
+    if not any(token in text for token in _NONFINITE):  # the fast path: a C substring scan
+        return False
+    try:
+        json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        return True
+    return False
+
+
+def has_nul(text: str) -> bool:
+    """Whether JSON text holds an escaped NUL character (which Postgres cannot store)."""
+    return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
+
+
 def dumps(value: Any, *, what: str) -> str:
-    """Serialise ``value`` to JSON text, or raise a SerializationError naming ``what``."""
+    """Serialise ``value`` to JSON text, or raise a SerializationError naming ``what``.
+
+    Refuses, with a message saying why, everything Postgres cannot store or JSON
+    cannot represent: NaN and infinities, NUL characters and lone surrogates.
+    """
     try:
         text = pydantic_core.to_json(value).decode()
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
+        if "surrogates not allowed" in str(exc):
+            raise SerializationError(
+                f"{what} contains a lone surrogate character (half of a UTF-16 pair, often "
+                "from decoding bytes with errors='surrogateescape'), which is not valid "
+                "Unicode text and cannot be stored. Decode the bytes properly or encode them "
+                "(e.g. base64)."
+            ) from exc
         raise SerializationError(
             f"{what} is a {type(value).__qualname__}, which cannot be stored as JSON ({exc}). "
             "Return JSON-compatible data (dict, list, str, int, float, bool, None) "
             "or a pydantic model."
         ) from exc
-    if "\\u0000" in text:
+    if has_nul(text):
         raise SerializationError(
             f"{what} contains a NUL character (\\u0000), which Postgres cannot store in JSON. "
             "Strip NUL characters or encode binary data (e.g. base64)."
+        )
+    if has_nonfinite(text):
+        raise SerializationError(
+            f"{what} contains NaN or an infinity, which JSON cannot represent. Replace it "
+            "with None or a string, or round it to a finite number, before returning it."
         )
     return text
 
@@ -54,12 +97,51 @@ def json_or_none(text: str | None) -> Any:
     return json.loads(text) if text is not None else None
 
 
+def clean_text(text: str) -> str:
+    """Text that Postgres can store whatever it held: NUL and lone surrogates made visible.
+
+    For what flowkeeper only shows (error messages, tracebacks, event details),
+    never for values a workflow reads back.
+    """
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _displayable(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if depth > 50:
+        return clean_text(repr(value)[:1000])
+    if isinstance(value, dict):
+        return {clean_text(str(k)): _displayable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_displayable(v, depth + 1) for v in value]
+    return clean_text(repr(value))
+
+
+def display_json(value: Any) -> str:
+    """JSON of a record flowkeeper only displays (errors, event details): never refused."""
+    return json.dumps(_displayable(value), ensure_ascii=False)
+
+
 def dumps_best_effort(value: Any) -> str:
     """JSON for display only (step arguments): never fails, falls back to repr."""
     try:
-        return pydantic_core.to_json(value, fallback=repr).decode()
+        text = pydantic_core.to_json(value, fallback=repr).decode()
     except Exception:
-        return json.dumps(repr(value))
+        return json.dumps(clean_text(repr(value)), ensure_ascii=False)
+    if has_nul(text) or has_nonfinite(text):
+        return display_json(json.loads(text))
+    return text
 
 
 @functools.lru_cache(maxsize=512)

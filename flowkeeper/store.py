@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import migrations
 from .db import Database
-from .errors import DatabaseError, MigrationError
+from .errors import DatabaseError, DatabaseRefusedError, MigrationError
+from .serialization import display_json
 from .sql import load_queries
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class ClaimedRun:
     invocations: int
     db_now: datetime
     history: list[HistoryEntry]
+    # Invocations of this run that ended while executing, since its last write:
+    # each was inside the step at the frontier (an attempt lost with its process).
+    lost_attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +99,7 @@ def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
         [s.input for s in steps],
         [s.output for s in steps],
         [s.output_type for s in steps],
-        [json.dumps(s.error) if s.error is not None else None for s in steps],
+        [display_json(s.error) if s.error is not None else None for s in steps],
         [s.attempts for s in steps],
         [s.started_at for s in steps],
         [s.finished_at for s in steps],
@@ -108,7 +112,7 @@ def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
         [e.kind for e in events],
         [e.step_key for e in events],
         [e.attempt for e in events],
-        [json.dumps(e.detail) if e.detail is not None else None for e in events],
+        [display_json(e.detail) if e.detail is not None else None for e in events],
     ]
 
 
@@ -124,6 +128,7 @@ def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> Cla
         invocations=row["invocations"],
         db_now=row["db_now"],
         history=history,
+        lost_attempts=row["lost_attempts"],
     )
 
 
@@ -131,6 +136,27 @@ def _postgres_error() -> type[BaseException]:
     import asyncpg
 
     return asyncpg.PostgresError
+
+
+# SQLSTATE classes that say the value itself is wrong: data exceptions (22: NUL
+# in text, bad JSON, numbers out of range) and integrity violations (23).  The
+# same statement would fail the same way, so they are never retried.
+_PERMANENT_CLASSES = ("22", "23")
+
+
+def _refused(name: str, exc: BaseException) -> DatabaseRefusedError | None:
+    """The permanent refusal ``exc`` stands for, or None when it may be transient."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", None) or ""
+        if state[:2] in _PERMANENT_CLASSES:
+            return DatabaseRefusedError(name, state, f"{type(exc).__name__}: {exc}")
+        return None
+    # Raised by the driver before anything is sent: a value it cannot encode.
+    if isinstance(exc, asyncpg.DataError | UnicodeError):
+        return DatabaseRefusedError(name, None, f"{type(exc).__name__}: {exc}")
+    return None
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -177,16 +203,21 @@ class Store:
                 raise
             self.db.put(own)
             return result
-        except _connection_errors() as exc:
-            raise DatabaseError(
-                f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except _postgres_error() as exc:
-            raise DatabaseError(
-                f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
-                "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
-                "behind a transaction pooler, make sure it is detected (pooled=True)."
-            ) from exc
+        except Exception as exc:
+            refused = _refused(name, exc)
+            if refused is not None:
+                raise refused from exc
+            if isinstance(exc, _connection_errors()):
+                raise DatabaseError(
+                    f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
+                ) from exc
+            if isinstance(exc, _postgres_error()):
+                raise DatabaseError(
+                    f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
+                    "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
+                    "behind a transaction pooler, make sure it is detected (pooled=True)."
+                ) from exc
+            raise
 
     async def ensure_schema(self) -> None:
         """Check the schema version once per process; migrate if allowed and needed."""
@@ -360,7 +391,7 @@ class Store:
             due_in,
             due_at,
             output,
-            json.dumps(error) if error is not None else None,
+            display_json(error) if error is not None else None,
             step_key,
             step_attempt,
             *_step_columns(steps),
@@ -372,12 +403,20 @@ class Store:
         due: datetime | None = row["due_at"]
         return due
 
-    async def heartbeat(self, run_id: str, token: uuid.UUID, lease: timedelta) -> bool:
+    async def heartbeat(self, run_id: str, token: uuid.UUID, lease: timedelta) -> str | None:
+        """Extend the lease; the run's status while it is held, None once it is lost."""
         row = await self._call("fetchrow", "heartbeat", uuid.UUID(run_id), token, lease)
+        return None if row is None else str(row["status"])
+
+    async def release_stopped(self, run_id: str, token: uuid.UUID, detail: dict[str, Any]) -> bool:
+        """Let go of a run cancelled under this lease, once its step has really ended."""
+        row = await self._call(
+            "fetchrow", "release_stopped", uuid.UUID(run_id), token, display_json(detail)
+        )
         return row is not None
 
     async def cancel(self, run_id: str, detail: dict[str, Any]) -> tuple[bool, str | None]:
-        row = await self._call("fetchrow", "cancel_run", uuid.UUID(run_id), json.dumps(detail))
+        row = await self._call("fetchrow", "cancel_run", uuid.UUID(run_id), display_json(detail))
         return bool(row["cancelled"]), row["previous_status"]
 
     # scheduler ----------------------------------------------------------------
@@ -506,7 +545,7 @@ class Store:
             kind,
             lease_token,
             lease,
-            json.dumps(detail),
+            display_json(detail),
             step_key,
         )
         return bool(row["replayed"]), int(row["forgotten"])
@@ -520,7 +559,7 @@ class Store:
         lease: timedelta,
     ) -> bool:
         row = await self._call(
-            "fetchrow", "retry_now", uuid.UUID(run_id), lease_token, lease, json.dumps(detail)
+            "fetchrow", "retry_now", uuid.UUID(run_id), lease_token, lease, display_json(detail)
         )
         return bool(row["retried"])
 
@@ -557,7 +596,7 @@ class Store:
             retry_in,
             error,
             event,
-            json.dumps(detail) if detail is not None else None,
+            display_json(detail) if detail is not None else None,
         )
 
     async def login_failures(self, client: str, window: timedelta) -> int:

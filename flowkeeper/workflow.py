@@ -35,6 +35,12 @@ def validate_name(name: str, what: str = "workflow") -> str:
         raise WorkflowError(f"The {what} name {name[:40]!r}... is longer than {_MAX_NAME}.")
     if any(ord(c) < 32 for c in name):
         raise WorkflowError(f"The {what} name {name!r} contains control characters.")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WorkflowError(
+            f"The {what} name {name!r} contains a lone surrogate, which is not valid Unicode."
+        ) from None
     return name
 
 
@@ -113,11 +119,24 @@ class Workflow:
         except pydantic.ValidationError as exc:
             raise InvalidInputError(self.name, str(exc)) from None
         try:
-            return adapter.dump_json(validated).decode()
+            text = adapter.dump_json(validated).decode()
         except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
             raise InvalidInputError(
                 self.name, f"The input cannot be stored as JSON: {exc}"
             ) from None
+        if serialization.has_nul(text):
+            raise InvalidInputError(
+                self.name,
+                "The input contains a NUL character (\\u0000), which Postgres cannot store. "
+                "Strip it, or encode binary data (e.g. base64).",
+            )
+        if serialization.has_nonfinite(text):
+            raise InvalidInputError(
+                self.name,
+                "The input contains NaN or an infinity, which JSON cannot represent. "
+                "Use None, a string or a finite number.",
+            )
+        return text
 
     def load_input(self, text: str | None) -> Any:
         """The stored input, as the annotated type."""

@@ -17,12 +17,12 @@ RETURNING id;
 -- The endpoint creates a run handed to it by trigger() and takes its lease in
 -- the same statement: one commit for "the run exists and is executing".
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
-                           started_at, invocations)
+                           started_at, invocations, executing)
 VALUES ($1, $2, 'running', $3::json, $4, $5, {schema}.clock_now() + $6::interval,
-        {schema}.clock_now(), 1)
+        {schema}.clock_now(), 1, true)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-          {schema}.clock_now() AS db_now;
+          lost_attempts, {schema}.clock_now() AS db_now;
 
 -- name: run_by_id_or_key
 -- After an insert that conflicted: the run with this id, else the run holding
@@ -42,7 +42,9 @@ WHERE id = $1 AND lease_token = $2;
 -- Take the lease for an invocation: allowed when the invocation carries the
 -- token its dispatcher leased the run with, or when the run is due (queued,
 -- sleep over, retry due, lease expired).  Returns the run and its recorded
--- history in the same round trip.
+-- history in the same round trip.  A run still marked executing was held by
+-- an invocation that died inside a step: one more lost attempt (see
+-- migration 0005).  A finished run whose stopping invocation died is let go.
 WITH claimed AS (
     UPDATE {schema}.runs
     SET status = 'running',
@@ -51,11 +53,21 @@ WITH claimed AS (
         started_at = coalesce(started_at, {schema}.clock_now()),
         updated_at = {schema}.clock_now(),
         dispatch_failures = 0,
-        invocations = invocations + 1
+        invocations = invocations + 1,
+        lost_attempts = lost_attempts + CASE WHEN executing THEN 1 ELSE 0 END,
+        executing = true
     WHERE id = $1
       AND status IN ('queued', 'running', 'sleeping', 'retrying')
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
-    RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations
+    RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
+              lost_attempts
+), stale AS (
+    UPDATE {schema}.runs
+    SET lease_token = NULL, due_at = NULL, executing = false
+    WHERE id = $1
+      AND status IN ('completed', 'failed', 'cancelled')
+      AND due_at IS NOT NULL
+      AND (lease_token = $2 OR due_at <= {schema}.clock_now())
 )
 SELECT c.*,
        {schema}.clock_now() AS db_now,
@@ -79,11 +91,13 @@ FROM {schema}.runs WHERE id = $1;
 -- name: commit
 -- The one write an invocation makes under its lease: new run state, the
 -- step records it has not written yet ($11-$23, one array per column), and
--- events ($24-$27).  Refused (no row) when
--- the lease token is no longer current.  Due time: unchanged when $28 (a
--- mid-run flush: no indexed column changes, so the update can be HOT and the
--- lease is kept alive by the heartbeat), else $6 (absolute), else now + $5,
--- else none (finished).
+-- events ($24-$27).  Refused (no row) when the lease token is no longer
+-- current or the run was cancelled meanwhile (fencing).  Due time: unchanged
+-- when $28 (a mid-run flush: no indexed column changes, so the update can be
+-- HOT and the lease is kept alive by the heartbeat; the invocation goes on
+-- executing), else $6 (absolute), else now + $5, else none (finished).  Lost
+-- attempts are settled by every write: the engine has charged them to their
+-- step ($9/$10) by then.
 WITH r AS (
     UPDATE {schema}.runs
     SET status = $3,
@@ -96,10 +110,13 @@ WITH r AS (
         error = $8::jsonb,
         step_key = $9,
         step_attempt = $10,
+        executing = $28::boolean,
+        lost_attempts = 0,
         finished_at = CASE WHEN $3 IN ('completed', 'failed', 'cancelled')
                            THEN {schema}.clock_now() END,
         updated_at = {schema}.clock_now()
     WHERE id = $1 AND lease_token = $2
+      AND status IN ('queued', 'running', 'sleeping', 'retrying')
     RETURNING id, due_at
 ), s AS (
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
@@ -121,22 +138,48 @@ WITH r AS (
 SELECT id, due_at FROM r;
 
 -- name: heartbeat
--- Keep the lease of a live invocation from expiring during a long step.
+-- Keep the lease of a live invocation from expiring during a long step.  The
+-- status tells the invocation when the run was cancelled under it: the lease
+-- is kept until its step has really stopped (see cancel_run).
 UPDATE {schema}.runs
 SET due_at = {schema}.clock_now() + $3::interval
 WHERE id = $1 AND lease_token = $2
-RETURNING due_at;
+RETURNING status;
 
--- name: cancel_run
+-- name: release_stopped
+-- The invocation of a run cancelled under it has stopped its step: let go of
+-- the run, so it can be replayed, and record how it stopped ($3).
 WITH r AS (
     UPDATE {schema}.runs
-    SET status = 'cancelled', lease_token = NULL, due_at = NULL,
-        finished_at = {schema}.clock_now(), updated_at = {schema}.clock_now()
-    WHERE id = $1 AND status IN ('queued', 'running', 'sleeping', 'retrying')
+    SET lease_token = NULL, due_at = NULL, executing = false, updated_at = {schema}.clock_now()
+    WHERE id = $1 AND lease_token = $2 AND status = 'cancelled'
     RETURNING id
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, detail)
-    SELECT r.id, 'cancelled', $2::jsonb FROM r
+    SELECT r.id, 'stopped', $3::jsonb FROM r
+)
+SELECT id FROM r;
+
+-- name: cancel_run
+-- Cancel a live run.  An invocation executing it right now keeps its lease
+-- (and its heartbeat keeps it alive) until it has stopped its step, then lets
+-- go (release_stopped); meanwhile none of its writes is accepted, and replay
+-- is refused, so no step ever runs twice at once.  Any other lease (a
+-- dispatch in flight) is dropped.
+WITH r AS (
+    UPDATE {schema}.runs
+    SET status = 'cancelled',
+        lease_token = CASE WHEN executing AND due_at > {schema}.clock_now()
+                           THEN lease_token END,
+        due_at = CASE WHEN executing AND due_at > {schema}.clock_now() THEN due_at END,
+        finished_at = {schema}.clock_now(), updated_at = {schema}.clock_now()
+    WHERE id = $1 AND status IN ('queued', 'running', 'sleeping', 'retrying')
+    RETURNING id, lease_token IS NOT NULL AS stopping
+), e AS (
+    INSERT INTO {schema}.events (run_id, kind, detail)
+    SELECT r.id, 'cancelled',
+           CASE WHEN r.stopping THEN $2::jsonb || '{"stopping": true}' ELSE $2::jsonb END
+    FROM r
 )
 SELECT (SELECT count(*) FROM r) AS cancelled,
        (SELECT status FROM {schema}.runs WHERE id = $1) AS previous_status;
@@ -255,14 +298,17 @@ FROM {schema}.runs r WHERE r.id = $1;
 -- Run a finished run again from step position $2: the step records at and
 -- after it are deleted (earlier results kept), retry state is reset, and the
 -- run is queued, leased to the caller's push ($4 for $5) or due at once.
--- Refused (replayed = 0) unless the run is finished.  $3 is the event kind,
--- $6 its detail, $7 its step.
+-- Refused (replayed = 0) unless the run is finished and no invocation still
+-- holds it (one cancelled while executing a step, not yet stopped).  $3 is
+-- the event kind, $6 its detail, $7 its step.
 WITH r AS (
     UPDATE {schema}.runs
     SET status = 'queued', output = NULL, error = NULL, step_key = NULL, step_attempt = 0,
         lease_token = $4, due_at = {schema}.clock_now() + $5::interval,
-        finished_at = NULL, dispatch_failures = 0, updated_at = {schema}.clock_now()
+        finished_at = NULL, dispatch_failures = 0, updated_at = {schema}.clock_now(),
+        executing = false, lost_attempts = 0
     WHERE id = $1 AND status IN ('completed', 'failed', 'cancelled')
+      AND NOT (lease_token IS NOT NULL AND due_at > {schema}.clock_now())
     RETURNING id
 ), d AS (
     DELETE FROM {schema}.steps s USING r

@@ -13,9 +13,11 @@ def test_all_names_exist() -> None:
 def test_public_api_is_exactly_this() -> None:
     expected = {
         "AttemptError",
+        "AttemptLostError",
         "ConfigurationError",
         "Context",
         "DatabaseError",
+        "DatabaseRefusedError",
         "DeterminismError",
         "DispatchError",
         "DuplicateWorkflowError",
