@@ -130,7 +130,10 @@ class Workflow:
                 "The input contains a NUL character (\\u0000), which Postgres cannot store. "
                 "Strip it, or encode binary data (e.g. base64).",
             )
-        if serialization.has_nonfinite(text):
+        # pydantic writes NaN and infinities as null here: the run would see None.
+        if "null" in text and serialization.has_nonfinite(
+            pydantic_core.to_json(validated, fallback=str).decode()
+        ):
             raise InvalidInputError(
                 self.name,
                 "The input contains NaN or an infinity, which JSON cannot represent. "
