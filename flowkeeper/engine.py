@@ -422,12 +422,8 @@ class Execution:
             output = self.workflow.dump_output(value)
         except SerializationError as exc:
             return await self._finish_failed(exc)
-        ok = await self._write(
-            "completed",
-            output=output,
-            steps=self._pending_steps,
-            events=self._pending_events,
-        )
+        steps, events = self._take_pending()
+        ok = await self._write("completed", output=output, steps=steps, events=events)
         if ok is False:
             return await self._lost()
         logger.debug("run %s completed (%d steps this invocation)", self.run_id, self._executed)
@@ -441,12 +437,8 @@ class Execution:
             if isinstance(exc, DeterminismError):
                 error.update(step=exc.step, position=exc.position)
         logger.warning("run %s failed: %s: %s", self.run_id, error["type"], error["message"])
-        ok = await self._write(
-            "failed",
-            error=error,
-            steps=self._pending_steps,
-            events=self._pending_events,
-        )
+        steps, events = self._take_pending()
+        ok = await self._write("failed", error=error, steps=steps, events=events)
         if ok is False:
             return await self._lost()
         return SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
@@ -496,6 +488,7 @@ class Execution:
         step_attempt: int = 0,
         extra_steps: list[StepRecord] | None = None,
     ) -> _Suspend:
+        steps, events = self._take_pending()
         result = await self._write(
             status,
             new_token=new_token,
@@ -504,12 +497,11 @@ class Execution:
             error=error,
             step_key=step_key,
             step_attempt=step_attempt,
-            steps=self._pending_steps + (extra_steps or []),
-            events=self._pending_events,
+            steps=steps + (extra_steps or []),
+            events=events,
         )
         if result is False:
             return _Suspend(await self._lost())
-        self._pending_steps, self._pending_events = [], []
         due = result if isinstance(result, datetime) else None
         return _Suspend(
             SegmentResult(
@@ -589,18 +581,24 @@ class Execution:
                 step_attempt=step_attempt,
             )
         if self._pending_steps or self._pending_events:
+            steps, events = self._take_pending()
             result = await self._write(
                 "running",
                 new_token=self.token,
                 keep_due=True,
                 step_key=step_key,
                 step_attempt=step_attempt,
-                steps=self._pending_steps,
-                events=self._pending_events,
+                steps=steps,
+                events=events,
             )
             if result is False:
                 raise _Suspend(await self._lost())
-            self._pending_steps, self._pending_events = [], []
+
+    def _take_pending(self) -> tuple[list[StepRecord], list[EventRecord]]:
+        """The records not written yet, handed to one write (never to two at once)."""
+        steps, events = self._pending_steps, self._pending_events
+        self._pending_steps, self._pending_events = [], []
+        return steps, events
 
     # steps ---------------------------------------------------------------
     async def step(
@@ -918,6 +916,12 @@ class Execution:
         seconds: float,
     ) -> StepTimeoutError:
         """A sync step overran its timeout: report it now, and wait until its thread ends."""
+        if future.cancel():  # it never started: every step thread was busy
+            return StepTimeoutError(
+                f"Step attempt exceeded its timeout of {seconds:g}s before a thread was free "
+                f"to run it (all {self.engine.executor.max_workers} step threads were busy; "
+                "see FlowKeeper(max_step_threads=...))"
+            )
         self.engine.executor.abandon(future)
         logger.warning(
             "run %s: sync step %r attempt %d overran its timeout of %gs and its thread is "

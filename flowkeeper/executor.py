@@ -36,7 +36,9 @@ class StepExecutor:
         if max_workers < 1:
             raise ValueError("StepExecutor needs at least one worker thread")
         self.max_workers = max_workers
-        self.max_abandoned = max_workers if max_abandoned is None else max_abandoned
+        # Each abandoned thread belongs to an invocation that waits for it, so
+        # their number follows the invocations in flight; the cap is a backstop.
+        self.max_abandoned = 4 * max_workers if max_abandoned is None else max_abandoned
         self._lock = threading.Lock()
         self._queue: deque[tuple[concurrent.futures.Future[Any], Callable[[], Any]]] = deque()
         self._idle = 0  # threads waiting for work
@@ -55,49 +57,51 @@ class StepExecutor:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         with self._lock:
             self._queue.append((future, fn))
-            if self._idle:
-                self._wakeup.notify()
-            elif self._running < self.max_workers and len(self._abandoned) <= self.max_abandoned:
-                self._running += 1
-                self._idle += 1
-                threading.Thread(
-                    target=self._work, name=f"flowkeeper-step-{next(_names)}", daemon=True
-                ).start()
+            self._dispatch()
         return future
 
-    def abandon(self, future: concurrent.futures.Future[Any]) -> None:
-        """The step in ``future`` overran its timeout: its thread gives up its place."""
+    def _dispatch(self) -> None:
+        """Wake or start a thread for queued work (holding the lock)."""
+        if len(self._queue) <= self._idle:
+            self._wakeup.notify()
+        elif self._running < self.max_workers and len(self._abandoned) <= self.max_abandoned:
+            self._running += 1
+            threading.Thread(
+                target=self._work, name=f"flowkeeper-step-{next(_names)}", daemon=True
+            ).start()
+
+    def abandon(self, future: concurrent.futures.Future[Any]) -> bool:
+        """The running step in ``future`` overran its timeout: its thread gives up its place.
+
+        Returns False when there is nothing to abandon (it ended, or never started).
+        """
         with self._lock:
-            if future.done() or future in self._abandoned:
-                return
+            if not future.running() or future in self._abandoned:
+                return False
             self._abandoned.add(future)
             self._running -= 1
             count = len(self._abandoned)
-            # Its place is free: start work that was waiting for one.
-            if self._queue and not self._idle and count <= self.max_abandoned:
-                self._running += 1
-                self._idle += 1
-                threading.Thread(
-                    target=self._work, name=f"flowkeeper-step-{next(_names)}", daemon=True
-                ).start()
+            if self._queue:
+                self._dispatch()
         logger.warning(
             "a sync step overran its timeout and its thread is still running (%d such "
             "thread(s) in this process); Python cannot stop it, so its retry waits until it "
             "returns",
             count,
         )
+        return True
 
     def _work(self) -> None:
         while True:
             with self._lock:
                 while not self._queue:
-                    # Idle for a minute: let the thread go.
-                    if not self._wakeup.wait(timeout=60) and not self._queue:
-                        self._idle -= 1
+                    self._idle += 1
+                    woken = self._wakeup.wait(timeout=60)
+                    self._idle -= 1
+                    if not woken and not self._queue:  # idle for a minute: let it go
                         self._running -= 1
                         return
                 future, fn = self._queue.popleft()
-                self._idle -= 1
             if future.set_running_or_notify_cancel():
                 try:
                     result = fn()
@@ -112,4 +116,3 @@ class StepExecutor:
                     if self._running >= self.max_workers:
                         return
                     self._running += 1
-                self._idle += 1
