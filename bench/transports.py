@@ -1,6 +1,6 @@
-"""The dispatcher's HTTP transport, three ways, on the end-to-end throughput benchmark.
+"""The dispatcher's HTTP transport, several ways, on the end-to-end throughput benchmark.
 
-    ./bench/run --help >/dev/null        # once: makes .venv-bench (it has aiohttp)
+    ./bench/run --help >/dev/null        # once: makes .venv-bench
     .venv-bench/bin/python -m bench.transports [--workflows 1000] [--rounds 5]
 
 The workload is bench.compare's throughput figure (``bench.core.run_batch``:
@@ -8,16 +8,18 @@ three-step workflows triggered and run to completion, the endpoint under
 uvicorn in a subprocess, runs pushed by trigger).  Only the transport of the
 triggering process's :class:`~flowkeeper.dispatch.Dispatcher` changes:
 
-- ``http11``: flowkeeper's own client (``flowkeeper.http11``), as shipped;
+- ``aiohttp``: the dispatcher's own client (``flowkeeper.dispatch.HTTPClient``);
 - ``httpx``: an ``httpx.AsyncClient`` on a tuned ``AsyncHTTPTransport``
-  (HTTP/1.1 only, a keep-alive pool as large as the dispatcher's connection
-  limit, no retries, no environment lookups);
-- ``aiohttp``: an ``aiohttp.ClientSession`` on a ``TCPConnector`` with the
-  same limit.
+  (HTTP/1.1 only, a keep-alive pool as large as the connection limit, no
+  retries, no environment lookups).
+
+It also compared a hand-written asyncio client (``flowkeeper/http11.py``,
+removed in the commit that moved the dispatcher to aiohttp; check that commit's
+parent out to run it again): no faster end to end, so it went.
 
 Each variant maps its exceptions onto the ones the dispatcher catches, so the
 dispatcher's logic is the same in all three.  Rounds are interleaved
-(http11, httpx, aiohttp, then again) so that load on a shared machine falls on
+(aiohttp, httpx, then again) so that load on a shared machine falls on
 all alike; medians and ranges of workflows/s are printed, each variant's
 ratio to the first variant as the median of per-round ratios, and the CPU time
 the triggering (dispatching) process spent per workflow, which the load of a
@@ -35,7 +37,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from flowkeeper import http11
+from flowkeeper import dispatch
 from flowkeeper.dispatch import Dispatcher
 
 from .common import durable_cluster, interpreter, median, quiesce, served_app, table
@@ -45,7 +47,7 @@ from .core import run_batch
 class Transport(Protocol):
     async def post(
         self, url: str, *, content: bytes, headers: Mapping[str, str]
-    ) -> http11.Response: ...
+    ) -> dispatch.Response: ...
 
     async def aclose(self) -> None: ...
 
@@ -68,57 +70,26 @@ class HttpxTransport:
 
     async def post(
         self, url: str, *, content: bytes, headers: Mapping[str, str]
-    ) -> http11.Response:
+    ) -> dispatch.Response:
         try:
             r = await self.client.post(url, content=content, headers=headers)
         except httpx.ReadTimeout as exc:
-            raise http11.ReadTimeout(str(exc)) from exc
+            raise dispatch.ReadTimeout(str(exc)) from exc
         except httpx.HTTPError as exc:
-            raise http11.HTTPError(str(exc)) from exc
-        return http11.Response(r.status_code, dict(r.headers), r.content)
+            raise dispatch.HTTPError(str(exc)) from exc
+        return dispatch.Response(r.status_code, dict(r.headers), r.content)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
-class AiohttpTransport:
-    def __init__(self, d: Dispatcher, pool: int | None = None) -> None:
-        import aiohttp
-
-        self.aiohttp = aiohttp
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=pool or d.max_connections, keepalive_timeout=30.0),
-            timeout=aiohttp.ClientTimeout(sock_connect=d.connect_timeout, sock_read=d.ack_timeout),
-            auto_decompress=False,
-        )
-
-    async def post(
-        self, url: str, *, content: bytes, headers: Mapping[str, str]
-    ) -> http11.Response:
-        aiohttp = self.aiohttp
-        try:
-            async with self.session.post(url, data=content, headers=headers) as r:
-                body = await r.read()
-                return http11.Response(r.status, dict(r.headers), body)
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise http11.ConnectTimeout(str(exc)) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise http11.ReadTimeout(str(exc)) from exc
-        except aiohttp.ClientError as exc:
-            raise http11.HTTPError(str(exc)) from exc
-
-    async def aclose(self) -> None:
-        await self.session.close()
-
-
 VARIANTS: dict[str, Callable[[Dispatcher, int | None], Any]] = {
-    "http11": lambda d, pool: http11.Client(
+    "aiohttp": lambda d, pool: dispatch.HTTPClient(
         connect_timeout=d.connect_timeout,
         read_timeout=d.ack_timeout,
         max_connections=pool or d.max_connections,
     ),
     "httpx": HttpxTransport,
-    "aiohttp": AiohttpTransport,
 }
 
 
