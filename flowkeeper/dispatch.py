@@ -6,6 +6,22 @@ response, so a dispatch costs one short round trip, not the run's duration.
 Where a host buffers the response until the run segment ends (Lambda behind a
 function URL), the read times out after ``ack_timeout``: the request was
 delivered and the lease covers the run, so that counts as delivered too.
+
+The HTTP/1.1 client is aiohttp's (its llhttp parser reads every framing RFC
+9112 allows), one keep-alive connection pool per event loop.  It is imported
+on the first dispatch, not with flowkeeper.  ``bench/transports.py`` measured
+it against httpx (about half the throughput: its pool scans every connection
+for every request) and a hand-written client (no faster end to end).
+Proxies and redirects are not followed: invocations go to the app's own
+endpoint.  A POST that fails on a reused keep-alive connection the server had
+closed is sent once more on a new one; invocations are idempotent (a duplicate
+is refused by the lease), so that retry is safe.
+
+    HTTPError (a DispatchError)   the request could not be completed
+    ├── ConnectError              no connection (refused, unreachable, TLS)
+    │   └── ConnectTimeout
+    ├── ReadTimeout               sent in full, no answer within ack_timeout
+    └── ProtocolError             the answer was cut short, malformed or too large
 """
 
 from __future__ import annotations
@@ -14,15 +30,157 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from . import http11
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DispatchError
 from .signing import RequestSigner
 
+if TYPE_CHECKING:
+    import aiohttp
+
 logger = logging.getLogger("flowkeeper")
+
+_MAX_BODY = 1024 * 1024
+
+
+class HTTPError(DispatchError):
+    """An invocation's request could not be completed (connection, protocol)."""
+
+
+class ConnectError(HTTPError):
+    """No connection could be made (refused, unreachable, TLS verification failed)."""
+
+
+class ConnectTimeout(ConnectError):
+    """No connection within ``connect_timeout``."""
+
+
+class ReadTimeout(HTTPError):
+    """The request was sent in full but no answer came within ``ack_timeout``."""
+
+
+class ProtocolError(HTTPError):
+    """The answer was cut short, malformed, or too large."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status_code: int
+    headers: dict[str, str]  # lower-case names
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+
+class HTTPClient:
+    """Keep-alive HTTP/1.1 POSTs over aiohttp; bound to the event loop that makes it."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        max_connections: int = 64,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(_note_reuse)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=max_connections,
+                limit_per_host=0,
+                # Verified against the system's CAs (SSL_CERT_FILE honoured) unless given.
+                ssl=ssl_context if ssl_context is not None else ssl.create_default_context(),
+            ),
+            # sock_read: from the request's sending to the answer's first byte, and
+            # between any two reads after it.  The wait for a free connection is not
+            # bounded (as many requests as connections are in flight at once).
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=None, sock_connect=connect_timeout, sock_read=read_timeout
+            ),
+            trace_configs=[trace],
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def post(self, url: str, *, content: bytes, headers: Mapping[str, str]) -> Response:
+        aiohttp = self._aiohttp
+        parts = urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+        for attempt in range(3):
+            state: dict[str, bool] = {"reused": False}
+            try:
+                async with self._session.post(
+                    url,
+                    data=content,
+                    headers=headers,
+                    allow_redirects=False,
+                    trace_request_ctx=state,
+                ) as r:
+                    body = bytearray()
+                    async for chunk in r.content.iter_any():
+                        body += chunk
+                        if len(body) > _MAX_BODY:
+                            raise ProtocolError(f"the response from {where} is over 1 MiB")
+                    fields = {k.lower(): v for k, v in r.headers.items()}
+                    return Response(r.status, fields, bytes(body))
+            except aiohttp.ConnectionTimeoutError as exc:
+                raise ConnectTimeout(f"connecting to {where} timed out") from exc
+            except aiohttp.ClientConnectorError as exc:
+                raise ConnectError(f"cannot connect to {where}: {exc.os_error}") from exc
+            except (aiohttp.SocketTimeoutError, TimeoutError) as exc:
+                raise ReadTimeout(f"no answer from {where} within the ack timeout") from exc
+            except aiohttp.ClientPayloadError as exc:
+                raise ProtocolError(
+                    f"{where} closed the connection before the end of the body, or sent a "
+                    f"malformed one ({_cause(exc)})"
+                ) from exc
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if state["reused"] and attempt < 2:
+                    continue  # a kept-alive connection the server had closed
+                if isinstance(exc, aiohttp.ServerDisconnectedError):
+                    raise ProtocolError(f"{where} closed the connection before answering") from exc
+                raise HTTPError(f"the connection to {where} failed: {exc}") from exc
+            except aiohttp.ClientResponseError as exc:  # the parser refused the answer
+                message = " ".join(str(exc.message).split())
+                raise ProtocolError(f"{where} sent a malformed response: {message}") from exc
+            except aiohttp.ClientError as exc:
+                raise HTTPError(f"request to {where} failed: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+    def abandon(self) -> None:
+        """Drop the pool without I/O (its event loop is gone or elsewhere)."""
+        connector = self._session.connector
+        self._session.detach()
+        if connector is not None:
+            with contextlib.suppress(Exception):
+                connector._close()  # synchronous: closes the transports
+
+
+async def _note_reuse(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: object
+) -> None:
+    state = context.trace_request_ctx
+    if isinstance(state, dict):
+        state["reused"] = True
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc.__context__
+    text = str(inner) if inner is not None else ""
+    return " ".join((text or str(exc) or type(exc).__name__).split())
 
 
 def validate_endpoint(endpoint: str) -> str:
@@ -57,6 +215,7 @@ class Dispatcher:
         ack_timeout: float = 10.0,
         connect_timeout: float = 5.0,
         max_connections: int = 64,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.endpoint = validate_endpoint(endpoint)
         #: The endpoint's path without a trailing slash ("" at a host's root).
@@ -66,16 +225,21 @@ class Dispatcher:
         self.ack_timeout = ack_timeout
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
-        self._client: http11.Client | None = None
+        #: Verifies https endpoints; None: the system's CAs (SSL_CERT_FILE honoured).
+        self.ssl_context = ssl_context
+        self._client: HTTPClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _http(self) -> http11.Client:
+    def _http(self) -> HTTPClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = http11.Client(
+            if self._client is not None:
+                self._client.abandon()
+            self._client = HTTPClient(
                 connect_timeout=self.connect_timeout,
                 read_timeout=self.ack_timeout,
                 max_connections=self.max_connections,
+                ssl_context=self.ssl_context,
             )
             self._loop = loop
         return self._client
@@ -115,7 +279,7 @@ class Dispatcher:
         )
         try:
             response = await self._http().post(url, content=body, headers=headers)
-        except http11.HTTPError as exc:
+        except HTTPError as exc:
             return Delivery(run_id, False, None, f"{type(exc).__name__}: {exc or 'no detail'}")
         try:
             data = json.loads(response.content) if response.content else None
@@ -135,10 +299,10 @@ class Dispatcher:
         url, body, headers = self.signed("/", payload)
         try:
             response = await self._http().post(url, content=body, headers=headers)
-        except http11.ReadTimeout:
+        except ReadTimeout:
             # Sent in full; the endpoint is working on it (or died: the lease expires).
             return Delivery(run_id, True, None, "no answer within the ack timeout (in flight)")
-        except http11.HTTPError as exc:
+        except HTTPError as exc:
             return Delivery(run_id, False, None, f"{type(exc).__name__}: {exc or 'no detail'}")
         try:
             data = json.loads(response.content) if response.content else None
