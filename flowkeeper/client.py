@@ -402,7 +402,7 @@ class FlowKeeper(RunOperations):
         ]
         failures: dict[str, list[AttemptError]] = {}
         for ev in events:
-            if ev.kind == "attempt_failed" and ev.step_key:
+            if ev.kind in ("attempt_failed", "attempt_lost") and ev.step_key:
                 failures.setdefault(ev.step_key, []).append(_attempt_error(ev))
         steps = [_step_info(r, now, failures.get(r["key"], [])) for r in step_rows]
         if (

@@ -331,7 +331,7 @@ def _print_run(info: RunInfo, now: datetime, *, full_tracebacks: bool) -> None:
         shown = tb if full_tracebacks else tb[-6:]
         print("\ntraceback" + ("" if full_tracebacks else " (last lines; --traceback for all)"))
         print("\n".join(f"  {line}" for line in shown))
-    history = [e for e in info.events if e.kind != "attempt_failed"]
+    history = [e for e in info.events if e.kind not in ("attempt_failed", "attempt_lost")]
     if history:
         print("\nhistory")
         for e in history:

@@ -1,7 +1,7 @@
 """A run's timeline: one lane per step, one span per attempt, sleeps and waits.
 
 Built from :class:`~flowkeeper.models.RunInfo` (the recorded steps and the
-``attempt_failed`` events), so the dashboard draws it and ``flowkeeper runs
+``attempt_failed`` and ``attempt_lost`` events), so the dashboard draws it and ``flowkeeper runs
 show`` prints it from the same spans.
 
 Span kinds and outcomes:
@@ -21,7 +21,15 @@ from typing import Any
 from ..models import RunInfo, StepInfo
 
 _TERMINAL = {"completed", "failed", "cancelled"}
-_MARKED_EVENTS = {"replayed", "retried", "cancelled", "alert_sent", "alert_failed"}
+_MARKED_EVENTS = {
+    "replayed",
+    "retried",
+    "cancelled",
+    "stopped",
+    "step_hung",
+    "alert_sent",
+    "alert_failed",
+}
 
 
 @dataclass(frozen=True, slots=True)

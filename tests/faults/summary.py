@@ -17,8 +17,13 @@ class FaultSummary:
     stalls_injected: int = 0  # SIGSTOP past the lease, then SIGCONT
     duplicates_attempted: int = 0
     bad_inputs_tried: int = 0
+    lost_attempt_runs: int = 0  # runs whose step killed its own process
+    lost_attempts_counted: int = 0
+    poison_runs: int = 0  # NaN results, NUL errors, sync timeouts, dict loops, operator actions
     runs_lost: int = 0
+    runs_never_ended: int = 0
     recorded_steps_reexecuted: int = 0
+    overlapping_attempts: int = 0
     tests: int = 0
 
     def lines(self) -> list[str]:
@@ -28,8 +33,13 @@ class FaultSummary:
             "stalls_injected": "stalls injected (SIGSTOP past the lease)",
             "duplicates_attempted": "duplicate / stale signed invocations",
             "bad_inputs_tried": "bad inputs tried at the endpoint",
+            "lost_attempt_runs": "runs whose step killed its process (os._exit, SIGKILL)",
+            "lost_attempts_counted": "attempts lost with their process, counted",
+            "poison_runs": "runs with poison values or operator actions mid-run",
             "runs_lost": "runs lost (must be 0)",
+            "runs_never_ended": "runs that never ended (must be 0)",
             "recorded_steps_reexecuted": "recorded steps re-executed (must be 0)",
+            "overlapping_attempts": "step attempts that overlapped (must be 0)",
         }
         return [
             f"{labels[f.name]:62} {getattr(self, f.name)}" for f in fields(self) if f.name in labels

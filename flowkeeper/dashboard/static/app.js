@@ -500,7 +500,10 @@
         case "attempt_failed": return `${shortType(d.error?.type)}: ${d.error?.message || ""}${d.retry_in !== undefined ? ` · retry in ${duration(d.retry_in * 1000)}` : ""}`;
         case "replayed": case "retried":
           return `${d.from_step ? `from ${d.from_step}` : ""}${d.by ? ` · by ${d.by}` : ""}${d.reason ? ` · “${d.reason}”` : ""}${d.forgotten?.length ? ` · ran again: ${d.forgotten.join(", ")}` : ""}`;
-        case "cancelled": return d.reason || "";
+        case "attempt_lost": return "the invocation ended during this attempt (process killed, out of memory, host time limit or os._exit); it counts as failed";
+        case "step_hung": return `a sync step overran its timeout of ${d.timeout}s; its thread is still running, and the next attempt waits until it returns`;
+        case "stopped": return `${d.how || ""}${d.step ? ` (${d.step}, attempt ${d.attempt})` : ""}`;
+        case "cancelled": return `${d.reason || ""}${d.stopping ? " · stopping the step that was executing" : ""}`;
         case "alert_sent": return `to ${(d.destinations || []).join(", ")}`;
         case "alert_failed": case "alert_abandoned": return Object.entries(d.errors || {}).map(([k, v]) => `${k}: ${v}`).join("; ");
         default: return Object.keys(d).length ? JSON.stringify(d).slice(0, 200) : "";
