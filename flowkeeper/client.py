@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -59,6 +60,28 @@ def _duration(value: float | timedelta, name: str) -> timedelta:
     return delta
 
 
+def _grace(value: object) -> timedelta:
+    """``unknown_workflow_grace``: a timedelta or seconds, finite, zero (fail at once) or more."""
+    name = "unknown_workflow_grace"
+    if isinstance(value, timedelta):
+        delta = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigurationError(f"{name} must be a finite duration, got {value!r}")
+        try:
+            delta = timedelta(seconds=value)
+        except OverflowError:
+            raise ConfigurationError(f"{name} is too long: {value!r} seconds") from None
+    else:
+        raise ConfigurationError(
+            f"{name} must be a timedelta or a number of seconds, e.g. timedelta(days=1); "
+            f"got {value!r}"
+        )
+    if delta < timedelta(0):
+        raise ConfigurationError(f"{name} must not be negative (0 fails such runs at once)")
+    return delta
+
+
 def _env_keys() -> list[str] | None:
     raw = os.environ.get("FLOWKEEPER_SIGNING_KEY")
     if not raw:
@@ -78,6 +101,11 @@ class FlowKeeper(RunOperations):
     ``endpoint`` is the public URL where ``fk.asgi()`` is mounted.  Without it
     this process can still trigger runs (they are left due for the scheduler)
     and serve invocations, but cannot push them.
+
+    ``unknown_workflow_grace`` (a day by default): an invocation of a run whose
+    workflow this process does not know (an instance still on older code during
+    a rolling deploy) defers the run instead of failing it; it fails only once
+    endpoints have not known its workflow for this long (see flowkeeper.deploys).
     """
 
     def __init__(
@@ -102,6 +130,7 @@ class FlowKeeper(RunOperations):
         dashboard_path: str | None = "/ui",
         dashboard_session_ttl: float | timedelta = timedelta(hours=12),
         alert_webhook: str | None = None,
+        unknown_workflow_grace: float | timedelta = timedelta(days=1),
     ) -> None:
         url = (
             database_url
@@ -126,6 +155,9 @@ class FlowKeeper(RunOperations):
         self.time_budget = _duration(time_budget, "time_budget")
         self.lease = _duration(lease, "lease")
         self.dispatch_lease = _duration(dispatch_lease, "dispatch_lease")
+        #: How long a run may go on reaching endpoints that do not know its
+        #: workflow (a rolling deploy) before it fails; see flowkeeper.deploys.
+        self.unknown_workflow_grace = _grace(unknown_workflow_grace)
         if max_body_bytes < 1024:
             raise ConfigurationError("max_body_bytes must be at least 1024")
         self.max_body_bytes = max_body_bytes
@@ -140,6 +172,7 @@ class FlowKeeper(RunOperations):
             dispatch_lease=self.dispatch_lease,
             default_retry=default_retry or DEFAULT_RETRY,
             record_step_inputs=record_step_inputs,
+            unknown_workflow_grace=self.unknown_workflow_grace,
         )
         self.dispatcher = (
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None

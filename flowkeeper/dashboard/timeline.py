@@ -21,7 +21,14 @@ from typing import Any
 from ..models import RunInfo, StepInfo
 
 _TERMINAL = {"completed", "failed", "cancelled"}
-_MARKED_EVENTS = {"replayed", "retried", "cancelled", "alert_sent", "alert_failed"}
+_MARKED_EVENTS = {
+    "replayed",
+    "retried",
+    "cancelled",
+    "alert_sent",
+    "alert_failed",
+    "workflow_unknown",  # deferred by an endpoint without the workflow (flowkeeper.deploys)
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -501,6 +501,9 @@
         case "replayed": case "retried":
           return `${d.from_step ? `from ${d.from_step}` : ""}${d.by ? ` · by ${d.by}` : ""}${d.reason ? ` · “${d.reason}”` : ""}${d.forgotten?.length ? ` · ran again: ${d.forgotten.join(", ")}` : ""}`;
         case "cancelled": return d.reason || "";
+        case "workflow_unknown": // an endpoint without the workflow deferred the run (a rolling deploy?)
+          return d.failed ? (d.message || "")
+            : `${d.message || `no workflow “${d.workflow}” on that endpoint`}${d.retry_at ? ` · tries again ${stamp(d.retry_at)}` : ""}${d.fails_at ? ` · fails after ${stamp(d.fails_at)}` : ""}${d.occurrences > 1 ? ` · ${d.occurrences}× since ${stamp(d.since)}` : ""}`;
         case "alert_sent": return `to ${(d.destinations || []).join(", ")}`;
         case "alert_failed": case "alert_abandoned": return Object.entries(d.errors || {}).map(([k, v]) => `${k}: ${v}`).join("; ");
         default: return Object.keys(d).length ? JSON.stringify(d).slice(0, 200) : "";
