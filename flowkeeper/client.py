@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -66,6 +67,28 @@ def _positive_int(value: int, name: str) -> int:
     return value
 
 
+def _grace(value: object) -> timedelta:
+    """``unknown_workflow_grace``: a timedelta or seconds, finite, zero (fail at once) or more."""
+    name = "unknown_workflow_grace"
+    if isinstance(value, timedelta):
+        delta = value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigurationError(f"{name} must be a finite duration, got {value!r}")
+        try:
+            delta = timedelta(seconds=value)
+        except OverflowError:
+            raise ConfigurationError(f"{name} is too long: {value!r} seconds") from None
+    else:
+        raise ConfigurationError(
+            f"{name} must be a timedelta or a number of seconds, e.g. timedelta(days=1); "
+            f"got {value!r}"
+        )
+    if delta < timedelta(0):
+        raise ConfigurationError(f"{name} must not be negative (0 fails such runs at once)")
+    return delta
+
+
 def _env_keys() -> list[str] | None:
     raw = os.environ.get("FLOWKEEPER_SIGNING_KEY")
     if not raw:
@@ -88,6 +111,11 @@ class FlowKeeper(RunOperations):
 
     Sync step functions run in threads of flowkeeper's own, at most
     ``max_step_threads`` at once per process (see :mod:`flowkeeper.executor`).
+
+    ``unknown_workflow_grace`` (a day by default): an invocation of a run whose
+    workflow this process does not know (an instance still on older code during
+    a rolling deploy) defers the run instead of failing it; it fails only once
+    endpoints have not known its workflow for this long (see flowkeeper.deploys).
     """
 
     def __init__(
@@ -113,6 +141,7 @@ class FlowKeeper(RunOperations):
         dashboard_session_ttl: float | timedelta = timedelta(hours=12),
         alert_webhook: str | None = None,
         max_step_threads: int = 32,
+        unknown_workflow_grace: float | timedelta = timedelta(days=1),
     ) -> None:
         url = (
             database_url
@@ -137,6 +166,9 @@ class FlowKeeper(RunOperations):
         self.time_budget = _duration(time_budget, "time_budget")
         self.lease = _duration(lease, "lease")
         self.dispatch_lease = _duration(dispatch_lease, "dispatch_lease")
+        #: How long a run may go on reaching endpoints that do not know its
+        #: workflow (a rolling deploy) before it fails; see flowkeeper.deploys.
+        self.unknown_workflow_grace = _grace(unknown_workflow_grace)
         if max_body_bytes < 1024:
             raise ConfigurationError("max_body_bytes must be at least 1024")
         self.max_body_bytes = max_body_bytes
@@ -152,6 +184,7 @@ class FlowKeeper(RunOperations):
             default_retry=default_retry or DEFAULT_RETRY,
             record_step_inputs=record_step_inputs,
             executor=StepExecutor(_positive_int(max_step_threads, "max_step_threads")),
+            unknown_workflow_grace=self.unknown_workflow_grace,
         )
         self.dispatcher = (
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None

@@ -34,7 +34,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
-from .engine import ClaimRefused
+from .engine import ClaimRefused, Outcome
 from .errors import ConfigurationError, DatabaseError, SignatureError
 from .store import ClaimedRun
 
@@ -203,7 +203,22 @@ class Endpoint:
         except DatabaseError as exc:
             logger.error("run %s: %s", claim.run_id, exc)
             return error(503, "database_unavailable", str(exc), run_id=claim.run_id)
-        if not self.fk.engine.knows(claim.workflow):
+        if result.deferral is not None:
+            # A rolling deploy: this instance does not know the workflow (yet). The run
+            # is not failed but deferred; an answer, not a dispatch failure (no second
+            # backoff in the scheduler or pg_cron).
+            return JSONResponse(
+                {
+                    "run_id": claim.run_id,
+                    "accepted": True,
+                    "outcome": result.outcome.value,
+                    "status": result.status,
+                    "steps_executed": 0,
+                    "deferred": result.deferral.as_json(),
+                }
+            )
+        if result.outcome is Outcome.FAILED and not self.fk.engine.knows(claim.workflow):
+            # Unknown for longer than unknown_workflow_grace: failed for good.
             message = (result.error or {}).get("message", "unknown workflow")
             return error(404, "unknown_workflow", message, run_id=claim.run_id, run_status="failed")
         payload: dict[str, Any] = {

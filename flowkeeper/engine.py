@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import serialization
+from . import deploys, serialization
 from .context import Context
 from .errors import (
     AttemptLostError,
@@ -65,6 +65,7 @@ class Outcome(enum.StrEnum):
     SLEEPING = "sleeping"
     RETRYING = "retrying"
     HANDOFF = "handoff"  # time budget used up; handed on with a fresh token
+    DEFERRED = "deferred"  # workflow unknown here: given back, due later (flowkeeper.deploys)
     LEASE_LOST = "lease_lost"  # another invocation took over; nothing more written
     CANCELLED = "cancelled"  # cancelled under this invocation, which stopped its step
 
@@ -77,10 +78,13 @@ class SegmentResult:
     due_at: datetime | None = None
     handoff_token: uuid.UUID | None = None
     error: dict[str, Any] | None = None
+    deferral: deploys.Deferral | None = None
 
     @property
     def status(self) -> str:
         """The run's status after this segment."""
+        if self.deferral is not None:
+            return self.deferral.status
         if self.outcome is Outcome.HANDOFF:
             return "running"
         if self.outcome is Outcome.LEASE_LOST:
@@ -187,6 +191,7 @@ class Engine:
         default_retry: RetryPolicy = DEFAULT_RETRY,
         record_step_inputs: bool = True,
         executor: StepExecutor | None = None,
+        unknown_workflow_grace: timedelta = timedelta(days=1),
     ) -> None:
         self.store = store
         self.registry = registry
@@ -195,6 +200,7 @@ class Engine:
         self.default_retry = default_retry
         self.record_step_inputs = record_step_inputs
         self.executor = executor or StepExecutor()
+        self.unknown_workflow_grace = unknown_workflow_grace
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
         """Take the run's lease, or say why not."""
@@ -245,16 +251,55 @@ class Engine:
         try:
             workflow = self.registry.get(claimed.workflow)
         except UnknownWorkflowError as exc:
-            logger.error("run %s: %s", claimed.run_id, exc)
-            return await self._fail_unrecorded(claimed, exc)
+            return await self._unknown_workflow(claimed, exc)
         execution = Execution(self, claimed, workflow, deadline)
         return await execution.run()
 
-    async def _fail_unrecorded(self, claimed: ClaimedRun, exc: BaseException) -> SegmentResult:
+    async def _unknown_workflow(
+        self, claimed: ClaimedRun, exc: UnknownWorkflowError
+    ) -> SegmentResult:
+        """Not known here (a rolling deploy?): defer the run; fail it once the grace is over."""
+        outcome = await deploys.defer(
+            self.store, claimed, known=self.registry.names(), grace=self.unknown_workflow_grace
+        )
+        if outcome is None:
+            return SegmentResult(claimed.run_id, Outcome.LEASE_LOST, 0)
+        if isinstance(outcome, deploys.Deferral):
+            logger.warning(
+                "run %s: workflow %r is not registered in this process (known: %s); deferred, "
+                "tries again in %.0fs, fails after %s",
+                claimed.run_id,
+                claimed.workflow,
+                ", ".join(outcome.known) or "none",
+                outcome.retry_in,
+                outcome.fails_at.isoformat(timespec="seconds"),
+            )
+            return SegmentResult(
+                claimed.run_id,
+                Outcome.DEFERRED,
+                0,
+                due_at=outcome.retry_at,
+                deferral=outcome,
+            )
+        logger.error("run %s: %s %s", claimed.run_id, exc, outcome.note)
+        return await self._fail_unrecorded(
+            claimed, exc, note=outcome.note, events=[outcome.event()]
+        )
+
+    async def _fail_unrecorded(
+        self,
+        claimed: ClaimedRun,
+        exc: BaseException,
+        *,
+        note: str | None = None,
+        events: list[EventRecord] | None = None,
+    ) -> SegmentResult:
         error = error_info(exc)
         error["traceback"] = None
+        if note:
+            error["message"] = f"{error['message']} {note}"
         ok = await self.store.commit(
-            claimed.run_id, claimed.lease_token, status="failed", error=error
+            claimed.run_id, claimed.lease_token, status="failed", error=error, events=events or ()
         )
         outcome = Outcome.FAILED if ok is not False else Outcome.LEASE_LOST
         return SegmentResult(claimed.run_id, outcome, 0, error=error)

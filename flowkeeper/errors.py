@@ -32,7 +32,10 @@ and what to do about it.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 
@@ -177,10 +180,32 @@ class RetryAfterError(FlowKeeperError):
     """Raise from a step to have it retried after ``delay`` instead of the backoff."""
 
     def __init__(self, message: str = "", *, delay: float | timedelta) -> None:
-        self.delay = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-        if self.delay < 0:
-            raise ValueError("RetryAfterError delay must not be negative")
+        self.delay = _delay_seconds(delay)
         super().__init__(message or f"retry requested after {self.delay:g}s")
+
+
+def _delay_seconds(delay: object) -> float:
+    """``RetryAfterError``'s delay as finite seconds ≥ 0, or a TypeError/ValueError.
+
+    Huge delays are accepted here: the retry policy caps them at its ``max_delay``.
+    """
+    if isinstance(delay, timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, int | float | Decimal | Fraction) and not isinstance(delay, bool):
+        try:
+            seconds = float(delay)
+        except (OverflowError, ValueError):  # an int past 1.8e308, Decimal('sNaN')
+            seconds = math.nan
+    else:
+        raise TypeError(
+            f"RetryAfterError delay must be seconds (an int or float) or a timedelta, "
+            f"got {type(delay).__name__}"
+        )
+    if not math.isfinite(seconds):
+        raise ValueError(f"RetryAfterError delay must be finite (seconds), got {delay!r}")
+    if seconds < 0:
+        raise ValueError(f"RetryAfterError delay must not be negative, got {delay!r}")
+    return seconds
 
 
 class RunNotFoundError(FlowKeeperError):

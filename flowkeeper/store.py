@@ -608,3 +608,42 @@ class Store:
 
     async def login_succeeded(self, client: str) -> None:
         await self._call("execute", "login_succeeded", client)
+
+    # rolling deploys: runs whose workflow the endpoint does not know (sql/deploys.sql) --------
+    async def unknown_workflow_episode(
+        self, run_id: str
+    ) -> tuple[datetime, int | None, dict[str, Any] | None]:
+        """(clock now, the run's latest ``workflow_unknown`` event id and detail, or Nones)."""
+        row = await self._call("fetchrow", "unknown_workflow_episode", uuid.UUID(run_id))
+        detail = json.loads(row["detail"]) if row["detail"] else None
+        return row["now"], row["event_id"], detail
+
+    async def defer_unknown_workflow(
+        self,
+        run_id: str,
+        token: uuid.UUID,
+        *,
+        status: str,
+        delay: float,
+        detail: dict[str, Any],
+        event_id: int | None,
+        not_after: datetime,
+    ) -> datetime | None:
+        """Release the run, due again in ``delay`` s (at the latest ``not_after``); record
+        the deferral (a new event when ``event_id`` is None, else an update of that one).
+        None when the lease was lost."""
+        row = await self._call(
+            "fetchrow",
+            "defer_unknown_workflow",
+            uuid.UUID(run_id),
+            token,
+            status,
+            delay,
+            json.dumps(detail),
+            event_id,
+            not_after,
+        )
+        if row is None:
+            return None
+        due: datetime = row["due_at"]
+        return due

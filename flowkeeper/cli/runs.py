@@ -17,6 +17,7 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from .. import deploys
 from ..client import FlowKeeper
 from ..dashboard.timeline import Lane, Timeline, build
 from ..errors import ConfigurationError
@@ -294,6 +295,9 @@ def _print_run(info: RunInfo, now: datetime, *, full_tracebacks: bool) -> None:
         )
     elif info.due_at:
         print(f"next      {_when(info.due_at)}")
+        waiting = _deferred_by_unknown_workflow(info)
+        if waiting is not None:
+            print(f"deferred  {deploys.describe(waiting)}")
     print(f"input     {_clip(json.dumps(info.input), 200)}")
     if info.output is not None:
         print(f"output    {_clip(json.dumps(info.output), 200)}")
@@ -335,8 +339,20 @@ def _print_run(info: RunInfo, now: datetime, *, full_tracebacks: bool) -> None:
     if history:
         print("\nhistory")
         for e in history:
+            if e.kind == deploys.EVENT:  # in words: which workflow, what is known, when next
+                detail = deploys.describe(e.detail)
+                print(f"  {_when(e.at)}  {e.kind:<16} {e.step_key or '':<16} {detail}")
+                continue
             detail = json.dumps(e.detail, default=str) if e.detail else ""
             print(f"  {_when(e.at)}  {e.kind:<16} {e.step_key or '':<16} {_clip(detail, 100)}")
+
+
+def _deferred_by_unknown_workflow(info: RunInfo) -> dict[str, Any] | None:
+    """The latest workflow_unknown event's detail, when that is why the live run waits."""
+    if info.finished_at or not info.events or info.events[-1].kind != deploys.EVENT:
+        return None
+    detail = info.events[-1].detail or {}
+    return None if detail.get("failed") else detail
 
 
 async def run_replay(args: argparse.Namespace) -> int:

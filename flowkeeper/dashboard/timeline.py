@@ -29,6 +29,7 @@ _MARKED_EVENTS = {
     "step_hung",
     "alert_sent",
     "alert_failed",
+    "workflow_unknown",  # deferred by an endpoint without the workflow (flowkeeper.deploys)
 }
 
 

@@ -9,7 +9,14 @@ from importlib import resources
 
 from ..errors import ConfigurationError
 
-__all__ = ["Migration", "load_queries", "migrations", "validate_schema"]
+__all__ = [
+    "QUERY_FILES",
+    "Migration",
+    "load_queries",
+    "migrations",
+    "parse_queries",
+    "validate_schema",
+]
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME_RE = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
@@ -32,21 +39,38 @@ def _read(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
-@functools.lru_cache(maxsize=8)
-def _raw_queries() -> dict[str, str]:
-    text = _read("queries.sql")
-    parts = _NAME_RE.split(text)
+#: The named-query files, each a run of "-- name: <name>" blocks (pgcron.sql,
+#: installed as a whole by ``flowkeeper pgcron``, is loaded by flowkeeper.pgcron).
+QUERY_FILES = ("queries.sql", "deploys.sql")
+
+
+def parse_queries(files: dict[str, str]) -> dict[str, str]:
+    """Named queries from ``{file name: text}``; a name defined twice is an error."""
     queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        if name in queries:
-            raise RuntimeError(f"query {name!r} is defined twice in queries.sql")
-        queries[name] = body.strip().rstrip(";")
+    origin: dict[str, str] = {}
+    for filename, text in files.items():
+        parts = _NAME_RE.split(text)
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in queries:
+                where = (
+                    f"twice in {filename}"
+                    if origin[name] == filename
+                    else f"in both {origin[name]} and {filename}"
+                )
+                raise RuntimeError(f"query {name!r} is defined {where}")
+            queries[name] = body.strip().rstrip(";")
+            origin[name] = filename
     return queries
 
 
 @functools.lru_cache(maxsize=8)
+def _raw_queries() -> dict[str, str]:
+    return parse_queries({name: _read(name) for name in QUERY_FILES})
+
+
+@functools.lru_cache(maxsize=8)
 def load_queries(schema: str) -> dict[str, str]:
-    """Every named query of queries.sql with the schema spliced in."""
+    """Every named query of the files in ``QUERY_FILES``, with the schema spliced in."""
     validate_schema(schema)
     return {name: q.replace("{schema}", schema) for name, q in _raw_queries().items()}
 

@@ -155,10 +155,12 @@ async def test_unknown_run_is_404(fk: FlowKeeper) -> None:
     assert response.json()["error"]["code"] == "run_not_found"
 
 
-async def test_unknown_workflow_fails_the_run_once_not_forever(
+async def test_unknown_workflow_defers_the_run_once_not_forever(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
-    # One deployment triggers a workflow the serving deployment does not have.
+    # One deployment triggers a workflow the serving deployment does not have (yet):
+    # a rolling deploy.  The run is deferred, not failed (tests/integration/
+    # test_rolling_deploy.py has the whole story, grace period included).
     trigger_side = make_fk(database_url, endpoint=None)
 
     @trigger_side.workflow("new-feature")
@@ -175,17 +177,18 @@ async def test_unknown_workflow_fails_the_run_once_not_forever(
             response = await client.post(
                 f"{server.base_url}/api/flowkeeper/", content=body, headers=_signed(body)
             )
-            assert response.status_code == 404
+            assert response.status_code == 200
             data = response.json()
-            assert data["error"]["code"] == "unknown_workflow"
-            assert "new-feature" in data["error"]["message"]
-            await drive(serving, [healthy.run_id, orphan.run_id])
-            # Failed for good: the scheduler does not pick it up again.
+            assert data["outcome"] == "deferred"
+            assert data["deferred"]["reason"] == "unknown_workflow"
+            assert "new-feature" in data["deferred"]["message"]
+            await drive(serving, [healthy.run_id])
+            # Backed off: the scheduler does not pick it up again at once.
             assert (await serving.tick()).claimed == 0
         info = await serving.get_run(orphan.run_id)
-        assert info.status == "failed"
-        assert info.error is not None
-        assert info.error["type"] == "flowkeeper.errors.UnknownWorkflowError"
+        assert info.status == "queued"
+        assert info.error is None
+        assert [e.kind for e in info.events] == ["workflow_unknown"]
         assert await serving.result(healthy.run_id) == 4
     finally:
         await trigger_side.aclose()

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -191,14 +192,22 @@ async def test_hung_sync_steps_do_not_starve_other_runs(fk: FlowKeeper) -> None:
 def test_the_step_executor_replaces_abandoned_threads_up_to_a_cap() -> None:
     executor = StepExecutor(2, max_abandoned=3)
     gate = threading.Event()
+
+    def running(futures: list[Any]) -> None:
+        deadline = time.monotonic() + 5
+        while not all(f.running() for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     hung = [executor.submit(lambda: gate.wait(10)) for _ in range(2)]
+    running(hung)
     for f in hung:
-        executor.abandon(f)
+        assert executor.abandon(f)
     assert executor.abandoned == 2
     assert executor.submit(lambda: 42).result(timeout=5) == 42  # a fresh thread took the place
     more = [executor.submit(lambda: gate.wait(10)) for _ in range(2)]
+    running(more)
     for f in more:
-        executor.abandon(f)
+        assert executor.abandon(f)
     waiting = executor.submit(lambda: "after")
     time.sleep(0.2)
     assert not waiting.done()  # over the cap of abandoned threads: it waits for one to end

@@ -104,19 +104,22 @@ async def test_no_answer_in_time_falls_back_to_inserting_the_same_run(
         await fk.aclose()
 
 
-async def test_the_endpoint_without_the_workflow_fails_the_handed_run(
+async def test_the_endpoint_without_the_workflow_defers_the_handed_run(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
-    serving = make_fk(database_url)  # knows no workflow
+    serving = make_fk(database_url)  # knows no workflow (an instance on older code)
     trigger_side = make_fk(database_url, port=serving.test_port)  # type: ignore[attr-defined]
     _counting(trigger_side, Counter())
     try:
         async with serve(serving):
             handle = await trigger_side.trigger("w", 1)
+        assert handle.created
         info = await trigger_side.get_run(handle.run_id)
-        assert info.status == "failed"
-        assert info.error is not None
-        assert info.error["type"] == "flowkeeper.errors.UnknownWorkflowError"
+        assert info.status == "queued"  # created, and deferred: not failed
+        assert info.error is None
+        assert info.due_at is not None and info.due_at > await trigger_side.store.clock_now()
+        assert [e.kind for e in info.events] == ["workflow_unknown"]
+        assert await conn.fetchval("SELECT count(*) FROM flowkeeper.runs") == 1
     finally:
         await serving.aclose()
         await trigger_side.aclose()

@@ -504,6 +504,9 @@
         case "step_hung": return `a sync step overran its timeout of ${d.timeout}s; its thread is still running, and the next attempt waits until it returns`;
         case "stopped": return `${d.how || ""}${d.step ? ` (${d.step}, attempt ${d.attempt})` : ""}`;
         case "cancelled": return `${d.reason || ""}${d.stopping ? " · stopping the step that was executing" : ""}`;
+        case "workflow_unknown": // an endpoint without the workflow deferred the run (a rolling deploy?)
+          return d.failed ? (d.message || "")
+            : `${d.message || `no workflow “${d.workflow}” on that endpoint`}${d.retry_at ? ` · tries again ${stamp(d.retry_at)}` : ""}${d.fails_at ? ` · fails after ${stamp(d.fails_at)}` : ""}${d.occurrences > 1 ? ` · ${d.occurrences}× since ${stamp(d.since)}` : ""}`;
         case "alert_sent": return `to ${(d.destinations || []).join(", ")}`;
         case "alert_failed": case "alert_abandoned": return Object.entries(d.errors || {}).map(([k, v]) => `${k}: ${v}`).join("; ");
         default: return Object.keys(d).length ? JSON.stringify(d).slice(0, 200) : "";
