@@ -173,7 +173,7 @@ async def test_tick_from_postgres_dispatches_each_due_run_once(
             await wait_for(_count_done(conn, ids), timeout=30)
         assert sorted(arrivals) == sorted(ids)  # each run posted exactly once
         assert took < 10, f"the job held its connection for {took:.1f}s"
-        outputs = await conn.fetch("SELECT output::int FROM flowkeeper.runs ORDER BY output::int")
+        outputs = await conn.fetch("SELECT (output::text)::int FROM flowkeeper.runs ORDER BY 1")
         assert [r[0] for r in outputs] == [2 * i for i in range(60)]
         last = json.loads(
             await conn.fetchval("SELECT last_tick::text FROM flowkeeper.pgcron_settings")
