@@ -9,7 +9,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +25,8 @@ from .errors import (
     RunTimeoutError,
     UnknownWorkflowError,
 )
+from .eventops import EventOperations
+from .events import CancelOn, EventBus
 from .executor import StepExecutor
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
@@ -43,6 +45,7 @@ from .serialization import json_or_none
 from .signing import KeyInput, RequestSigner
 from .sql import validate_schema
 from .store import ClaimedRun, Store
+from .tokens import TokenSigner
 from .workflow import FailureHook, Registry, Workflow, WorkflowFunction, define_workflow
 
 if TYPE_CHECKING:
@@ -96,7 +99,7 @@ def _env_keys() -> list[str] | None:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-class FlowKeeper(RunOperations):
+class FlowKeeper(RunOperations, EventOperations):
     """Durable workflows on Postgres, executed through a signed endpoint.
 
     ``database_url``, ``signing_key`` and ``endpoint`` default to the
@@ -142,6 +145,7 @@ class FlowKeeper(RunOperations):
         alert_webhook: str | None = None,
         max_step_threads: int = 32,
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
+        event_retention: float | timedelta = timedelta(days=7),
     ) -> None:
         url = (
             database_url
@@ -190,6 +194,18 @@ class FlowKeeper(RunOperations):
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None
         )
         self._background: set[asyncio.Task[Any]] = set()
+        # Events, waits and approval tokens (flowkeeper.events, flowkeeper.tokens).
+        self.event_retention = _duration(event_retention, "event_retention")
+        self.events = EventBus(
+            self.store,
+            self.registry,
+            push=self._push if self.dispatcher is not None else None,
+            push_lease=self.dispatch_lease,
+            schedule=self._spawn,
+        )
+        self.tokens = TokenSigner(keys, self.dispatcher.endpoint if self.dispatcher else None)
+        self.engine.events = self.events
+        self.engine.tokens = self.tokens
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (
             dashboard_password
@@ -220,16 +236,27 @@ class FlowKeeper(RunOperations):
         *,
         retry: RetryPolicy | None = None,
         on_failure: FailureHook | None = None,
+        on_event: str | None = None,
+        cancel_on: Sequence[CancelOn] = (),
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
         ``on_failure`` is called with a :class:`FailureAlert` when a run fails
-        for good (see :func:`define_workflow`).
+        for good; ``on_event="user.signup"`` starts a run per such event;
+        ``cancel_on=[CancelOn(...)]`` cancels live runs when a matching event
+        arrives (see :func:`define_workflow`).
         """
 
         def decorator(fn: F) -> F:
             self.register(
-                define_workflow(name or fn.__name__, fn, retry=retry, on_failure=on_failure)
+                define_workflow(
+                    name or fn.__name__,
+                    fn,
+                    retry=retry,
+                    on_failure=on_failure,
+                    on_event=on_event,
+                    cancel_on=cancel_on,
+                )
             )
             return fn
 

@@ -10,6 +10,7 @@ from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from .engine import Execution
+    from .tokens import Token
 
 T = TypeVar("T")
 
@@ -101,3 +102,84 @@ class Context:
     async def sleep_until(self, name: str, when: datetime) -> None:
         """Pause the run durably until ``when`` (a timezone-aware datetime)."""
         await self._exec.sleep(name, duration=None, until=when)
+
+    # events and waits -----------------------------------------------------------------------
+    async def wait_for_event(
+        self,
+        name: str,
+        *,
+        event: str,
+        match: dict[str, Any] | None = None,
+        timeout: timedelta | float | None = None,
+        lookback: timedelta | float | None = None,
+        model: Any = None,
+    ) -> Any:
+        """Suspend the run durably until an event ``event`` matching ``match`` arrives.
+
+        Returns the event's data (validated as ``model`` when given: a pydantic
+        model or any type pydantic knows), or ``None`` after ``timeout``.  No
+        invocation is held while the run waits.  ``match`` compares fields of
+        the event's data for equality: ``{"order_id": order.id}``, nested as
+        ``{"customer": {"tier": "gold"}}`` or ``{"customer.tier": "gold"}``;
+        values are strings, numbers or booleans.  An event sent *before* the
+        wait began also satisfies it when it was sent within ``lookback`` (by
+        default: since the run was triggered) and has not satisfied an earlier
+        wait of this run — an event that comes first is never lost.  ``name``
+        keys the wait in the run's history, like a step's name.
+        """
+        from .waits import event_spec
+
+        spec = event_spec(event, match, timeout, lookback, model)
+        return await self._exec.wait(name, spec)
+
+    async def send_event(self, event: str, data: Any = None, *, id: str | None = None) -> Any:
+        """Send an event from the workflow, once however often the run replays.
+
+        A memoized step (keyed ``send:<event>``): the event's id defaults to the
+        run and that step's key, so a crash between sending and recording it
+        never sends it twice.  Returns what it did (``event_id``, ``woken``...).
+        """
+        return await self._exec.send_event(event, data, id)
+
+    async def create_token(self, name: str, *, timeout: timedelta | float | None = None) -> Token:
+        """Make an approval token (a memoized step): its ``url`` completes it when POSTed.
+
+        Give the URL (or ``token.id``, for :meth:`FlowKeeper.complete_token`)
+        to whoever must approve, then ``await ctx.wait_for_token(token)``.  The
+        URL carries an unguessable id signed with the app's signing key.
+        """
+        delta = None
+        if timeout is not None:
+            seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            if isinstance(seconds, bool) or not 0 < float(seconds) < 100 * 365 * 86400:
+                from .errors import StepUsageError
+
+                raise StepUsageError(f"create_token timeout must be positive, got {timeout!r}")
+            delta = timedelta(seconds=float(seconds))
+        return await self._exec.create_token(name, delta)
+
+    async def wait_for_token(
+        self,
+        token: Token,
+        *,
+        name: str | None = None,
+        timeout: timedelta | float | None = None,
+        model: Any = None,
+    ) -> Any:
+        """Suspend the run until ``token`` is completed; return the JSON it was completed
+        with (as ``model`` when given), or ``None`` once it expired or ``timeout`` passed."""
+        from .errors import StepUsageError
+        from .tokens import Token as TokenModel
+        from .waits import token_spec
+
+        if not isinstance(token, TokenModel):
+            raise StepUsageError(
+                f"wait_for_token takes the Token that ctx.create_token returned, got {token!r}"
+            )
+        signer = self._exec.engine.tokens
+        raw = signer.raw_id(token.id) if signer is not None else None
+        if raw is None:
+            raise StepUsageError(f"Token {token.name!r} was not made by this app's signing key.")
+        return await self._exec.wait(
+            name or f"approval:{token.name}", token_spec(token, timeout, model, raw)
+        )

@@ -46,10 +46,13 @@ from .errors import (
     UnknownWorkflowError,
     WorkflowError,
 )
+from .events import EventBus, check_event_name
 from .executor import StepExecutor
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .serialization import clean_text
 from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
+from .tokens import Token, TokenSigner
+from .waits import WaitSpec
 from .workflow import Registry, Workflow, validate_name
 
 logger = logging.getLogger("flowkeeper")
@@ -68,6 +71,7 @@ class Outcome(enum.StrEnum):
     DEFERRED = "deferred"  # workflow unknown here: given back, due later (flowkeeper.deploys)
     LEASE_LOST = "lease_lost"  # another invocation took over; nothing more written
     CANCELLED = "cancelled"  # cancelled under this invocation, which stopped its step
+    WAITING = "waiting"  # suspended until an event or a token resolves a wait (or it times out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,9 @@ class Engine:
         self.default_retry = default_retry
         self.record_step_inputs = record_step_inputs
         self.executor = executor or StepExecutor()
+        # Set by FlowKeeper: what ctx.send_event and ctx.create_token use.
+        self.events: EventBus | None = None
+        self.tokens: TokenSigner | None = None
         self.unknown_workflow_grace = unknown_workflow_grace
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
@@ -1013,6 +1020,78 @@ class Execution:
                     task.uncancel()
         if interrupted:
             raise asyncio.CancelledError
+
+    # waits, events and tokens (flowkeeper.waits) -----------------------------------------
+    def _segment(self, outcome: Outcome, *, due_at: datetime | None = None) -> SegmentResult:
+        self._pending_steps, self._pending_events = [], []
+        return SegmentResult(self.run_id, outcome, self._executed, due_at=due_at)
+
+    def _database_failure(self, exc: BaseException) -> BaseException:
+        """What a store call that failed inside an operation raises in the workflow."""
+        if isinstance(exc, DatabaseError):
+            return _Abort(exc)
+        return exc
+
+    async def wait(self, name: str, spec: WaitSpec) -> Any:
+        from . import waits
+
+        try:
+            return await waits.wait(self, name, spec)
+        except DatabaseRefusedError as exc:
+            raise await self._refused(exc) from exc
+
+    async def send_event(self, event: str, data: Any, event_id: str | None) -> Any:
+        """ctx.send_event: a step that sends once (its dedup id is the run and step key)."""
+        bus = self.engine.events
+        if bus is None:  # pragma: no cover - FlowKeeper always sets it
+            raise StepUsageError("ctx.send_event needs the FlowKeeper's event bus")
+        # Checked before anything is recorded: a bad event is the workflow's bug.
+        try:
+            check_event_name(event)
+            serialization.dumps(data, what=f"The data of event {event!r}")
+        except (ValueError, SerializationError) as exc:
+            raise StepUsageError(f"ctx.send_event({event!r}, ...): {exc}") from None
+        name = f"send:{event}"
+        key, position, entry = self._next(name, "step")
+        dedup = event_id or f"run:{self.run_id}:{key}"
+        run_id = self.run_id
+
+        async def send() -> dict[str, Any]:
+            sent = await bus.send(event, data, id=dedup, run_id=run_id)
+            return {
+                "event_id": sent.id,
+                "duplicate": sent.duplicate,
+                "woken": len(sent.woken),
+                "started": len(sent.started),
+                "cancelled": len(sent.cancelled),
+            }
+
+        try:
+            return await self._step(key, position, name, entry, send, (), {}, None, None)
+        finally:
+            self._busy = None
+
+    async def create_token(self, name: str, timeout: timedelta | None) -> Token:
+        """ctx.create_token: a step that makes an approval token (see flowkeeper.tokens)."""
+        signer = self.engine.tokens
+        if signer is None:  # pragma: no cover - FlowKeeper always sets it
+            raise StepUsageError("ctx.create_token needs the FlowKeeper's token signer")
+        step_name = f"token:{name}"
+        key, position, entry = self._next(step_name, "step")
+        run_id = self.run_id
+        store = self.store
+        expires = self.db_time() + timeout if timeout is not None else None
+
+        async def create() -> Token:
+            raw, signed = signer.new()
+            await store.create_token(raw, run_id, name, expires)
+            return Token(id=signed, name=name, url=signer.url(signed), expires_at=expires)
+
+        try:
+            value = await self._step(key, position, step_name, entry, create, (), {}, None, None)
+        finally:
+            self._busy = None
+        return value if isinstance(value, Token) else Token.model_validate(value)
 
     # sleeps --------------------------------------------------------------
     async def sleep(

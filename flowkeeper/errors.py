@@ -21,6 +21,11 @@ and what to do about it.
     ├── AttemptLostError          a step's invocation died during the step, too often
     ├── NonRetriableError         raise it from a step to fail it at once
     ├── RetryAfterError           raise it from a step to ask for a specific retry delay
+    ├── InvalidEventError         an event or a wait's match that cannot be sent or matched
+    ├── TokenError                completing an approval token failed
+    │   ├── TokenNotFoundError    no such token (or a forged URL)          HTTP 404
+    │   ├── TokenCompletedError   the token was completed already          HTTP 409
+    │   └── TokenExpiredError     the token's time is up                   HTTP 410
     ├── RunNotFoundError
     ├── RunStateError             an action the run's status does not allow (replay a live run)
     ├── RunFailedError            fk.result() on a run that failed
@@ -206,6 +211,39 @@ def _delay_seconds(delay: object) -> float:
     if seconds < 0:
         raise ValueError(f"RetryAfterError delay must not be negative, got {delay!r}")
     return seconds
+
+
+class InvalidEventError(FlowKeeperError, ValueError):
+    """An event that cannot be sent as given (name, id or data), or a wait's match
+    that cannot be matched; nothing was stored."""
+
+
+class TokenError(FlowKeeperError):
+    """An approval token could not be completed; ``status`` is the HTTP answer."""
+
+    status = 400
+
+    def __init__(self, token: str, message: str) -> None:
+        self.token = token
+        super().__init__(message)
+
+
+class TokenNotFoundError(TokenError):
+    """No token with this id exists (or its URL was not signed by this app)."""
+
+    status = 404
+
+
+class TokenCompletedError(TokenError):
+    """The token was completed already: a token completes its wait once."""
+
+    status = 409
+
+
+class TokenExpiredError(TokenError):
+    """The token's timeout is over; its wait returned None."""
+
+    status = 410
 
 
 class RunNotFoundError(FlowKeeperError):

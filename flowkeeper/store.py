@@ -59,6 +59,7 @@ class ClaimedRun:
     # Invocations of this run that ended while executing, since its last write:
     # each was inside the step at the frontier (an attempt lost with its process).
     lost_attempts: int = 0
+    created_at: datetime | None = None  # when the run was triggered (a wait's default lookback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,7 @@ def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> Cla
         db_now=row["db_now"],
         history=history,
         lost_attempts=row["lost_attempts"],
+        created_at=row["created_at"],
     )
 
 
@@ -647,3 +649,150 @@ class Store:
             return None
         due: datetime = row["due_at"]
         return due
+
+    # events, waits and approval tokens (sql/events.sql) ------------------------------------
+    async def register_wait(
+        self,
+        run_id: str,
+        token: uuid.UUID,
+        *,
+        key: str,
+        position: int,
+        name: str,
+        kind: str,
+        event: str | None,
+        paths: Sequence[str],
+        values: Sequence[Any],
+        match: dict[str, Any] | None,
+        containment: dict[str, Any],
+        token_id: str | None,
+        lookback: datetime | None,
+        expires: datetime | None,
+        started: datetime,
+    ) -> tuple[str, str | None, datetime | None]:
+        """Record a wait; ('resolved', payload) at once, ('waiting', due) or ('lost', None)."""
+        row = await self._call(
+            "fetchrow",
+            "register_wait",
+            uuid.UUID(run_id),
+            token,
+            key,
+            position,
+            name,
+            kind,
+            event,
+            list(paths),
+            json.dumps(list(values)),
+            json.dumps(match) if match is not None else None,
+            json.dumps(containment),
+            token_id,
+            lookback,
+            expires,
+            started,
+        )
+        return str(row["outcome"]), row["payload"], row["due_at"]
+
+    async def resume_wait(
+        self, run_id: str, token: uuid.UUID, key: str, *, time_up: bool
+    ) -> tuple[str, str | None]:
+        """A recorded wait's state under the send/complete locks (see sql/events.sql)."""
+        row = await self._call("fetchrow", "resume_wait", uuid.UUID(run_id), token, key, time_up)
+        return str(row["status"]), row["payload"]
+
+    async def send_event(
+        self,
+        conn: asyncpg.Connection,
+        name: str,
+        key: str | None,
+        payload: str,
+        run_id: str | None,
+        lease: timedelta | None,
+    ) -> list[asyncpg.Record]:
+        if not self._ready:
+            await self.ensure_schema()
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch",
+            "send_event",
+            name,
+            key,
+            payload,
+            uuid.UUID(run_id) if run_id else None,
+            lease,
+            conn=conn,
+        )
+        return rows
+
+    async def event_started(
+        self, conn: asyncpg.Connection, event_id: int, run_ids: Sequence[str]
+    ) -> None:
+        await self._call(
+            "execute", "event_started", event_id, [uuid.UUID(r) for r in run_ids], conn=conn
+        )
+
+    async def create_token(
+        self, token_id: str, run_id: str, name: str, expires: datetime | None
+    ) -> None:
+        await self._call("execute", "create_token", token_id, uuid.UUID(run_id), name, expires)
+
+    async def complete_token(
+        self, token_id: str, payload: str, lease: timedelta | None
+    ) -> tuple[str, str | None, uuid.UUID | None]:
+        """('completed' | 'already_completed' | 'expired' | 'not_found', run id, push token)."""
+        row = await self._call("fetchrow", "complete_token", token_id, payload, lease)
+        rid = str(row["run_id"]) if row["run_id"] is not None else None
+        return str(row["outcome"]), rid, row["lease"]
+
+    async def list_events(
+        self, *, before: int | None, limit: int, name: str | None, key: str | None
+    ) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "list_events", before, limit, name, key
+        )
+        return rows
+
+    async def get_event(self, event_id: int) -> asyncpg.Record | None:
+        row: asyncpg.Record | None = await self._call("fetchrow", "get_event", event_id)
+        return row
+
+    async def event_effects(self, event_id: int) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "event_effects", event_id)
+        return rows
+
+    async def run_waits(self, run_id: str) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "run_waits", uuid.UUID(run_id))
+        return rows
+
+    async def prune_events(self, older_than: timedelta, limit: int = 1000) -> int:
+        """Delete events no live run can still match; how many went."""
+        status = await self._call("execute", "prune_events", older_than, limit)
+        await self._call("execute", "prune_waits", limit)
+        return int(str(status).rsplit(" ", 1)[-1] or 0)
+
+    async def register_cancel_rule(
+        self,
+        run_id: str,
+        token: uuid.UUID,
+        *,
+        key: str,
+        event: str,
+        paths: Sequence[str],
+        values: Sequence[Any],
+        match: dict[str, Any],
+        containment: dict[str, Any],
+        since: datetime,
+    ) -> str:
+        """'registered' | 'exists' | 'cancelled' (an earlier event matched) | 'lost'."""
+        outcome: str = await self._call(
+            "fetchval",
+            "register_cancel_rule",
+            uuid.UUID(run_id),
+            token,
+            key,
+            event,
+            list(paths),
+            json.dumps(list(values)),
+            json.dumps(match, default=str),
+            json.dumps(containment),
+            since,
+        )
+        return outcome

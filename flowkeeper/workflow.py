@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from .errors import (
     UnknownWorkflowError,
     WorkflowError,
 )
+from .events import CancelOn, check_event_name
 from .retry import RetryPolicy
 
 WorkflowFunction = Callable[..., Awaitable[Any]]
@@ -55,6 +56,8 @@ class Workflow:
     fn: WorkflowFunction
     retry: RetryPolicy | None = None
     on_failure: FailureHook | None = None
+    on_event: str | None = None  # start a run per event of this name (its data the input)
+    cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
@@ -161,6 +164,8 @@ def define_workflow(
     *,
     retry: RetryPolicy | None = None,
     on_failure: FailureHook | None = None,
+    on_event: str | None = None,
+    cancel_on: Sequence[CancelOn] = (),
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -168,12 +173,25 @@ def define_workflow(
     validates inputs at trigger time.  ``retry`` is the default policy for this
     workflow's steps.  ``on_failure`` (sync or async) is called with a
     :class:`~flowkeeper.alerts.FailureAlert` when a run fails for good; it is
-    retried with backoff until it returns without raising.  Register the result
-    with ``fk.register(wf)``.
+    retried with backoff until it returns without raising.  ``on_event`` starts
+    one run per event of that name, its data the input (the event's id is the
+    idempotency key: a duplicate event never starts two runs).  ``cancel_on``
+    cancels a live run when an event matching one of its :class:`CancelOn`
+    rules arrives.  Register the result with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
         raise WorkflowError(f"Workflow {name!r}: on_failure must be a function, got {on_failure!r}")
-    return Workflow(name=name, fn=fn, retry=retry, on_failure=on_failure)
+    if on_event is not None:
+        check_event_name(on_event, "on_event name")
+    rules = tuple(cancel_on)
+    for rule in rules:
+        if not isinstance(rule, CancelOn):
+            raise WorkflowError(
+                f"Workflow {name!r}: cancel_on takes CancelOn(event, match=...) rules, got {rule!r}"
+            )
+    return Workflow(
+        name=name, fn=fn, retry=retry, on_failure=on_failure, on_event=on_event, cancel_on=rules
+    )
 
 
 class Registry:
@@ -207,3 +225,6 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._workflows)
+
+    def workflows(self) -> list[Workflow]:
+        return list(self._workflows.values())

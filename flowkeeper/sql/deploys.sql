@@ -37,7 +37,7 @@ WITH r AS (
                        $7::timestamptz),
         updated_at = {schema}.clock_now()
     WHERE id = $1 AND lease_token = $2
-      AND status IN ('queued', 'running', 'sleeping', 'retrying')
+      AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
     RETURNING id, due_at
 ), added AS (
     INSERT INTO {schema}.events (run_id, kind, detail)

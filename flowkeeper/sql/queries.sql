@@ -22,7 +22,7 @@ VALUES ($1, $2, 'running', $3::json, $4, $5, {schema}.clock_now() + $6::interval
         {schema}.clock_now(), 1, true)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-          lost_attempts, {schema}.clock_now() AS db_now;
+          lost_attempts, created_at, {schema}.clock_now() AS db_now;
 
 -- name: run_by_id_or_key
 -- After an insert that conflicted: the run with this id, else the run holding
@@ -57,10 +57,10 @@ WITH claimed AS (
         lost_attempts = lost_attempts + CASE WHEN executing THEN 1 ELSE 0 END,
         executing = true
     WHERE id = $1
-      AND status IN ('queued', 'running', 'sleeping', 'retrying')
+      AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
     RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-              lost_attempts
+              lost_attempts, created_at
 ), stale AS (
     UPDATE {schema}.runs
     SET lease_token = NULL, due_at = NULL, executing = false
@@ -116,7 +116,7 @@ WITH r AS (
                            THEN {schema}.clock_now() END,
         updated_at = {schema}.clock_now()
     WHERE id = $1 AND lease_token = $2
-      AND status IN ('queued', 'running', 'sleeping', 'retrying')
+      AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
     RETURNING id, due_at
 ), s AS (
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
@@ -173,7 +173,7 @@ WITH r AS (
                            THEN lease_token END,
         due_at = CASE WHEN executing AND due_at > {schema}.clock_now() THEN due_at END,
         finished_at = {schema}.clock_now(), updated_at = {schema}.clock_now()
-    WHERE id = $1 AND status IN ('queued', 'running', 'sleeping', 'retrying')
+    WHERE id = $1 AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
     RETURNING id, lease_token IS NOT NULL AS stopping
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, detail)

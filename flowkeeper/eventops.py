@@ -1,0 +1,176 @@
+"""Events and tokens from application code: send, complete, list (a FlowKeeper mixin)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    InvalidEventError,
+    SerializationError,
+    TokenCompletedError,
+    TokenExpiredError,
+    TokenNotFoundError,
+)
+from .serialization import dumps, json_or_none
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from .dispatch import Dispatcher
+    from .events import EventBus, SentEvent
+    from .store import Store
+    from .tokens import TokenSigner
+
+logger = logging.getLogger("flowkeeper")
+
+
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    """An event as stored, with what it did."""
+
+    id: int
+    name: str
+    event_id: str | None  # the sender's dedup id
+    data: Any
+    sent_at: datetime
+    sent_by_run: str | None
+    started: list[str]  # runs of on_event workflows it started
+    woke: int = 0
+    cancelled: int = 0
+    effects: list[dict[str, Any]] | None = None  # per run: woken/cancelled, at which wait
+
+
+class EventOperations:
+    """``send_event``, ``complete_token``, ``list_events`` (methods of FlowKeeper)."""
+
+    store: Store
+    events: EventBus
+    tokens: TokenSigner
+    dispatcher: Dispatcher | None
+    dispatch_lease: timedelta
+    event_retention: timedelta
+
+    if TYPE_CHECKING:
+
+        async def _push(self, run_id: str, token: uuid.UUID) -> None: ...
+
+    async def send_event(
+        self,
+        name: str,
+        data: Any = None,
+        *,
+        id: str | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> SentEvent:
+        """Send an event: store it and act on everything waiting for it, in one transaction.
+
+        Wakes every run whose ``ctx.wait_for_event`` it matches (each pushed to
+        the endpoint at once; one that cannot be pushed is due for the
+        scheduler), starts a run of each workflow declared ``on_event=name``,
+        and cancels the runs whose ``cancel_on`` rules it matches.  ``id`` is a
+        dedup id: a second event with the same id does nothing, and says so
+        (``duplicate=True``).  With ``connection=`` (an asyncpg connection in a
+        transaction) all of it happens in that transaction: the event exists,
+        and wakes anyone, if and only if it commits.
+        """
+        return await self.events.send(name, data, id=id, connection=connection)
+
+    async def complete_token(self, token_id: str, data: Any = None) -> str:
+        """Complete an approval token (its signed ``token.id``) with ``data``; the run id.
+
+        Raises :class:`TokenNotFoundError` (no such token, or not signed by this
+        app), :class:`TokenCompletedError` (completed already: a token completes
+        once) or :class:`TokenExpiredError` (its timeout is over).
+        """
+        raw = self.tokens.raw_id(token_id)
+        if raw is None:
+            raise TokenNotFoundError(
+                str(token_id)[:80], "No such approval token: the id was not issued by this app."
+            )
+        try:
+            payload = dumps(data, what="The data completing the token")
+        except SerializationError as exc:
+            raise InvalidEventError(str(exc)) from exc
+        lease = self.dispatch_lease if self.dispatcher is not None else None
+        outcome, run_id, push = await self.store.complete_token(raw, payload, lease)
+        if outcome == "not_found":
+            raise TokenNotFoundError(token_id, "No such approval token (it may have been pruned).")
+        if outcome == "already_completed":
+            raise TokenCompletedError(
+                token_id, f"This approval token (run {run_id}) was completed already."
+            )
+        if outcome == "expired":
+            raise TokenExpiredError(
+                token_id, f"This approval token (run {run_id}) has expired; its wait timed out."
+            )
+        assert run_id is not None
+        if push is not None:
+            await self._push(run_id, push)
+        return run_id
+
+    async def list_events(
+        self,
+        *,
+        name: str | None = None,
+        event_id: str | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[EventInfo]:
+        """Recent events, newest first (``before``: an event's number, for the next page)."""
+        rows = await self.store.list_events(
+            before=before, limit=max(1, min(limit, 500)), name=name, key=event_id
+        )
+        return [_event_info(r) for r in rows]
+
+    async def get_event(self, number: int) -> EventInfo | None:
+        """One event with the runs it woke, started or cancelled (None: no such event)."""
+        row = await self.store.get_event(number)
+        if row is None:
+            return None
+        effects = [
+            {
+                "run_id": str(e["run_id"]),
+                "wait": e["key"],
+                "outcome": "woke" if e["outcome"] == "event" else e["outcome"],
+                "at": e["resolved_at"],
+                "workflow": e["workflow"],
+                "status": e["status"],
+            }
+            for e in await self.store.event_effects(number)
+        ]
+        info = _event_info(row)
+        return EventInfo(
+            id=info.id,
+            name=info.name,
+            event_id=info.event_id,
+            data=info.data,
+            sent_at=info.sent_at,
+            sent_by_run=info.sent_by_run,
+            started=info.started,
+            woke=sum(1 for e in effects if e["outcome"] == "woke"),
+            cancelled=sum(1 for e in effects if e["outcome"] == "cancelled"),
+            effects=effects,
+        )
+
+    async def prune_events(self) -> int:
+        """Delete events older than ``event_retention`` that no live run can still match."""
+        return await self.store.prune_events(self.event_retention)
+
+
+def _event_info(row: Any) -> EventInfo:
+    keys = row.keys()
+    return EventInfo(
+        id=int(row["id"]),
+        name=row["name"],
+        event_id=row["event_key"],
+        data=json_or_none(row["payload"]),
+        sent_at=row["sent_at"],
+        sent_by_run=str(row["sent_by_run"]) if row["sent_by_run"] else None,
+        started=[str(r) for r in row["started"]],
+        woke=int(row["woke"]) if "woke" in keys else 0,
+        cancelled=int(row["cancelled"]) if "cancelled" in keys else 0,
+    )
