@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
@@ -50,6 +51,11 @@ MAX_AGE_SECONDS: Final = 300
 MAX_SKEW_SECONDS: Final = 30
 
 KeyInput = str | bytes | Sequence[str | bytes]
+
+# "<timestamp>.<signature>", both URL-safe base64 (itsdangerous), bounded: a
+# timestamp is at most 8 bytes, the signature a SHA-256 HMAC.  Anything else,
+# non-ASCII bytes included, is refused before any decoding.
+_HEADER_RE = re.compile(r"([A-Za-z0-9_-]{1,12})\.([A-Za-z0-9_-]{1,100})")
 
 
 class _FixedTimeSigner(TimestampSigner):
@@ -143,13 +149,14 @@ def verify_request(
             "signed with the signing key (see flowkeeper.signing).",
             code="missing_signature",
         )
-    parts = header.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    match = _HEADER_RE.fullmatch(header.strip())
+    if match is None:
         raise SignatureError(
-            f"Malformed {SIGNATURE_HEADER} header: expected '<timestamp>.<signature>'.",
+            f"Malformed {SIGNATURE_HEADER} header: expected '<timestamp>.<signature>' in "
+            "URL-safe base64 (ASCII letters, digits, '-' and '_').",
             code="malformed_signature",
         )
-    ts_text, sig_text = parts
+    ts_text, sig_text = match.groups()
     try:
         signed_at = bytes_to_int(base64_decode(ts_text))
     except Exception as exc:
