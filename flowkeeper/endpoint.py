@@ -101,7 +101,7 @@ def refuse(request: Request, status: int, code: str, message: str, **extra: Any)
     logger.warning(
         "endpoint refused %s %s from %s: %d %s: %s",
         request.method,
-        request.url.path,
+        request.scope.get("path", ""),
         client,
         status,
         code,
@@ -393,6 +393,17 @@ def _refused(claim: ClaimRefused) -> JSONResponse:
     )
 
 
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer in JSON too, like every other refusal."""
+    if getattr(exc, "status_code", 404) == 405:
+        response = refuse(
+            request, 405, "method_not_allowed", f"{request.method} is not allowed here."
+        )
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+    return refuse(request, 404, "not_found", "Nothing is served at this path.")
+
+
 def create_app(
     fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None, debug: bool = False
 ) -> Starlette:
@@ -410,6 +421,11 @@ def create_app(
     middleware = []
     if endpoint.base_path:
         middleware.append(Middleware(PrefixMiddleware, prefix=endpoint.base_path))
-    app = Starlette(debug=debug, routes=routes, middleware=middleware)
+    app = Starlette(
+        debug=debug,
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={404: _no_route, 405: _no_route},
+    )
     app.state.flowkeeper = fk
     return app
