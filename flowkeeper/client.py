@@ -38,7 +38,7 @@ from .operations import RunOperations
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .scheduler import Scheduler
 from .serialization import json_or_none
-from .signing import KeyInput, RequestSigner
+from .signing import KeyInput, RequestSigner, check_dashboard_password, check_signing_keys
 from .sql import validate_schema
 from .store import ClaimedRun, Store
 from .workflow import FailureHook, Registry, Workflow, WorkflowFunction, define_workflow
@@ -78,6 +78,11 @@ class FlowKeeper(RunOperations):
     ``endpoint`` is the public URL where ``fk.asgi()`` is mounted.  Without it
     this process can still trigger runs (they are left due for the scheduler)
     and serve invocations, but cannot push them.
+
+    Weak secrets are refused with a :class:`ConfigurationError`: every signing
+    key needs at least 32 characters, a dashboard password at least 12 (and
+    more than whitespace).  ``allow_weak_secrets=True`` turns the check off,
+    for tests only.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class FlowKeeper(RunOperations):
         dashboard_path: str | None = "/ui",
         dashboard_session_ttl: float | timedelta = timedelta(hours=12),
         alert_webhook: str | None = None,
+        allow_weak_secrets: bool = False,
     ) -> None:
         url = (
             database_url
@@ -122,6 +128,7 @@ class FlowKeeper(RunOperations):
             )
         endpoint = endpoint if endpoint is not None else os.environ.get("FLOWKEEPER_ENDPOINT")
         self.schema = validate_schema(schema)
+        check_signing_keys(keys, allow_weak=allow_weak_secrets)
         self.signer = RequestSigner(keys)
         self.time_budget = _duration(time_budget, "time_budget")
         self.lease = _duration(lease, "lease")
@@ -151,6 +158,8 @@ class FlowKeeper(RunOperations):
             if dashboard_password is not None
             else os.environ.get("FLOWKEEPER_DASHBOARD_PASSWORD")
         ) or None
+        if self.dashboard_password is not None:
+            check_dashboard_password(self.dashboard_password, allow_weak=allow_weak_secrets)
         self.dashboard_path = _dashboard_path(dashboard_path)
         self.dashboard_session_ttl = _duration(dashboard_session_ttl, "dashboard_session_ttl")
         run_url = None

@@ -36,9 +36,13 @@ from .errors import ConfigurationError, SignatureError
 
 __all__ = [
     "MAX_AGE_SECONDS",
+    "MIN_KEY_LENGTH",
+    "MIN_PASSWORD_LENGTH",
     "SIGNATURE_HEADER",
     "RequestSigner",
     "canonical_message",
+    "check_dashboard_password",
+    "check_signing_keys",
     "sign_request",
     "verify_request",
 ]
@@ -104,6 +108,54 @@ def normalize_keys(keys: KeyInput) -> list[bytes]:
             "No signing key configured. Pass signing_key=... or set FLOWKEEPER_SIGNING_KEY."
         )
     return out
+
+
+# secret strength -----------------------------------------------------------------------
+#: Shortest signing key FlowKeeper(...) and pgcron.install accept.
+MIN_KEY_LENGTH: Final = 32
+#: Shortest dashboard password FlowKeeper(...) accepts.
+MIN_PASSWORD_LENGTH: Final = 12
+_GENERATE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+_ESCAPE = "(Tests that need a short secret can pass allow_weak_secrets=True.)"
+
+
+def check_signing_keys(keys: KeyInput, *, allow_weak: bool = False) -> None:
+    """Refuse signing keys anyone could guess: each needs ``MIN_KEY_LENGTH``
+    characters besides surrounding whitespace.  ``allow_weak`` skips the check
+    (tests only).  The message never repeats the key."""
+    if allow_weak:
+        return
+    key_list = normalize_keys(keys)
+    for position, key in enumerate(key_list, 1):
+        length = len(key.strip())
+        if length < MIN_KEY_LENGTH:
+            which = (
+                f"Signing key #{position} of {len(key_list)}"
+                if len(key_list) > 1
+                else ("The signing key")
+            )
+            raise ConfigurationError(
+                f"{which} is {length} characters long; flowkeeper needs at least "
+                f"{MIN_KEY_LENGTH}, since anyone who guesses it can start work on your "
+                f"endpoint. Generate one with {_GENERATE} and set it as "
+                f"FLOWKEEPER_SIGNING_KEY everywhere runs are dispatched or served. {_ESCAPE}"
+            )
+
+
+def check_dashboard_password(password: str, *, allow_weak: bool = False) -> None:
+    """Refuse dashboard passwords that are whitespace or under ``MIN_PASSWORD_LENGTH``."""
+    if allow_weak:
+        return
+    length = len(password.strip())
+    if length < MIN_PASSWORD_LENGTH:
+        what = "only whitespace" if not password.strip() else f"{length} characters long"
+        raise ConfigurationError(
+            f"The dashboard password is {what}; flowkeeper needs at least "
+            f"{MIN_PASSWORD_LENGTH} characters, since the dashboard can replay and cancel "
+            f"runs. Generate one with {_GENERATE} and set it as "
+            "FLOWKEEPER_DASHBOARD_PASSWORD, or leave it unset to turn the dashboard off. "
+            f"{_ESCAPE}"
+        )
 
 
 def sign_request(
