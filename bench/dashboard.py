@@ -194,7 +194,7 @@ async def dashboard_times(url: str, runs: int, repeat: int) -> bool:
     port = free_port()
     fk = FlowKeeper(
         url,
-        signing_key="bench-key-0123456789",
+        signing_key="bench-signing-key-0123456789abcdef",
         endpoint=f"http://127.0.0.1:{port}/api/flowkeeper",
         dashboard_password=PASSWORD,
     )
@@ -265,7 +265,7 @@ async def dashboard_times(url: str, runs: int, repeat: int) -> bool:
 
 
 async def trigger_rate(url: str, n: int, with_indexes: bool) -> float:
-    fk = FlowKeeper(url, signing_key="bench-key-0123456789")
+    fk = FlowKeeper(url, signing_key="bench-signing-key-0123456789abcdef")
 
     @fk.workflow("bench")
     async def bench(ctx: Context, i: int) -> None:

@@ -29,7 +29,7 @@ from flowkeeper.scheduler import SchedulerLoop
 from flowkeeper.testing import PostgresCluster
 from flowkeeper.testing.postgres import free_port
 
-DASHBOARD_PASSWORD = "demo"
+DASHBOARD_PASSWORD = "flowkeeper-demo"
 
 ORDERS = [
     Order(id="o-1001", email="ada@example.com", amount_cents=4200, flaky_card=True),

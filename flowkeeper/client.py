@@ -42,7 +42,7 @@ from .operations import RunOperations
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .scheduler import Scheduler
 from .serialization import json_or_none
-from .signing import KeyInput, RequestSigner
+from .signing import KeyInput, RequestSigner, check_dashboard_password, check_signing_keys
 from .sql import validate_schema
 from .store import ClaimedRun, Store
 from .tokens import TokenSigner
@@ -119,6 +119,11 @@ class FlowKeeper(RunOperations, EventOperations):
     workflow this process does not know (an instance still on older code during
     a rolling deploy) defers the run instead of failing it; it fails only once
     endpoints have not known its workflow for this long (see flowkeeper.deploys).
+
+    Weak secrets are refused with a :class:`ConfigurationError`: every signing
+    key needs at least 32 characters, a dashboard password at least 12 (and
+    more than whitespace).  ``allow_weak_secrets=True`` turns the check off,
+    for tests only.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class FlowKeeper(RunOperations, EventOperations):
         max_step_threads: int = 32,
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
+        allow_weak_secrets: bool = False,
     ) -> None:
         url = (
             database_url
@@ -166,6 +172,7 @@ class FlowKeeper(RunOperations, EventOperations):
             )
         endpoint = endpoint if endpoint is not None else os.environ.get("FLOWKEEPER_ENDPOINT")
         self.schema = validate_schema(schema)
+        check_signing_keys(keys, allow_weak=allow_weak_secrets)
         self.signer = RequestSigner(keys)
         self.time_budget = _duration(time_budget, "time_budget")
         self.lease = _duration(lease, "lease")
@@ -212,6 +219,8 @@ class FlowKeeper(RunOperations, EventOperations):
             if dashboard_password is not None
             else os.environ.get("FLOWKEEPER_DASHBOARD_PASSWORD")
         ) or None
+        if self.dashboard_password is not None:
+            check_dashboard_password(self.dashboard_password, allow_weak=allow_weak_secrets)
         self.dashboard_path = _dashboard_path(dashboard_path)
         self.dashboard_session_ttl = _duration(dashboard_session_ttl, "dashboard_session_ttl")
         run_url = None

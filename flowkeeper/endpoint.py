@@ -34,9 +34,18 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import __version__
+from .boundary import check_text, parse_json
 from .engine import ClaimRefused, Outcome
-from .errors import ConfigurationError, DatabaseError, SignatureError
+from .errors import (
+    ConfigurationError,
+    DatabaseError,
+    DatabaseRefusedError,
+    InvalidRequestError,
+    SignatureError,
+    WorkflowError,
+)
 from .store import ClaimedRun
+from .workflow import validate_name
 
 if TYPE_CHECKING:
     from .client import FlowKeeper
@@ -77,13 +86,29 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _too_large(limit: int) -> JSONResponse:
-    return error(
+def _too_large(request: Request, limit: int) -> JSONResponse:
+    return refuse(
+        request,
         413,
         "payload_too_large",
         f"Request body is larger than the limit of {limit} bytes. Invocations carry only a "
         "run id and a lease token; large data belongs in the run's input.",
     )
+
+
+def refuse(request: Request, status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    """A refused request: the JSON error, and one WARNING line saying who and why."""
+    client = request.client.host if request.client else "unknown"
+    logger.warning(
+        "endpoint refused %s %s from %s: %d %s: %s",
+        request.method,
+        request.scope.get("path", ""),
+        client,
+        status,
+        code,
+        message,
+    )
+    return error(status, code, message, **extra)
 
 
 class PrefixMiddleware:
@@ -157,20 +182,22 @@ class Endpoint:
         try:
             body = await read_body(request, limit)
         except _BodyTooLarge:
-            return _too_large(limit)
+            return _too_large(request, limit)
         try:
             self._verify(request, body, "")
         except SignatureError as exc:
-            return error(401, exc.code, str(exc))
-        parsed = _parse_invocation(body)
-        if isinstance(parsed, JSONResponse):
-            return parsed
-        run_id, lease, wait, create = parsed
+            return refuse(request, 401, exc.code, str(exc))
+        try:
+            run_id, lease, wait, create = _parse_invocation(body)
+        except InvalidRequestError as exc:
+            return refuse(request, 400, "invalid_body", str(exc))
         try:
             if create is not None:
                 claim = await self.fk.engine.create(run_id, *create)
             else:
                 claim = await self.fk.engine.claim(run_id, lease)
+        except DatabaseRefusedError as exc:
+            return refuse(request, 400, "invalid_value", str(exc))
         except DatabaseError as exc:
             logger.error("invocation of run %s: %s", run_id, exc)
             return error(503, "database_unavailable", str(exc), run_id=run_id)
@@ -250,7 +277,7 @@ class Endpoint:
         try:
             body = await read_body(request, limit)
         except _BodyTooLarge:
-            return _too_large(limit)
+            return _too_large(request, limit)
         refusal = self._authorize_tick(request, body)
         if refusal is not None:
             return refusal
@@ -284,9 +311,12 @@ class Endpoint:
             if scheme.lower() == "bearer" and secret:
                 if hmac.compare_digest(value.strip().encode(), secret.encode()):
                     return None
-                return error(401, "invalid_secret", "The bearer token does not match CRON_SECRET.")
+                return refuse(
+                    request, 401, "invalid_secret", "The bearer token does not match CRON_SECRET."
+                )
             if scheme.lower() == "bearer":
-                return error(
+                return refuse(
+                    request,
                     401,
                     "no_cron_secret",
                     "A bearer token was sent but no CRON_SECRET is configured on this endpoint.",
@@ -295,57 +325,69 @@ class Endpoint:
             self._verify(request, body, "/tick")
         except SignatureError as exc:
             hint = "" if secret else " (or configure CRON_SECRET and send it as a bearer token)"
-            return error(401, exc.code, f"{exc}{hint}")
+            return refuse(request, 401, exc.code, f"{exc}{hint}")
         return None
 
 
 Create = tuple[str, str, str | None]  # workflow, input JSON, idempotency key
 
+#: The longest idempotency key an invocation may carry (it is indexed with the
+#: workflow name, and a btree entry holds at most about 2,700 bytes).
+MAX_IDEMPOTENCY_KEY_BYTES = 1000
 
-def _parse_invocation(
-    body: bytes,
-) -> tuple[str, uuid.UUID | None, bool, Create | None] | JSONResponse:
-    """``{"run_id", "lease", "wait"?, "create"?: {"workflow", "input", "idempotency_key"}}``."""
+
+def _parse_invocation(body: bytes) -> tuple[str, uuid.UUID | None, bool, Create | None]:
+    """``{"run_id", "lease", "wait"?, "create"?: {"workflow", "input", "idempotency_key"}}``.
+
+    Raises :class:`InvalidRequestError` saying what is wrong; whatever passes can
+    be stored by Postgres as it is.
+    """
     import json
 
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return error(400, "invalid_body", "The body is not valid JSON.")
+    data = parse_json(body)
     if not isinstance(data, dict):
-        return error(400, "invalid_body", "The body must be a JSON object with a run_id.")
+        raise InvalidRequestError("The body must be a JSON object with a run_id.")
     run_id = data.get("run_id")
     try:
-        run_id = str(uuid.UUID(str(run_id))) if isinstance(run_id, str) else None
+        run_id = str(uuid.UUID(run_id)) if isinstance(run_id, str) else None
     except ValueError:
         run_id = None
     if run_id is None:
-        return error(400, "invalid_body", "run_id must be a run's UUID.")
+        raise InvalidRequestError("run_id must be a run's UUID.")
     lease = data.get("lease")
     token: uuid.UUID | None = None
     if lease is not None:
         try:
-            token = uuid.UUID(str(lease)) if isinstance(lease, str) else None
+            token = uuid.UUID(lease) if isinstance(lease, str) else None
         except ValueError:
             token = None
         if token is None:
-            return error(400, "invalid_body", "lease must be a UUID string or null.")
+            raise InvalidRequestError("lease must be a UUID string or null.")
     wait = data.get("wait", False)
     if not isinstance(wait, bool):
-        return error(400, "invalid_body", "wait must be true or false.")
+        raise InvalidRequestError("wait must be true or false.")
     create: Create | None = None
     if "create" in data:
         spec = data["create"]
         workflow = spec.get("workflow") if isinstance(spec, dict) else None
-        key = spec.get("idempotency_key") if isinstance(spec, dict) else None
-        if not isinstance(workflow, str) or not workflow or "input" not in spec:
-            return error(
-                400, "invalid_body", "create needs a workflow name and an input (may be null)."
-            )
-        if key is not None and not isinstance(key, str):
-            return error(400, "invalid_body", "create.idempotency_key must be a string or null.")
+        if not isinstance(spec, dict) or not isinstance(workflow, str) or "input" not in spec:
+            raise InvalidRequestError("create needs a workflow name and an input (may be null).")
+        try:
+            validate_name(check_text(workflow, "create.workflow"))
+        except WorkflowError as exc:
+            raise InvalidRequestError(f"create.workflow: {exc}") from None
+        key = spec.get("idempotency_key")
+        if key is not None:
+            if not isinstance(key, str):
+                raise InvalidRequestError("create.idempotency_key must be a string or null.")
+            check_text(key, "create.idempotency_key")
+            if len(key.encode()) > MAX_IDEMPOTENCY_KEY_BYTES:
+                raise InvalidRequestError(
+                    f"create.idempotency_key is longer than {MAX_IDEMPOTENCY_KEY_BYTES} bytes."
+                )
         if token is not None:
-            return error(400, "invalid_body", "A create invocation carries no lease.")
+            raise InvalidRequestError("A create invocation carries no lease.")
+        # parse_json checked every string: the input re-serialised is storable.
         create = (workflow, json.dumps(spec["input"], separators=(",", ":")), key)
     return run_id, token, wait, create
 
@@ -369,6 +411,17 @@ def _refused(claim: ClaimRefused) -> JSONResponse:
     )
 
 
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer in JSON too, like every other refusal."""
+    if getattr(exc, "status_code", 404) == 405:
+        response = refuse(
+            request, 405, "method_not_allowed", f"{request.method} is not allowed here."
+        )
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+    return refuse(request, 404, "not_found", "Nothing is served at this path.")
+
+
 def create_app(
     fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None, debug: bool = False
 ) -> Starlette:
@@ -386,6 +439,11 @@ def create_app(
     middleware = []
     if endpoint.base_path:
         middleware.append(Middleware(PrefixMiddleware, prefix=endpoint.base_path))
-    app = Starlette(debug=debug, routes=routes, middleware=middleware)
+    app = Starlette(
+        debug=debug,
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={404: _no_route, 405: _no_route},
+    )
     app.state.flowkeeper = fk
     return app

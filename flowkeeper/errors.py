@@ -32,6 +32,7 @@ and what to do about it.
     ├── RunCancelledError         fk.result() on a run that was cancelled
     ├── RunTimeoutError           fk.result() gave up waiting (also a TimeoutError)
     ├── SignatureError            a request without a valid signature (HTTP 401)
+    ├── InvalidRequestError       a malformed request to the endpoint or dashboard (HTTP 400)
     └── DispatchError             the endpoint could not be reached or refused an invocation
 """
 
@@ -293,6 +294,14 @@ class SignatureError(FlowKeeperError):
     def __init__(self, message: str, *, code: str = "invalid_signature") -> None:
         self.code = code
         super().__init__(message)
+
+
+class InvalidRequestError(FlowKeeperError, ValueError):
+    """A request to the endpoint or the dashboard is malformed: answered with HTTP 400.
+
+    The message says what is wrong with it (not JSON, nested too deep, a NUL
+    character Postgres cannot store, an absurd number) so the sender can fix it.
+    """
 
 
 class DispatchError(FlowKeeperError):

@@ -43,7 +43,7 @@ from . import migrations
 from .db import Database
 from .dispatch import validate_endpoint
 from .errors import ConfigurationError, DatabaseError
-from .signing import SALT, KeyInput, normalize_keys
+from .signing import SALT, KeyInput, check_signing_keys, normalize_keys
 from .sql import validate_schema
 
 if TYPE_CHECKING:
@@ -298,8 +298,14 @@ class PgCron:
         concurrency: int = 16,
         http_timeout: float = 3.0,
         time_limit: float = 50.0,
+        allow_weak_secrets: bool = False,
     ) -> InstalledJob:
-        """Create the SQL objects and schedule the job; safe to run again (it updates)."""
+        """Create the SQL objects and schedule the job; safe to run again (it updates).
+
+        A signing key under 32 characters is refused (``allow_weak_secrets=True``
+        lets tests use one).
+        """
+        check_signing_keys(signing_key, allow_weak=allow_weak_secrets)
         if via not in TRANSPORTS:
             raise ConfigurationError(f"--via must be one of {', '.join(TRANSPORTS)}, got {via!r}")
         for name, value in (

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .boundary import text_problem
 from .errors import ConfigurationError
 from .models import RunStatus
 
@@ -33,6 +34,21 @@ _MIN_ID = uuid.UUID(int=0)
 _MAX_ID = uuid.UUID(int=(1 << 128) - 1)
 _AGO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+#: Longest workflow name or search text a filter takes (names are at most 200).
+_MAX_TEXT = 1000
+
+
+def _checked(value: str | None, what: str) -> str | None:
+    """Filter text as given, or ConfigurationError when no stored value could match
+    it and Postgres could not even compare it (NUL, lone surrogates, absurd length)."""
+    if value is None:
+        return None
+    problem = text_problem(value)
+    if problem is not None:
+        raise ConfigurationError(f"The {what} filter {problem}.")
+    if len(value) > _MAX_TEXT:
+        raise ConfigurationError(f"The {what} filter is longer than {_MAX_TEXT} characters.")
+    return value
 
 
 def id_floor(when: datetime) -> uuid.UUID:
@@ -66,12 +82,18 @@ def parse_time(value: str | datetime | None, *, now: datetime | None = None) -> 
     match = _AGO.match(text)
     if match:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
-        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        try:
+            return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
+        except OverflowError:  # further back than year 1 (or than timedelta reaches)
+            raise ConfigurationError(
+                f"The time {value[:40]!r} is too long ago: use a duration such as 30m, 6h, "
+                "2d or 1w, or an ISO 8601 time."
+            ) from None
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigurationError(
-            f"Cannot read the time {value!r}: use a duration ago such as 30m, 6h, 2d, 1w, "
+            f"Cannot read the time {value[:40]!r}: use a duration ago such as 30m, 6h, 2d, 1w, "
             "or an ISO 8601 time such as 2025-03-01T12:00:00Z."
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
@@ -114,26 +136,28 @@ class RunFilter:
                 run_status = RunStatus(str(status))
             except ValueError:
                 raise ConfigurationError(
-                    f"Unknown run status {status!r}; use one of "
+                    f"Unknown run status {str(status)[:40]!r}; use one of "
                     f"{', '.join(s.value for s in RunStatus)}."
                 ) from None
         if before:
             try:
                 before = str(uuid.UUID(before))
             except ValueError:
-                raise ConfigurationError(f"The cursor {before!r} is not a run id.") from None
+                raise ConfigurationError(f"The cursor {before[:60]!r} is not a run id.") from None
         try:
             size = 50 if limit in (None, "") else int(limit)
         except (TypeError, ValueError):
-            raise ConfigurationError(f"limit must be a whole number, got {limit!r}") from None
+            raise ConfigurationError(
+                f"limit must be a whole number, got {str(limit)[:40]!r}"
+            ) from None
         if not 1 <= size <= MAX_PAGE:
             raise ConfigurationError(f"limit must be between 1 and {MAX_PAGE}, got {size}")
         return cls(
-            workflow=workflow or None,
+            workflow=_checked(workflow or None, "workflow"),
             status=run_status,
             since=parse_time(since),
             until=parse_time(until),
-            search=(search or "").strip() or None,
+            search=_checked((search or "").strip() or None, "search"),
             before=before or None,
             limit=size,
         )

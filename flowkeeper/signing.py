@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
@@ -35,9 +36,13 @@ from .errors import ConfigurationError, SignatureError
 
 __all__ = [
     "MAX_AGE_SECONDS",
+    "MIN_KEY_LENGTH",
+    "MIN_PASSWORD_LENGTH",
     "SIGNATURE_HEADER",
     "RequestSigner",
     "canonical_message",
+    "check_dashboard_password",
+    "check_signing_keys",
     "sign_request",
     "verify_request",
 ]
@@ -50,6 +55,11 @@ MAX_AGE_SECONDS: Final = 300
 MAX_SKEW_SECONDS: Final = 30
 
 KeyInput = str | bytes | Sequence[str | bytes]
+
+# "<timestamp>.<signature>", both URL-safe base64 (itsdangerous), bounded: a
+# timestamp is at most 8 bytes, the signature a SHA-256 HMAC.  Anything else,
+# non-ASCII bytes included, is refused before any decoding.
+_HEADER_RE = re.compile(r"([A-Za-z0-9_-]{1,12})\.([A-Za-z0-9_-]{1,100})")
 
 
 class _FixedTimeSigner(TimestampSigner):
@@ -100,6 +110,54 @@ def normalize_keys(keys: KeyInput) -> list[bytes]:
     return out
 
 
+# secret strength -----------------------------------------------------------------------
+#: Shortest signing key FlowKeeper(...) and pgcron.install accept.
+MIN_KEY_LENGTH: Final = 32
+#: Shortest dashboard password FlowKeeper(...) accepts.
+MIN_PASSWORD_LENGTH: Final = 12
+_GENERATE = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+_ESCAPE = "(Tests that need a short secret can pass allow_weak_secrets=True.)"
+
+
+def check_signing_keys(keys: KeyInput, *, allow_weak: bool = False) -> None:
+    """Refuse signing keys anyone could guess: each needs ``MIN_KEY_LENGTH``
+    characters besides surrounding whitespace.  ``allow_weak`` skips the check
+    (tests only).  The message never repeats the key."""
+    if allow_weak:
+        return
+    key_list = normalize_keys(keys)
+    for position, key in enumerate(key_list, 1):
+        length = len(key.strip())
+        if length < MIN_KEY_LENGTH:
+            which = (
+                f"Signing key #{position} of {len(key_list)}"
+                if len(key_list) > 1
+                else ("The signing key")
+            )
+            raise ConfigurationError(
+                f"{which} is {length} characters long; flowkeeper needs at least "
+                f"{MIN_KEY_LENGTH}, since anyone who guesses it can start work on your "
+                f"endpoint. Generate one with {_GENERATE} and set it as "
+                f"FLOWKEEPER_SIGNING_KEY everywhere runs are dispatched or served. {_ESCAPE}"
+            )
+
+
+def check_dashboard_password(password: str, *, allow_weak: bool = False) -> None:
+    """Refuse dashboard passwords that are whitespace or under ``MIN_PASSWORD_LENGTH``."""
+    if allow_weak:
+        return
+    length = len(password.strip())
+    if length < MIN_PASSWORD_LENGTH:
+        what = "only whitespace" if not password.strip() else f"{length} characters long"
+        raise ConfigurationError(
+            f"The dashboard password is {what}; flowkeeper needs at least "
+            f"{MIN_PASSWORD_LENGTH} characters, since the dashboard can replay and cancel "
+            f"runs. Generate one with {_GENERATE} and set it as "
+            "FLOWKEEPER_DASHBOARD_PASSWORD, or leave it unset to turn the dashboard off. "
+            f"{_ESCAPE}"
+        )
+
+
 def sign_request(
     keys: KeyInput,
     *,
@@ -143,13 +201,14 @@ def verify_request(
             "signed with the signing key (see flowkeeper.signing).",
             code="missing_signature",
         )
-    parts = header.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    match = _HEADER_RE.fullmatch(header.strip())
+    if match is None:
         raise SignatureError(
-            f"Malformed {SIGNATURE_HEADER} header: expected '<timestamp>.<signature>'.",
+            f"Malformed {SIGNATURE_HEADER} header: expected '<timestamp>.<signature>' in "
+            "URL-safe base64 (ASCII letters, digits, '-' and '_').",
             code="malformed_signature",
         )
-    ts_text, sig_text = parts
+    ts_text, sig_text = match.groups()
     try:
         signed_at = bytes_to_int(base64_decode(ts_text))
     except Exception as exc:

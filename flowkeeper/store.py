@@ -605,11 +605,21 @@ class Store:
         value = await self._call("fetchval", "login_failures", client, window)
         return int(value or 0)
 
-    async def login_failed(self, client: str, window: timedelta) -> int:
-        return int(await self._call("fetchval", "login_failed", client, window))
-
     async def login_succeeded(self, client: str) -> None:
         await self._call("execute", "login_succeeded", client)
+
+    async def login_attempt(self, client: str, window: timedelta) -> int:
+        """Count a sign-in attempt; the attempts within ``window``, this one included."""
+        return int(await self._call("fetchval", "login_attempt", client, window))
+
+    async def session_start(self, digest: bytes, ttl: timedelta) -> None:
+        await self._call("execute", "session_start", digest, ttl)
+
+    async def session_valid(self, digest: bytes) -> bool:
+        return bool(await self._call("fetchval", "session_valid", digest))
+
+    async def session_end(self, digest: bytes) -> None:
+        await self._call("execute", "session_end", digest)
 
     # rolling deploys: runs whose workflow the endpoint does not know (sql/deploys.sql) --------
     async def unknown_workflow_episode(

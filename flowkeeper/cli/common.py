@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import secrets
 from typing import Any
 
 from ..client import FlowKeeper
@@ -55,9 +56,9 @@ def flowkeeper_from_args(args: argparse.Namespace, *, need_endpoint: bool = Fals
             "FLOWKEEPER_ENDPOINT."
         )
     # Commands that only touch the database need no key; use a throw-away one.
-    kwargs["signing_key"] = [
-        k for k in (key or "").split(",") if k.strip()
-    ] or "unused-by-this-command"
+    kwargs["signing_key"] = [k for k in (key or "").split(",") if k.strip()] or (
+        secrets.token_urlsafe(32)
+    )
     if need_endpoint and not key:
         raise ConfigurationError(
             "No signing key configured: pass --signing-key or set FLOWKEEPER_SIGNING_KEY "

@@ -3,16 +3,24 @@
 * The password comes from configuration (``FlowKeeper(dashboard_password=...)``
   or ``FLOWKEEPER_DASHBOARD_PASSWORD``); without one the dashboard is off.
 * A successful login sets ``flowkeeper_session``: an itsdangerous timed
-  signature (HMAC-SHA256) over a random CSRF token, keyed by the signing keys
-  and the password under a salt of its own, so it can never pass for an
-  invocation signature, rotating the signing keys keeps sessions, and changing
-  the password ends every session.  HttpOnly, SameSite=Lax, Secure over HTTPS,
-  scoped to the dashboard's path.
+  signature (HMAC-SHA256) over a random session id and a random CSRF token,
+  keyed by the signing keys and the password under a salt of its own, so it
+  can never pass for an invocation signature, rotating the signing keys keeps
+  sessions, and changing the password ends every session.  HttpOnly,
+  SameSite=Lax, Secure over HTTPS, scoped to the dashboard's path.
+* The session is also recorded in Postgres (the SHA-256 of its id, with its
+  expiry): a cookie counts only while its row exists, so signing out ends the
+  session on every instance, and a cookie captured before is refused after.
+  A forged cookie fails its signature without a query; a genuine one costs
+  one primary-key lookup.
 * Every state-changing request carries that CSRF token (``X-CSRF-Token``
   header or a ``csrf`` form field), compared in constant time, and a
   cross-site ``Origin`` is refused outright.
-* Failed logins are counted per client in Postgres (so every instance of a
-  scaled-out or serverless app shares the count) and each one is slowed down.
+* Sign-in attempts are counted per client in Postgres (so every instance of a
+  scaled-out or serverless app shares the count), each one *before* its
+  password is looked at, in one atomic statement: guesses sent all at once
+  are evaluated no more than ``MAX_FAILURES`` times.  Each failure is slowed
+  down as well.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadData, URLSafeTimedSerializer
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -48,6 +56,8 @@ FAILURE_DELAY = 0.75
 @dataclass(frozen=True, slots=True)
 class Session:
     csrf: str
+    #: SHA-256 of the session id: the key of its row in dashboard_sessions.
+    digest: bytes
 
 
 def _keys(fk: FlowKeeper, password: str) -> list[bytes]:
@@ -85,37 +95,56 @@ class Auth:
             hashlib.sha256(self.password.encode()).digest(),
         )
 
-    async def throttled(self, request: Request) -> bool:
-        return (
-            await self.fk.store.login_failures(client_key(request), FAILURE_WINDOW) >= MAX_FAILURES
-        )
+    async def attempt(self, request: Request) -> bool:
+        """Count this sign-in attempt; False when the client is over the limit.
+
+        The attempt is counted first and the password looked at only if this
+        returns True, so the count cannot be raced.
+        """
+        attempts = await self.fk.store.login_attempt(client_key(request), FAILURE_WINDOW)
+        return attempts <= MAX_FAILURES
 
     async def failed(self, request: Request) -> None:
-        await self.fk.store.login_failed(client_key(request), FAILURE_WINDOW)
         await asyncio.sleep(FAILURE_DELAY)
 
     async def succeeded(self, request: Request) -> None:
         await self.fk.store.login_succeeded(client_key(request))
 
     # sessions -------------------------------------------------------------------------
-    def session(self, request: Request) -> Session | None:
-        """The request's valid session, or None (absent, forged, expired, old password)."""
+    def _signed_sessions(self, request: Request) -> list[Session]:
+        """Sessions whose cookie signature is good (not yet checked in Postgres)."""
         if self._serializer is None:
-            return None
+            return []
+        found = []
         # Every cookie of that name counts: a stale or planted one on another
         # path (sent alongside) must not shadow the valid session.
         for raw in _cookie_values(request.headers.get("cookie", ""), COOKIE):
             try:
                 data = self._serializer.loads(raw, max_age=int(self.ttl.total_seconds()))
-            except BadSignature:
+            except BadData:
                 continue
-            if isinstance(data, dict) and isinstance(data.get("csrf"), str):
-                return Session(csrf=data["csrf"])
+            if (
+                isinstance(data, dict)
+                and isinstance(data.get("csrf"), str)
+                and isinstance(data.get("sid"), str)
+            ):
+                digest = hashlib.sha256(data["sid"].encode()).digest()
+                found.append(Session(csrf=data["csrf"], digest=digest))
+        return found
+
+    async def session(self, request: Request) -> Session | None:
+        """The request's valid session, or None (absent, forged, expired, old password,
+        signed out)."""
+        for candidate in self._signed_sessions(request):
+            if await self.fk.store.session_valid(candidate.digest):
+                return candidate
         return None
 
-    def start(self, request: Request, response: Response, base: str) -> None:
+    async def start(self, request: Request, response: Response, base: str) -> None:
         assert self._serializer is not None
-        value = self._serializer.dumps({"csrf": secrets.token_urlsafe(32)})
+        sid = secrets.token_urlsafe(32)
+        await self.fk.store.session_start(hashlib.sha256(sid.encode()).digest(), self.ttl)
+        value = self._serializer.dumps({"sid": sid, "csrf": secrets.token_urlsafe(32)})
         response.set_cookie(
             COOKIE,
             str(value),
@@ -126,7 +155,10 @@ class Auth:
             secure=is_https(request),
         )
 
-    def end(self, request: Request, response: Response, base: str) -> None:
+    async def end(self, request: Request, response: Response, base: str) -> None:
+        """Sign out: the session's row goes, so its cookie is refused everywhere."""
+        for session in self._signed_sessions(request):
+            await self.fk.store.session_end(session.digest)
         response.delete_cookie(
             COOKIE, path=base or "/", httponly=True, samesite="lax", secure=is_https(request)
         )
@@ -160,12 +192,17 @@ def same_origin(request: Request) -> bool:
         # SameSite and the CSRF token.  "null" comes from sandboxed documents.
         return origin is None
     host = request.headers.get("x-forwarded-host") or request.headers.get("host", "")
-    return urlsplit(origin).netloc.lower() == host.split(",")[0].strip().lower()
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # e.g. "http://[": not an origin at all
+        return False
+    return netloc.lower() == host.split(",")[0].strip().lower()
 
 
 def is_https(request: Request) -> bool:
+    # The scope, not request.url: building a URL from a hostile Host header can fail.
     proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-    return request.url.scheme == "https" or proto == "https"
+    return request.scope.get("scheme") == "https" or proto == "https"
 
 
 def client_key(request: Request) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import html
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -28,12 +27,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..boundary import check_text, parse_json
 from ..errors import (
     ConfigurationError,
     DatabaseError,
+    DatabaseRefusedError,
+    InvalidRequestError,
     RunNotFoundError,
     RunStateError,
 )
+from ..ids import check_run_id
 from ..runlist import RunFilter
 from .auth import Auth, Session, same_origin
 from .views import page_json, render, run_json, script_json
@@ -89,6 +92,25 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def _warn(request: Request, status: int, code: str, message: str) -> None:
+    """One WARNING line for a refused request: who, what, why."""
+    client = request.client.host if request.client else "unknown"
+    logger.warning(
+        "dashboard refused %s %s from %s: %d %s: %s",
+        request.method,
+        request.scope.get("path", ""),
+        client,
+        status,
+        code,
+        message,
+    )
+
+
+def _refuse(request: Request, status: int, code: str, message: str) -> JSONResponse:
+    _warn(request, status, code, message)
+    return _error(status, code, message)
+
+
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -120,14 +142,19 @@ class Dashboard:
         async def guarded(request: Request) -> Response:
             if not self.auth.enabled:
                 return self._off(request, api=False)
-            session = self.auth.session(request)
+            session = await self.auth.session(request)
             if session is None:
-                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                query = request.scope.get("query_string", b"").decode("latin-1")
+                target = request.scope["path"] + (f"?{query}" if query else "")
                 return RedirectResponse(
                     f"{self.base(request)}/login?next={quote(target, safe='')}", status_code=303
                 )
             try:
                 return await handler(request, session)
+            except DatabaseRefusedError as exc:
+                return HTMLResponse(
+                    f"<h1>Refused</h1><p>{html.escape(str(exc))}</p>", status_code=400
+                )
             except DatabaseError as exc:
                 return HTMLResponse(
                     f"<h1>Database unavailable</h1><p>{html.escape(str(exc))}</p>", status_code=503
@@ -146,22 +173,23 @@ class Dashboard:
         async def guarded(request: Request) -> Response:
             if not self.auth.enabled:
                 return self._off(request, api=True)
-            session = self.auth.session(request)
+            session = await self.auth.session(request)
             if session is None:
                 return _error(401, "not_signed_in", "Sign in to the dashboard first.")
             if action:
                 if not same_origin(request):
-                    return _error(403, "cross_origin", "Cross-site requests are refused.")
+                    return _refuse(request, 403, "cross_origin", "Cross-site requests are refused.")
                 if not self.auth.csrf_ok(session, request):
-                    return _error(
+                    return _refuse(
+                        request,
                         403,
                         "csrf",
                         "Missing or wrong CSRF token (X-CSRF-Token). Reload the page and retry.",
                     )
             try:
                 return await handler(request, session)
-            except ConfigurationError as exc:
-                return _error(400, "invalid", str(exc))
+            except (ConfigurationError, InvalidRequestError, DatabaseRefusedError) as exc:
+                return _refuse(request, 400, "invalid", str(exc))
             except RunNotFoundError as exc:
                 return _error(404, "run_not_found", str(exc))
             except RunStateError as exc:
@@ -192,7 +220,7 @@ class Dashboard:
         base = self.base(request)
         if not same_origin(request):
             return self._login_page(request, "Cross-site sign-in refused.", 403)
-        if await self.auth.throttled(request):
+        if not await self.auth.attempt(request):
             return self._login_page(
                 request,
                 "Too many failed sign-ins from your address. Wait 15 minutes and try again.",
@@ -207,21 +235,21 @@ class Dashboard:
             return self._login_page(request, "Wrong password.", 401)
         await self.auth.succeeded(request)
         response = RedirectResponse(next_url, status_code=303)
-        self.auth.start(request, response, base)
+        await self.auth.start(request, response, base)
         return response
 
     async def logout(self, request: Request) -> Response:
         if not self.auth.enabled:
             return self._off(request, api=False)
         base = self.base(request)
-        session = self.auth.session(request)
+        session = await self.auth.session(request)
         form = await _form(request)
         if session is not None and (
             not same_origin(request) or not self.auth.csrf_ok(session, request, form)
         ):
-            return _error(403, "csrf", "Missing or wrong CSRF token.")
+            return _refuse(request, 403, "csrf", "Missing or wrong CSRF token.")
         response = RedirectResponse(f"{base}/login", status_code=303)
-        self.auth.end(request, response, base)
+        await self.auth.end(request, response, base)
         return response
 
     # pages --------------------------------------------------------------------------
@@ -237,15 +265,20 @@ class Dashboard:
         )
 
     async def runs_page(self, request: Request, session: Session) -> Response:
+        status = 200
         try:
             data = await self._runs_data(request)
-        except ConfigurationError as exc:
+        except (ConfigurationError, InvalidRequestError) as exc:
+            # The page, with the filter's problem on it (and the status saying so).
+            status = 400
+            _warn(request, status, "invalid", str(exc))
             data = {"error": str(exc), "runs": [], "counts": {}, "workflows": [], "query": {}}
-        return HTMLResponse(self._shell(request, session, "runs", "Runs", data))
+        return HTMLResponse(self._shell(request, session, "runs", "Runs", data), status_code=status)
 
     async def run_page(self, request: Request, session: Session) -> Response:
         run_id = request.path_params["run_id"]
         try:
+            run_id = check_run_id(run_id)
             data = await self._run_data(run_id)
         except RunNotFoundError as exc:
             data = {"missing": str(exc), "id": run_id}
@@ -279,7 +312,7 @@ class Dashboard:
         return JSONResponse(await self._runs_data(request))
 
     async def api_run(self, request: Request, session: Session) -> Response:
-        run_id = request.path_params["run_id"]
+        run_id = check_run_id(request.path_params["run_id"])
         version = await self.fk.run_version(run_id)
         if version is None:
             raise RunNotFoundError(run_id)
@@ -290,7 +323,7 @@ class Dashboard:
         return JSONResponse(data, headers={"etag": f'"{data["version"]}"'})
 
     async def api_action(self, request: Request, session: Session) -> Response:
-        run_id = request.path_params["run_id"]
+        run_id = check_run_id(request.path_params["run_id"])
         action = request.path_params["action"]
         body = await _json_body(request)
         reason = _text(body.get("reason"), "reason")
@@ -310,7 +343,9 @@ class Dashboard:
                 raise RunStateError(run_id, None, f"Run {run_id} had already finished.")
             message = "Cancelled."
         else:
-            return _error(404, "unknown_action", f"No action {action!r}: replay, retry, cancel.")
+            return _refuse(
+                request, 404, "unknown_action", f"No action {action!r}: replay, retry, cancel."
+            )
         logger.info("dashboard: %s of run %s", action, run_id)
         return JSONResponse({"ok": True, "message": message, "run_id": run_id})
 
@@ -331,15 +366,14 @@ class Dashboard:
 async def _json_body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > _MAX_ACTION_BODY:
-        raise ConfigurationError("The request body is too large.")
+        raise InvalidRequestError(
+            f"The request body is larger than the limit of {_MAX_ACTION_BODY} bytes."
+        )
     if not raw.strip():
         return {}
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise ConfigurationError("The request body is not JSON.") from None
+    data = parse_json(raw, what="The request body")
     if not isinstance(data, dict):
-        raise ConfigurationError("The request body must be a JSON object.")
+        raise InvalidRequestError("The request body must be a JSON object.")
     return data
 
 
@@ -356,8 +390,8 @@ def _text(value: Any, name: str) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str) or len(value) > 500:
-        raise ConfigurationError(f"{name} must be a string of at most 500 characters.")
-    return value
+        raise InvalidRequestError(f"{name} must be a string of at most 500 characters.")
+    return check_text(value, name)
 
 
 def _safe_next(target: str, base: str) -> str:
@@ -383,4 +417,18 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
         Route("/api/replay-failed", d.api(d.api_replay_failed, action=True), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(_STATIC))),
     ]
-    return _security_headers(Starlette(routes=routes))
+    return _security_headers(
+        Starlette(routes=routes, exception_handlers={404: _no_route, 405: _no_route})
+    )
+
+
+async def _no_route(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer in JSON too, like every other refusal."""
+    status = getattr(exc, "status_code", 404)
+    if status == 405:
+        response = _refuse(
+            request, 405, "method_not_allowed", f"{request.method} is not allowed here."
+        )
+        response.headers.update(getattr(exc, "headers", None) or {})
+        return response
+    return _refuse(request, 404, "not_found", "Nothing is served at this path.")

@@ -1,5 +1,5 @@
 -- Events, waits and approval tokens (flowkeeper.events, flowkeeper.tokens).
--- The work is done by the functions of migration 0006, which take the
+-- The work is done by the functions of migration 0007, which take the
 -- advisory locks that keep events and waits from missing each other.
 
 -- name: register_wait

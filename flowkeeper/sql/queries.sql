@@ -378,11 +378,20 @@ INSERT INTO {schema}.events (run_id, kind, detail)
 SELECT a.run_id, $6, $7::jsonb FROM a WHERE $6::text IS NOT NULL;
 
 -- name: login_failures
--- Failed dashboard logins of client $1 within the window $2.
+-- Sign-in attempts of client $1 within the window $2 since its last successful
+-- sign-in (counted by login_attempt).
 SELECT failures FROM {schema}.login_failures
 WHERE client = $1 AND window_start > {schema}.clock_now() - $2::interval;
 
--- name: login_failed
+-- name: login_succeeded
+DELETE FROM {schema}.login_failures WHERE client = $1;
+
+-- name: login_attempt
+-- Count a sign-in attempt of client $1 before its password is looked at and
+-- return the attempts within the window $2, this one included.  One atomic
+-- statement (the upsert locks the client's row), so guesses sent at once are
+-- counted one after another and none is evaluated past the limit.  A
+-- successful sign-in deletes the row (login_succeeded).
 WITH gc AS (
     DELETE FROM {schema}.login_failures
     WHERE client <> $1 AND window_start < {schema}.clock_now() - $2::interval
@@ -396,8 +405,23 @@ SET failures = CASE WHEN f.window_start > {schema}.clock_now() - $2::interval
                         THEN f.window_start ELSE {schema}.clock_now() END
 RETURNING failures;
 
--- name: login_succeeded
-DELETE FROM {schema}.login_failures WHERE client = $1;
+-- name: session_start
+-- A dashboard session ($1 the SHA-256 of its id) valid for $2; expired
+-- sessions are swept at the same time.
+WITH gc AS (
+    DELETE FROM {schema}.dashboard_sessions WHERE expires_at <= {schema}.clock_now()
+)
+INSERT INTO {schema}.dashboard_sessions (id, expires_at)
+VALUES ($1, {schema}.clock_now() + $2::interval);
+
+-- name: session_valid
+SELECT EXISTS (
+    SELECT 1 FROM {schema}.dashboard_sessions
+    WHERE id = $1 AND expires_at > {schema}.clock_now()
+);
+
+-- name: session_end
+DELETE FROM {schema}.dashboard_sessions WHERE id = $1;
 
 -- scheduler ---------------------------------------------------------------
 

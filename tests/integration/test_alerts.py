@@ -85,7 +85,9 @@ async def test_failed_run_posts_a_signed_slack_compatible_alert_and_calls_the_ho
     database_url: str, conn: asyncpg.Connection
 ) -> None:
     receiver = Receiver()
-    fk = make_fk(database_url, alert_webhook=receiver.url, dashboard_password="pw")
+    fk = make_fk(
+        database_url, alert_webhook=receiver.url, dashboard_password="alerts-test-password"
+    )
     hooks: list[FailureAlert] = []
     _failing(fk, hooks)
     try:

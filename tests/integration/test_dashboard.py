@@ -185,17 +185,22 @@ async def test_forged_expired_and_old_password_cookies_are_refused(
     payload, _, signature = value.rpartition(".")
     assert await status_with(f"{payload}.{signature[:-2]}xx") == 401  # tampered
     # Signed by someone who knows the password but not the signing key.
-    outsider = FlowKeeper(database_url, signing_key="another-key", dashboard_password=PASSWORD)
+    outsider = FlowKeeper(
+        database_url,
+        signing_key="another-key-of-at-least-32-characters",
+        dashboard_password=PASSWORD,
+    )
     try:
-        forged = auth.Auth(outsider)._serializer.dumps({"csrf": "x"})  # type: ignore[union-attr]
+        payload_data = auth.Auth(dash)._serializer.loads(value)  # type: ignore[union-attr]
+        forged = auth.Auth(outsider)._serializer.dumps(payload_data)  # type: ignore[union-attr]
     finally:
         await outsider.aclose()
     assert await status_with(str(forged)) == 401
     # The password changed: every session ends.
-    rotated = FlowKeeper(database_url, signing_key=KEY, dashboard_password="new password")
+    rotated = FlowKeeper(database_url, signing_key=KEY, dashboard_password="a new long password")
     try:
-        assert auth.Auth(rotated).session(_request_with(value)) is None
-        assert auth.Auth(dash).session(_request_with(value)) is not None
+        assert await auth.Auth(rotated).session(_request_with(value)) is None
+        assert await auth.Auth(dash).session(_request_with(value)) is not None
     finally:
         await rotated.aclose()
 
@@ -216,11 +221,14 @@ def _request_with(cookie: str) -> Any:
 async def test_sessions_expire(dash: FlowKeeper) -> None:
     serializer = auth.Auth(dash)._serializer
     assert serializer is not None
+    async with _client(dash) as client:
+        await _login(client)
+        session = serializer.loads(client.cookies[auth.COOKIE])  # a real, recorded session
 
     def cookie(age: timedelta) -> str:
         signer = serializer.make_signer(serializer.salt)
         signer.get_timestamp = lambda: int(time.time() - age.total_seconds())  # type: ignore[method-assign]
-        return signer.sign(serializer.dump_payload({"csrf": "x"})).decode()
+        return signer.sign(serializer.dump_payload(session)).decode()
 
     async def status_with(value: str) -> int:
         async with _client(dash) as client:

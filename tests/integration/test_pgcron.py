@@ -202,7 +202,11 @@ async def test_endpoint_down_or_refusing_is_backed_off_and_recorded(
     try:
         ids = await _queued_runs(database_url, wf, 5)
         # Installed with a key the endpoint does not know: every invocation gets 401.
-        await pgcron.install(endpoint=fk.dispatcher.endpoint, signing_key="wrong-key", every="1m")
+        await pgcron.install(
+            endpoint=fk.dispatcher.endpoint,
+            signing_key="wrong-signing-key-0123456789abcdefgh",
+            every="1m",
+        )
         async with serve(fk):
             await conn.execute("CALL flowkeeper.pgcron_tick()")
         rows = await conn.fetch("SELECT dispatch_failures, lease_token FROM flowkeeper.runs")

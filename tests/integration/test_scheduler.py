@@ -153,7 +153,9 @@ async def _boom(request: Any) -> Any:
 
 def _refusing_app(kind: str, fk: FlowKeeper) -> Any:
     if kind == "401":
-        other = make_fk(fk.store.db.url, signing_key="another-key", port=fk.test_port)  # type: ignore[attr-defined]
+        other = make_fk(
+            fk.store.db.url, signing_key="another-signing-key-0123456789abcdef", port=fk.test_port
+        )  # type: ignore[attr-defined]
         return other.asgi()
     if kind == "404":
         return Starlette(routes=[Route("/", lambda r: PlainTextResponse("home"))])
@@ -318,7 +320,9 @@ async def test_tick_time_limit_and_max_runs(database_url: str, conn: asyncpg.Con
 async def test_probe_checks_reachability_key_and_database(database_url: str) -> None:
     fk = make_fk(database_url)
     scheduler = Scheduler(fk.store, fk.dispatcher)  # type: ignore[arg-type]
-    wrong = make_fk(database_url, signing_key="another-key", port=fk.test_port)  # type: ignore[attr-defined]
+    wrong = make_fk(
+        database_url, signing_key="another-signing-key-0123456789abcdef", port=fk.test_port
+    )  # type: ignore[attr-defined]
     try:
         assert "ConnectError" in (await scheduler.probe()).reason
         async with serve(fk):

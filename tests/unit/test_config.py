@@ -27,6 +27,11 @@ def test_pooler_detection(url: str, pooled: bool) -> None:
     assert clean.startswith("postgresql://")
 
 
+STRONG = "unit-test-signing-key-0123456789abcdef"
+NEW = "new-signing-key-0123456789abcdefghij"
+OLD = "old-signing-key-0123456789abcdefghij"
+
+
 def test_other_url_parameters_are_kept() -> None:
     clean, _ = parse_database_url("postgresql://h/db?sslmode=require&pgbouncer=true")
     assert clean.endswith("?sslmode=require")
@@ -68,12 +73,12 @@ def test_constructor_needs_url_and_key(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigurationError, match="FLOWKEEPER_SIGNING_KEY"):
         FlowKeeper("postgresql://localhost/db")
     with pytest.raises(ConfigurationError, match="endpoint URL"):
-        FlowKeeper("postgresql://localhost/db", "key", "ftp://x")
+        FlowKeeper("postgresql://localhost/db", STRONG, "ftp://x")
 
 
 def test_constructor_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://localhost/app")
-    monkeypatch.setenv("FLOWKEEPER_SIGNING_KEY", "new-key, old-key")
+    monkeypatch.setenv("FLOWKEEPER_SIGNING_KEY", f"{NEW}, {OLD}")
     monkeypatch.setenv("FLOWKEEPER_ENDPOINT", "https://shop.example/api/flowkeeper/")
     fk = FlowKeeper()
     assert fk.dispatcher is not None
@@ -82,12 +87,12 @@ def test_constructor_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     headers = fk.signer.sign(method="POST", path="/", body=b"")
     from flowkeeper.signing import RequestSigner
 
-    RequestSigner("new-key").verify(method="POST", paths=["/"], body=b"", headers=headers)
+    RequestSigner(NEW).verify(method="POST", paths=["/"], body=b"", headers=headers)
 
 
 def test_constructing_does_no_io() -> None:
     # An unreachable database and endpoint: construction and app building still succeed.
-    fk = FlowKeeper("postgresql://nobody@127.0.0.1:1/none", "k", "http://127.0.0.1:1/api/fk")
+    fk = FlowKeeper("postgresql://nobody@127.0.0.1:1/none", STRONG, "http://127.0.0.1:1/api/fk")
     app = fk.asgi()
     assert app is not None
     assert fk.db._slots is None and not fk.db._idle

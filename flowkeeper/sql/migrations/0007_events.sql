@@ -1,4 +1,4 @@
--- flowkeeper schema, version 6: events, waits and approval tokens.
+-- flowkeeper schema, version 7: events, waits and approval tokens.
 --
 -- One history model, one way to suspend.  A wait is a history entry (a row of
 -- `steps`, kind 'wait', status 'waiting') like a step or a sleep; what it waits
