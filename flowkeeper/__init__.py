@@ -21,6 +21,7 @@ from .errors import (
     DispatchError,
     DuplicateWorkflowError,
     FlowKeeperError,
+    InvalidEventError,
     InvalidInputError,
     MigrationError,
     NonRetriableError,
@@ -35,17 +36,25 @@ from .errors import (
     StepFailedError,
     StepTimeoutError,
     StepUsageError,
+    TokenCompletedError,
+    TokenError,
+    TokenExpiredError,
+    TokenNotFoundError,
     UnknownWorkflowError,
     WorkflowError,
 )
+from .eventops import EventInfo
+from .events import CancelOn, SentEvent
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
+from .tokens import Token
 from .workflow import Workflow, define_workflow
 
 __all__ = [
     "AttemptError",
     "AttemptLostError",
+    "CancelOn",
     "ConfigurationError",
     "Context",
     "DatabaseError",
@@ -53,9 +62,11 @@ __all__ = [
     "DeterminismError",
     "DispatchError",
     "DuplicateWorkflowError",
+    "EventInfo",
     "FailureAlert",
     "FlowKeeper",
     "FlowKeeperError",
+    "InvalidEventError",
     "InvalidInputError",
     "MigrationError",
     "NonRetriableError",
@@ -73,6 +84,7 @@ __all__ = [
     "RunStatus",
     "RunSummary",
     "RunTimeoutError",
+    "SentEvent",
     "SerializationError",
     "SignatureError",
     "StepFailedError",
@@ -80,6 +92,11 @@ __all__ = [
     "StepTimeoutError",
     "StepUsageError",
     "TickResult",
+    "Token",
+    "TokenCompletedError",
+    "TokenError",
+    "TokenExpiredError",
+    "TokenNotFoundError",
     "UnknownWorkflowError",
     "Workflow",
     "WorkflowError",

@@ -213,6 +213,7 @@ class FlowKeeper(RunOperations, EventOperations):
         self.tokens = TokenSigner(keys, self.dispatcher.endpoint if self.dispatcher else None)
         self.engine.events = self.events
         self.engine.tokens = self.tokens
+        self._pruned_at = float("-inf")
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (
             dashboard_password
@@ -448,7 +449,14 @@ class FlowKeeper(RunOperations, EventOperations):
         scheduler = Scheduler(
             self.store, self.dispatcher, dispatch_lease=self.dispatch_lease, alerts=self.alerts
         )
-        return await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
+        result = await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
+        if time.monotonic() - self._pruned_at > 300:  # events past their retention
+            self._pruned_at = time.monotonic()
+            try:
+                await self.prune_events()
+            except Exception as exc:  # never the tick's failure
+                logger.warning("pruning old events failed: %s", exc)
+        return result
 
     # reading ---------------------------------------------------------------------
     async def get_run(self, run_id: str) -> RunInfo:

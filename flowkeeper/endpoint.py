@@ -40,8 +40,10 @@ from .errors import (
     ConfigurationError,
     DatabaseError,
     DatabaseRefusedError,
+    InvalidEventError,
     InvalidRequestError,
     SignatureError,
+    TokenError,
     WorkflowError,
 )
 from .store import ClaimedRun
@@ -137,7 +139,43 @@ class PrefixMiddleware:
         await self.app(scope, receive, send)
 
 
-class Endpoint:
+class TokenRoutes:
+    """``POST /tokens/<signed id>``: complete an approval token with the JSON body."""
+
+    fk: FlowKeeper
+
+    async def complete_token(self, request: Request) -> Response:
+        signed = request.path_params["token"]
+        limit = self.fk.max_body_bytes
+        try:
+            body = await read_body(request, limit)
+        except _BodyTooLarge:
+            return _too_large(request, limit)
+        try:
+            data = parse_json(body, what="The token's body") if body.strip() else None
+        except InvalidRequestError as exc:
+            return refuse(request, 400, "invalid_body", str(exc))
+        try:
+            run_id = await self.fk.complete_token(signed, data)
+        except TokenError as exc:
+            code = {404: "token_not_found", 409: "token_completed", 410: "token_expired"}
+            return refuse(request, exc.status, code.get(exc.status, "token_error"), str(exc))
+        except (InvalidEventError, DatabaseRefusedError) as exc:
+            return refuse(request, 400, "invalid_body", str(exc))
+        except DatabaseError as exc:
+            return error(503, "database_unavailable", str(exc))
+        return JSONResponse({"ok": True, "run_id": run_id, "message": "Thank you: recorded."})
+
+    async def token_info(self, request: Request) -> Response:
+        return error(
+            405,
+            "method_not_allowed",
+            "POST to this URL (a JSON body becomes the waiting run's result) to complete the "
+            "approval token.",
+        )
+
+
+class Endpoint(TokenRoutes):
     """Request handlers bound to one FlowKeeper."""
 
     def __init__(self, fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None) -> None:
@@ -431,6 +469,8 @@ def create_app(
         Route("/", endpoint.invoke, methods=["POST"]),
         Route("/", endpoint.health, methods=["GET"]),
         Route("/tick", endpoint.tick, methods=["GET", "POST"]),
+        Route("/tokens/{token}", endpoint.complete_token, methods=["POST"]),
+        Route("/tokens/{token}", endpoint.token_info, methods=["GET"]),
     ]
     if fk.dashboard_path:  # the dashboard (flowkeeper.dashboard), off with dashboard_path=None
         from .dashboard import create_dashboard

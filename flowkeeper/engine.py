@@ -438,6 +438,8 @@ class Execution:
                         f"annotation of workflow {self.workflow.name!r} (the code changed under "
                         f"a live run): {exc}"
                     ) from exc
+            if self.workflow.cancel_on and not self._history:
+                await self._register_cancel_rules(args[1] if len(args) > 1 else None)
             value = await self.workflow.fn(*args)
         except _Suspend as suspend:
             return suspend.result
@@ -1022,6 +1024,40 @@ class Execution:
             raise asyncio.CancelledError
 
     # waits, events and tokens (flowkeeper.waits) -----------------------------------------
+    async def _register_cancel_rules(self, run_input: Any) -> None:
+        """The workflow's cancel_on rules, registered before its first operation.
+
+        Idempotent: an invocation that died before the run recorded anything
+        registers them again, and each looks back to the run's creation, so an
+        event sent between the trigger and now still cancels it.
+        """
+        since = self.claimed.created_at or self.db_time()
+        for index, rule in enumerate(self.workflow.cancel_on):
+            try:
+                match = rule.resolve(run_input)
+            except StepUsageError as exc:
+                self._broken = exc
+                raise
+            try:
+                outcome = await self.store.register_cancel_rule(
+                    self.run_id,
+                    self.token,
+                    key=f"cancel_on#{index}",
+                    event=rule.event,
+                    paths=match.paths,
+                    values=match.values,
+                    match=match.given,
+                    containment=match.containment,
+                    since=since,
+                )
+            except DatabaseError as exc:
+                raise _Abort(exc) from exc
+            if outcome == "lost":
+                raise _Suspend(await self._lost())
+            if outcome == "cancelled":
+                logger.info("run %s: cancelled by an event sent before it started", self.run_id)
+                raise _Suspend(await self._lost())
+
     def _segment(self, outcome: Outcome, *, due_at: datetime | None = None) -> SegmentResult:
         self._pending_steps, self._pending_events = [], []
         return SegmentResult(self.run_id, outcome, self._executed, due_at=due_at)

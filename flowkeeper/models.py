@@ -12,12 +12,13 @@ if TYPE_CHECKING:
 
 
 class RunStatus(enum.StrEnum):
-    """``queued → running → (sleeping | retrying)* → completed | failed | cancelled``."""
+    """``queued → running → (sleeping | retrying | waiting)* → completed | failed | cancelled``."""
 
     QUEUED = "queued"
     RUNNING = "running"
     SLEEPING = "sleeping"
     RETRYING = "retrying"
+    WAITING = "waiting"  # for an event or an approval token (ctx.wait_for_event/_token)
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -30,6 +30,7 @@ _COLOURS = {
     "running": "34",
     "sleeping": "35",
     "retrying": "33",
+    "waiting": "35",
     "completed": "32",
     "failed": "31",
     "cancelled": "90",

@@ -13,6 +13,15 @@ def test_all_names_exist() -> None:
 def test_public_api_is_exactly_this() -> None:
     expected = {
         "AttemptError",
+        "TokenNotFoundError",
+        "TokenExpiredError",
+        "TokenError",
+        "TokenCompletedError",
+        "Token",
+        "InvalidEventError",
+        "SentEvent",
+        "EventInfo",
+        "CancelOn",
         "AttemptLostError",
         "ConfigurationError",
         "Context",

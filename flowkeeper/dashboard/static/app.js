@@ -9,9 +9,9 @@
   const CSRF = meta("fk-csrf");
   const app = document.getElementById("app");
   const PAGE = document.body.dataset.page;
-  const LIVE = new Set(["queued", "running", "sleeping", "retrying"]);
+  const LIVE = new Set(["queued", "running", "sleeping", "retrying", "waiting"]);
   const FINISHED = new Set(["completed", "failed", "cancelled"]);
-  const STATUSES = ["queued", "running", "sleeping", "retrying", "completed", "failed", "cancelled"];
+  const STATUSES = ["queued", "running", "sleeping", "retrying", "waiting", "completed", "failed", "cancelled"];
 
   // DOM -----------------------------------------------------------------------------
   function el(tag, props, ...children) {

@@ -136,7 +136,7 @@ CREATE FUNCTION {schema}.register_wait(
 DECLARE
     found_id bigint;
     found_payload json;
-    found boolean := false;
+    hit boolean := false;
     input json := json_build_object('kind', p_kind, 'event', p_event, 'match', p_match,
                                     'token', p_token_id, 'timeout_at', p_expires);
 BEGIN
@@ -168,25 +168,25 @@ BEGIN
                           WHERE w.run_id = p_run AND w.resolved_event = e.id)
         ORDER BY e.id
         LIMIT 1;
-        found := found_id IS NOT NULL;
+        hit := found_id IS NOT NULL;
     ELSE
-        SELECT t.payload, true INTO found_payload, found
+        SELECT t.payload, true INTO found_payload, hit
         FROM {schema}.tokens t WHERE t.id = p_token_id AND t.completed_at IS NOT NULL;
-        found := coalesce(found, false);
+        hit := coalesce(hit, false);
     END IF;
     INSERT INTO {schema}.waits (run_id, key, kind, event_name, paths, match_values, match,
                                 token_id, lookback_since, expires_at, resolved_at,
                                 resolved_event, outcome)
     VALUES (p_run, p_key, p_kind, p_event, p_paths, p_match_values, p_match, p_token_id,
-            p_lookback, p_expires, CASE WHEN found THEN {schema}.clock_now() END,
-            found_id, CASE WHEN found THEN p_kind END);
+            p_lookback, p_expires, CASE WHEN hit THEN {schema}.clock_now() END,
+            found_id, CASE WHEN hit THEN p_kind END);
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
                                 attempts, started_at, finished_at, wake_at)
     VALUES (p_run, p_key, p_position, p_name, 'wait',
-            CASE WHEN found THEN 'completed' ELSE 'waiting' END, input,
-            CASE WHEN found THEN coalesce(found_payload, 'null'::json) END, 1, p_started,
-            CASE WHEN found THEN {schema}.clock_now() END, p_expires);
-    IF found THEN
+            CASE WHEN hit THEN 'completed' ELSE 'waiting' END, input,
+            CASE WHEN hit THEN coalesce(found_payload, 'null'::json) END, 1, p_started,
+            CASE WHEN hit THEN {schema}.clock_now() END, p_expires);
+    IF hit THEN
         RETURN QUERY SELECT 'resolved'::text, coalesce(found_payload::text, 'null'), found_id,
                             NULL::timestamptz;
         RETURN;

@@ -1,0 +1,308 @@
+"""Events and waits end to end: real PostgreSQL, the endpoint under a real uvicorn.
+
+A run waits for an event durably (no invocation held), an event sent before
+the wait began is not lost, matching goes through an index, sends inside a
+caller's transaction exist only if it commits, event-triggered runs are
+deduplicated, cancel_on stops runs, and every bad input is refused clearly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from pydantic import BaseModel
+
+from flowkeeper import CancelOn, Context, FlowKeeper, InvalidEventError
+from flowkeeper.testing import FakeClock
+
+from ..helpers import serve, wait_for
+
+
+class Paid(BaseModel):
+    order_id: str
+    amount: int
+
+
+async def status(fk: FlowKeeper, run_id: str) -> str:
+    return (await fk.get_run(run_id)).status.value
+
+
+async def test_wait_then_send_wakes_the_run_with_the_event(fk: FlowKeeper) -> None:
+    @fk.workflow("pay")
+    async def pay(ctx: Context, order_id: str) -> dict[str, Any]:
+        event = await ctx.wait_for_event(
+            "paid", event="invoice.paid", match={"order_id": order_id}, model=Paid
+        )
+        assert isinstance(event, Paid)
+        return {"amount": event.amount}
+
+    async with serve(fk):
+        handle = await fk.trigger("pay", "o-1")
+        await wait_for(lambda: _is(fk, handle.run_id, "waiting"))
+        info = await fk.get_run(handle.run_id)
+        assert info.due_at is None  # no timeout: nothing to poll, no invocation held
+        other = await fk.send_event("invoice.paid", {"order_id": "o-2", "amount": 1})
+        assert other.woken == []
+        sent = await fk.send_event("invoice.paid", {"order_id": "o-1", "amount": 250})
+        assert sent.woken == [handle.run_id]
+        assert await fk.result(handle.run_id, timeout=10) == {"amount": 250}
+    wait = {s.key: s for s in (await fk.get_run(handle.run_id)).steps}["paid"]
+    assert wait.kind == "wait" and wait.status == "completed"
+    assert wait.output == {"order_id": "o-1", "amount": 250}
+
+
+async def test_an_event_sent_before_the_wait_is_not_lost(fk: FlowKeeper) -> None:
+    gate = asyncio.Event()
+
+    @fk.workflow("late")
+    async def late(ctx: Context, order_id: str) -> Any:
+        await ctx.step("slow-start", gate.wait)
+        return await ctx.wait_for_event("paid", event="invoice.paid", match={"order_id": order_id})
+
+    async with serve(fk):
+        handle = await fk.trigger("late", "o-7")
+        sent = await fk.send_event("invoice.paid", {"order_id": "o-7", "amount": 3})
+        assert sent.woken == []  # nobody was waiting yet
+        gate.set()
+        assert await fk.result(handle.run_id, timeout=10) == {"order_id": "o-7", "amount": 3}
+
+
+async def test_an_event_from_before_the_run_started_does_not_count(fk: FlowKeeper) -> None:
+    await fk.send_event("invoice.paid", {"order_id": "o-8"})
+
+    @fk.workflow("fresh")
+    async def fresh(ctx: Context) -> Any:
+        return await ctx.wait_for_event(
+            "paid", event="invoice.paid", match={"order_id": "o-8"}, timeout=0.5
+        )
+
+    async with serve(fk):
+        handle = await fk.trigger("fresh")
+        await wait_for(lambda: _is(fk, handle.run_id, "waiting"))
+        await asyncio.sleep(0.6)
+        await fk.tick()
+        assert await fk.result(handle.run_id, timeout=10) is None  # timed out
+
+
+async def test_timeout_returns_none_through_every_tick(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
+    clock = await FakeClock(conn).install()
+
+    @fk.workflow("patient")
+    async def patient(ctx: Context) -> str:
+        got = await ctx.wait_for_event("w", event="never", timeout=timedelta(days=3))
+        return "timed out" if got is None else "got it"
+
+    async with serve(fk):
+        handle = await fk.trigger("patient")
+        await wait_for(lambda: _is(fk, handle.run_id, "waiting"))
+        info = await fk.get_run(handle.run_id)
+        assert info.due_at is not None
+        await clock.advance(timedelta(days=3, seconds=1))
+        await fk.tick()
+        assert await fk.result(handle.run_id, timeout=10) == "timed out"
+    late = await fk.send_event("never", {})
+    assert late.woken == []  # a timed-out wait is resolved for good
+    step = (await fk.get_run(handle.run_id)).steps[0]
+    assert step.status == "timed_out"
+
+
+async def test_many_runs_waiting_on_one_event_all_wake(fk: FlowKeeper) -> None:
+    @fk.workflow("listener")
+    async def listener(ctx: Context, i: int) -> int:
+        await ctx.wait_for_event("go", event="launch")
+        return i
+
+    async with serve(fk):
+        handles = [await fk.trigger("listener", i) for i in range(30)]
+        for h in handles:
+            await wait_for(lambda h=h: _is(fk, h.run_id, "waiting"))
+        sent = await fk.send_event("launch")
+        assert sorted(sent.woken) == sorted(h.run_id for h in handles)
+        results = [await fk.result(h.run_id, timeout=20) for h in handles]
+    assert results == list(range(30))
+
+
+async def test_one_event_wakes_only_its_own_order_among_many(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
+    @fk.workflow("order")
+    async def order(ctx: Context, n: int) -> Any:
+        return await ctx.wait_for_event(
+            "paid", event="invoice.paid", match={"order": {"id": n}, "region": "eu"}
+        )
+
+    fk_quiet = fk
+    dispatcher, fk_quiet.dispatcher = fk.dispatcher, None
+    fk_quiet.events.push = None
+    handles = [await fk.trigger("order", n) for n in range(300)]
+    for h in handles:  # suspend each, in-process
+        await fk.advance(h.run_id)
+    fk.dispatcher = dispatcher
+    waiting = await conn.fetchval("SELECT count(*) FROM flowkeeper.runs WHERE status = 'waiting'")
+    assert waiting == 300
+    plan = await conn.fetch(
+        "EXPLAIN SELECT 1 FROM flowkeeper.waits WHERE event_name = 'invoice.paid' "
+        "AND paths = '{order.id,region}' AND match_values = '[7, \"eu\"]' "
+        "AND resolved_at IS NULL"
+    )
+    await conn.execute("ANALYZE flowkeeper.waits")
+    sent = await fk.send_event("invoice.paid", {"region": "eu", "order": {"id": 7}, "x": 1})
+    assert sent.woken == [handles[7].run_id]
+    assert plan  # the index exists for the probe (checked at scale in bench/)
+    sent = await fk.send_event("invoice.paid", {"region": "us", "order": {"id": 8}})
+    assert sent.woken == []
+
+
+async def test_duplicate_event_ids_are_a_no_op(fk: FlowKeeper) -> None:
+    first = await fk.send_event("user.signup", {"id": 1}, id="evt-1")
+    second = await fk.send_event("user.signup", {"id": 2}, id="evt-1")
+    assert not first.duplicate and second.duplicate and second.id == first.id
+    events = await fk.list_events(name="user.signup")
+    assert [e.data for e in events] == [{"id": 1}]
+
+
+async def test_send_in_a_transaction_exists_only_if_it_commits(
+    fk: FlowKeeper, database_url: str
+) -> None:
+    @fk.workflow("waits")
+    async def waits(ctx: Context, n: int) -> Any:
+        return await ctx.wait_for_event("w", event="tx", match={"n": n})
+
+    async with serve(fk):
+        a = await fk.trigger("waits", 1)
+        b = await fk.trigger("waits", 2)
+        await wait_for(lambda: _is(fk, a.run_id, "waiting"))
+        await wait_for(lambda: _is(fk, b.run_id, "waiting"))
+        conn = await asyncpg.connect(database_url)
+        try:
+            tx = conn.transaction()
+            await tx.start()
+            await fk.send_event("tx", {"n": 1}, connection=conn)
+            await tx.rollback()
+            async with conn.transaction():
+                await fk.send_event("tx", {"n": 2}, connection=conn)
+        finally:
+            await conn.close()
+        assert await fk.result(b.run_id, timeout=10) == {"n": 2}
+        await asyncio.sleep(0.3)
+        assert await status(fk, a.run_id) == "waiting"
+    assert [e.data for e in await fk.list_events(name="tx")] == [{"n": 2}]
+
+
+async def test_event_triggered_workflows_start_once_per_event(fk: FlowKeeper) -> None:
+    @fk.workflow("welcome", on_event="user.signup")
+    async def welcome(ctx: Context, user: dict[str, Any]) -> str:
+        return f"hello {user['name']}"
+
+    async with serve(fk):
+        sent = await fk.send_event("user.signup", {"name": "ada"}, id="signup-ada")
+        again = await fk.send_event("user.signup", {"name": "ada"}, id="signup-ada")
+        assert len(sent.started) == 1 and again.duplicate and again.started == []
+        assert await fk.result(sent.started[0], timeout=10) == "hello ada"
+
+
+async def test_an_event_whose_data_a_listener_refuses_is_not_sent(fk: FlowKeeper) -> None:
+    @fk.workflow("typed", on_event="typed.event")
+    async def typed(ctx: Context, payload: Paid) -> None:
+        return None
+
+    with pytest.raises(Exception, match="typed"):
+        await fk.send_event("typed.event", {"order_id": 1})  # amount missing
+    assert await fk.list_events(name="typed.event") == []
+
+
+async def test_cancel_on_stops_the_drip_when_the_user_upgrades(fk: FlowKeeper) -> None:
+    @fk.workflow("drip", cancel_on=[CancelOn("user.upgraded", match={"user_id": "input.user_id"})])
+    async def drip(ctx: Context, user: dict[str, Any]) -> None:
+        await ctx.step("day-1", lambda: "mail 1")
+        await ctx.sleep("wait", timedelta(days=1))
+        await ctx.step("day-2", lambda: "mail 2")
+
+    async with serve(fk):
+        mine = await fk.trigger("drip", {"user_id": "u1"})
+        other = await fk.trigger("drip", {"user_id": "u2"})
+        await wait_for(lambda: _is(fk, mine.run_id, "sleeping"))
+        await wait_for(lambda: _is(fk, other.run_id, "sleeping"))
+        sent = await fk.send_event("user.upgraded", {"user_id": "u1"})
+        assert sent.cancelled == [mine.run_id]
+    assert await status(fk, mine.run_id) == "cancelled"
+    assert await status(fk, other.run_id) == "sleeping"
+    info = await fk.get_run(mine.run_id)
+    assert info.events[-1].kind == "cancelled"
+    assert info.events[-1].detail is not None and info.events[-1].detail["by"] == "event"
+
+
+async def test_cancel_on_event_sent_between_trigger_and_start(fk: FlowKeeper) -> None:
+    ran: list[str] = []
+
+    @fk.workflow("drip2", cancel_on=[CancelOn("stop", match={"k": "input.k"})])
+    async def drip2(ctx: Context, data: dict[str, Any]) -> None:
+        await ctx.step("one", ran.append, "one")
+
+    dispatcher, fk.dispatcher = fk.dispatcher, None
+    handle = await fk.trigger("drip2", {"k": 5})
+    fk.dispatcher = dispatcher
+    await fk.send_event("stop", {"k": 5})
+    result = await fk.advance(handle.run_id)
+    assert ran == []
+    assert await status(fk, handle.run_id) == "cancelled"
+    del result
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"event": ""}, "non-empty"),
+        ({"event": "x" * 201}, "limit"),
+        ({"event": "ok", "match": {"a": [1]}}, "string, number or boolean"),
+        ({"event": "ok", "match": {"a": None}}, "string, number or boolean"),
+        ({"event": "ok", "match": {"": 1}}, "not a field name"),
+        ({"event": "ok", "match": {"a": float("nan")}}, "finite"),
+        ({"event": "ok", "match": {"nope": 1}, "model": Paid}, "not a field of"),
+        ({"event": "ok", "timeout": -1}, "between 0"),
+    ],
+)
+async def test_bad_waits_fail_the_run_with_a_clear_error(
+    fk: FlowKeeper, kwargs: dict[str, Any], message: str
+) -> None:
+    @fk.workflow("bad")
+    async def bad(ctx: Context) -> Any:
+        return await ctx.wait_for_event("w", **kwargs)
+
+    dispatcher, fk.dispatcher = fk.dispatcher, None
+    handle = await fk.trigger("bad")
+    await fk.advance(handle.run_id)
+    fk.dispatcher = dispatcher
+    info = await fk.get_run(handle.run_id)
+    assert info.status.value == "failed"
+    assert info.error is not None and message in info.error["message"]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "kwargs"),
+    [
+        ("", {}, {}),
+        ("ok", float("nan"), {}),
+        ("ok", {"s": "a\x00b"}, {}),
+        ("ok", {"s": "\ud800"}, {}),
+        ("ok", {}, {"id": ""}),
+        ("ok", {}, {"id": "x\x00"}),
+        ("ok", object(), {}),
+    ],
+)
+async def test_bad_events_are_refused_and_store_nothing(
+    fk: FlowKeeper, name: str, data: Any, kwargs: dict[str, Any]
+) -> None:
+    with pytest.raises(InvalidEventError):
+        await fk.send_event(name, data, **kwargs)
+    assert await fk.list_events() == []
+
+
+async def _is(fk: FlowKeeper, run_id: str, expected: str) -> bool:
+    return await status(fk, run_id) == expected
