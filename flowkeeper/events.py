@@ -297,7 +297,9 @@ class EventBus:
         rows = await self.store.send_event(conn, name, key, payload, run_id, lease)
         head = rows[0]
         if head["kind"] == "duplicate":
-            logger.info("event %r with id %r was sent already (event %s)", name, key, head["event_id"])
+            logger.info(
+                "event %r with id %r was sent already (event %s)", name, key, head["event_id"]
+            )
             return SentEvent(id=head["event_id"], duplicate=True), []
         event_id = int(head["event_id"])
         pushes: list[tuple[str, uuid.UUID]] = []
