@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import uvicorn
 
 from flowkeeper import FlowKeeper
@@ -118,3 +120,16 @@ async def drive(
             raise AssertionError(f"runs not finished within {timeout}s: {statuses}")
         await fk.tick()
         await asyncio.sleep(interval)
+
+
+def shape(value: Any) -> Any:
+    """A comparable picture of a value that keeps what == forgets: types and order."""
+    if isinstance(value, dict):
+        return ("dict", [(shape(k), shape(v)) for k, v in value.items()])
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [shape(v) for v in value])
+    if isinstance(value, float):
+        return ("float", math.copysign(1.0, value), repr(value))
+    if isinstance(value, pydantic.BaseModel):
+        return (type(value).__qualname__, shape(value.model_dump()))
+    return (type(value).__name__, value)

@@ -14,12 +14,14 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from flowkeeper import CancelOn, Context, FlowKeeper, InvalidEventError
 from flowkeeper.testing import FakeClock
 
-from ..helpers import serve, wait_for
+from ..helpers import KEY, drive, serve, shape, wait_for
 
 
 class Paid(BaseModel):
@@ -306,3 +308,115 @@ async def test_bad_events_are_refused_and_store_nothing(
 
 async def _is(fk: FlowKeeper, run_id: str, expected: str) -> bool:
     return await status(fk, run_id) == expected
+
+
+async def test_ctx_send_event_is_sent_once_however_often_the_run_replays(
+    fk: FlowKeeper,
+) -> None:
+    @fk.workflow("sender")
+    async def sender(ctx: Context, n: int) -> Any:
+        sent = await ctx.send_event("order.placed", {"n": n})
+        await ctx.sleep("pause", timedelta(milliseconds=5))  # a replay after this
+        await ctx.sleep("again", timedelta(milliseconds=5))
+        return sent
+
+    @fk.workflow("receiver", on_event="order.placed")
+    async def receiver(ctx: Context, data: dict[str, Any]) -> int:
+        return int(data["n"]) * 10
+
+    async with serve(fk):
+        handle = await fk.trigger("sender", 4)
+        await drive(fk, [handle.run_id])
+        sent = await fk.result(handle.run_id, timeout=10)
+        await asyncio.sleep(0.2)
+    assert sent["duplicate"] is False and sent["started"] == 1
+    events = await fk.list_events(name="order.placed")
+    assert len(events) == 1 and events[0].sent_by_run == handle.run_id
+    assert events[0].event_id == f"run:{handle.run_id}:send:order.placed"
+
+
+async def test_waits_in_a_loop_each_need_their_own_event(fk: FlowKeeper) -> None:
+    @fk.workflow("collector")
+    async def collector(ctx: Context) -> list[Any]:
+        got = []
+        for _ in range(3):
+            got.append(await ctx.wait_for_event("tick", event="tick", match={"to": "c"}))
+        return got
+
+    async with serve(fk):
+        handle = await fk.trigger("collector")
+        for i in range(3):
+            await wait_for(lambda: _is(fk, handle.run_id, "waiting"))
+            await fk.send_event("tick", {"to": "c", "i": i})
+            await asyncio.sleep(0.05)
+        result = await fk.result(handle.run_id, timeout=10)
+    assert result == [{"to": "c", "i": 0}, {"to": "c", "i": 1}, {"to": "c", "i": 2}]
+    keys = [s.key for s in (await fk.get_run(handle.run_id)).steps]
+    assert keys == ["tick", "tick#2", "tick#3"]
+
+
+async def test_events_sent_early_satisfy_successive_waits_in_order(fk: FlowKeeper) -> None:
+    gate = asyncio.Event()
+
+    @fk.workflow("backlog")
+    async def backlog(ctx: Context) -> list[Any]:
+        await ctx.step("later", gate.wait)
+        a = await ctx.wait_for_event("a", event="job", match={"q": 1})
+        b = await ctx.wait_for_event("b", event="job", match={"q": 1})
+        return [a, b]
+
+    async with serve(fk):
+        handle = await fk.trigger("backlog")
+        await fk.send_event("job", {"q": 1, "n": "first"})
+        await fk.send_event("job", {"q": 1, "n": "second"})
+        gate.set()
+        result = await fk.result(handle.run_id, timeout=10)
+    assert result == [{"q": 1, "n": "first"}, {"q": 1, "n": "second"}]
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8),
+    lambda c: (
+        st.lists(c, max_size=4)
+        | st.dictionaries(
+            st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+            c,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=_values)
+async def test_an_events_data_replays_exactly_as_first_seen(database_url: str, value: Any) -> None:
+    fk = FlowKeeper(database_url, signing_key=KEY)
+    seen: list[Any] = []
+    try:
+
+        @fk.workflow("echo-event")
+        async def wf(ctx: Context) -> None:
+            got = await ctx.wait_for_event("w", event="data", match={"tag": ctx.run_id})
+            seen.append(shape(got))
+            await ctx.sleep("pause", timedelta(milliseconds=2))
+
+        handle = await fk.trigger("echo-event")
+        await fk.advance(handle.run_id)  # now waiting
+        await fk.send_event("data", {"tag": handle.run_id, "value": value})
+        for _ in range(10):
+            result = await fk.advance(handle.run_id)
+            if (await fk.get_run(handle.run_id)).status.value == "completed":
+                break
+            await asyncio.sleep(0.01)
+        del result
+        assert len(seen) == 2 and seen[0] == seen[1]
+        assert seen[0] == shape({"tag": handle.run_id, "value": value})
+    finally:
+        await fk.aclose()

@@ -8,7 +8,6 @@ identical, down to dict key order and int-vs-float.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -21,21 +20,7 @@ from pydantic import BaseModel
 from flowkeeper import Context, FlowKeeper
 from flowkeeper.engine import Outcome, SegmentResult
 
-from ..helpers import KEY
-
-
-def shape(value: Any) -> Any:
-    """A comparable picture of a value that keeps what == forgets: types and order."""
-    if isinstance(value, dict):
-        return ("dict", [(shape(k), shape(v)) for k, v in value.items()])
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [shape(v) for v in value])
-    if isinstance(value, float):
-        return ("float", math.copysign(1.0, value), repr(value))
-    if isinstance(value, BaseModel):
-        return (type(value).__qualname__, shape(value.model_dump()))
-    return (type(value).__name__, value)
-
+from ..helpers import KEY, shape
 
 json_scalars = (
     st.none()
