@@ -16,6 +16,7 @@ import json
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -589,3 +590,45 @@ async def _alert_delivered(conn: asyncpg.Connection, run_id: str) -> bool:
         "SELECT outcome FROM flowkeeper.alerts WHERE run_id = $1::uuid", run_id
     )
     return outcome == "delivered"
+
+
+@needs_pg_cron
+@needs_plpython
+async def test_the_job_resumes_wait_and_token_timeouts(
+    database_url: str, conn: asyncpg.Connection, pgcron: PgCron
+) -> None:
+    """Waits and tokens time out through the pg_cron path like sleeps: their due time."""
+    clock = await FakeClock(conn).install()
+    fk = make_fk(database_url)
+
+    @fk.workflow("waits-a-day")
+    async def waits_a_day(ctx: Context) -> str:
+        event = await ctx.wait_for_event("w", event="never.sent", timeout=timedelta(days=1))
+        token = await ctx.create_token("ok", timeout=timedelta(hours=2))
+        decision = await ctx.wait_for_token(token)
+        return f"{event} {decision}"
+
+    try:
+        await pgcron.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY)
+        async with serve(fk):
+            handle = await fk.trigger("waits-a-day")
+
+            async def status_is(expected: str) -> bool:
+                return (await fk.get_run(handle.run_id)).status.value == expected
+
+            await wait_for(lambda: status_is("waiting"))
+            await clock.advance(timedelta(days=1, seconds=1))
+            await conn.execute("CALL flowkeeper.pgcron_tick()")
+            await wait_for(
+                lambda: _steps_of(fk, handle.run_id, {"w": "timed_out", "approval:ok": "waiting"})
+            )
+            await clock.advance(timedelta(hours=2, seconds=1))
+            await conn.execute("CALL flowkeeper.pgcron_tick()")
+            assert await fk.result(handle.run_id, timeout=20) == "None None"
+    finally:
+        await fk.aclose()
+
+
+async def _steps_of(fk: FlowKeeper, run_id: str, expected: dict[str, str]) -> bool:
+    steps = {s.key: s.status for s in (await fk.get_run(run_id)).steps}
+    return all(steps.get(k) == v for k, v in expected.items())
