@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import enum
 import functools
 import inspect
@@ -917,7 +918,12 @@ class Execution:
             if inspect.iscoroutinefunction(fn):
                 return await self._invoke_async(fn, args, kwargs, seconds)
             result = await self._invoke_sync(
-                key, attempt, functools.partial(fn, *args, **kwargs), seconds
+                # In the caller's context, as asyncio.to_thread does: context
+                # variables (request ids, tracing spans) reach sync steps too.
+                key,
+                attempt,
+                functools.partial(contextvars.copy_context().run, fn, *args, **kwargs),
+                seconds,
             )
             if inspect.isawaitable(result):
                 result = await result

@@ -373,3 +373,22 @@ async def test_a_cancelled_runs_dead_holder_is_let_go_when_its_lease_expires(
         )
     finally:
         await conn.close()
+
+
+async def test_sync_steps_see_the_callers_context_variables(fk: FlowKeeper) -> None:
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    seen: list[str] = []
+
+    def step() -> None:
+        seen.append(request_id.get("missing"))
+
+    @fk.workflow("ctxvars")
+    async def wf(ctx: Context) -> None:
+        request_id.set(f"run-{ctx.run_id}")
+        await ctx.step("s", step)
+
+    handle = await fk.trigger("ctxvars")
+    await finish(fk, handle.run_id)
+    assert seen == [f"run-{handle.run_id}"]
