@@ -701,7 +701,7 @@
     // starts far right, else from the bar's start; a resolved one links its event.
     function waitCaption(s, start) {
       const words = s.outcome === "waiting" ? "waiting for" : s.outcome === "timed_out" ? "timed out waiting for"
-        : s.outcome === "completed" ? "got" : `${s.outcome} while waiting for`;
+        : s.outcome === "completed" ? "received" : `${s.outcome} while waiting for`;
       const caption = el("span", { class: `wait-caption w-${s.outcome}`, dataset: { outcome: s.outcome } },
         `${words} `, el("code", { text: s.label || "" }),
         s.until && s.outcome === "waiting" ? ` until ${stamp(s.until)}` : null,
@@ -761,7 +761,7 @@
       problem.textContent = data.error || "";
       problem.hidden = !data.error;
       const head = el("thead", {}, el("tr", {},
-        ["#", "Name", "Sender id", "Sent", "Sent by", "Woke", "Started", "Cancelled", "Data"].map((t) => el("th", { text: t }))));
+        ["#", "Name", "Sender id", "Sent", "Sent by", "Woke", "Started", "Cancelled", "Data"].map((t, i) => el("th", { class: i >= 5 && i <= 7 ? "num" : null, text: t }))));
       const body = el("tbody");
       if (!data.events.length) {
         body.append(el("tr", {}, el("td", { colspan: 9, class: "empty", text: data.error ? "" : "No event matches." })));
@@ -821,7 +821,7 @@
         ["Effect", el("span", { text: `woke ${ev.woke} · started ${ev.started} · cancelled ${ev.cancelled}` })],
       ];
       head.replaceChildren(back, el("div", { class: "title-row" },
-        el("h1", {}, el("span", { class: "mono", id: "event-name", text: ev.name }))),
+        el("h1", {}, el("span", { class: "muted", text: `Event #${ev.number} ` }), el("span", { class: "mono", id: "event-name", text: ev.name }))),
       el("dl", { class: "facts" }, facts.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", {}, v)))));
 
       const body = el("tbody");
