@@ -20,6 +20,7 @@ from .errors import (
     DeterminismError,
     DispatchError,
     DuplicateWorkflowError,
+    EventNotFoundError,
     FlowKeeperError,
     InvalidEventError,
     InvalidInputError,
@@ -43,7 +44,8 @@ from .errors import (
     UnknownWorkflowError,
     WorkflowError,
 )
-from .eventops import EventInfo
+from .eventlist import EventFilter, EventPage
+from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
@@ -62,7 +64,10 @@ __all__ = [
     "DeterminismError",
     "DispatchError",
     "DuplicateWorkflowError",
+    "EventFilter",
     "EventInfo",
+    "EventNotFoundError",
+    "EventPage",
     "FailureAlert",
     "FlowKeeper",
     "FlowKeeperError",
@@ -98,6 +103,7 @@ __all__ = [
     "TokenExpiredError",
     "TokenNotFoundError",
     "UnknownWorkflowError",
+    "WaitInfo",
     "Workflow",
     "WorkflowError",
     "__version__",

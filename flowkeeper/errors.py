@@ -27,6 +27,7 @@ and what to do about it.
     │   ├── TokenCompletedError   the token was completed already          HTTP 409
     │   └── TokenExpiredError     the token's time is up                   HTTP 410
     ├── RunNotFoundError
+    ├── EventNotFoundError        no event with this number (never sent, or pruned)
     ├── RunStateError             an action the run's status does not allow (replay a live run)
     ├── RunFailedError            fk.result() on a run that failed
     ├── RunCancelledError         fk.result() on a run that was cancelled
@@ -253,6 +254,17 @@ class RunNotFoundError(FlowKeeperError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(f"No run with id {run_id!r} exists.")
+
+
+class EventNotFoundError(FlowKeeperError):
+    """No event with this number exists (in this schema): never sent, or pruned."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        super().__init__(
+            f"No event number {number} exists: it was never sent, or it was pruned after "
+            "event_retention. `flowkeeper events list` shows the events there are."
+        )
 
 
 class RunStateError(FlowKeeperError):

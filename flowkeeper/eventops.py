@@ -1,7 +1,14 @@
-"""Events and tokens from application code: send, complete, list (a FlowKeeper mixin)."""
+"""Events and tokens from application code: send, complete, list (a FlowKeeper mixin).
+
+Also what the dashboard and the CLI read about them: a page of events
+(:meth:`EventOperations.event_page`), one event with the runs it woke,
+started or cancelled (:meth:`EventOperations.get_event`), and what a run
+waits or waited for (:meth:`EventOperations.run_waits`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass
@@ -9,12 +16,15 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    EventNotFoundError,
     InvalidEventError,
     SerializationError,
     TokenCompletedError,
     TokenExpiredError,
     TokenNotFoundError,
 )
+from .eventlist import EventFilter, EventPage, parse_event_number
+from .ids import check_run_id
 from .serialization import dumps, json_or_none
 
 if TYPE_CHECKING:
@@ -42,6 +52,79 @@ class EventInfo:
     woke: int = 0
     cancelled: int = 0
     effects: list[dict[str, Any]] | None = None  # per run: woken/cancelled, at which wait
+
+
+@dataclass(frozen=True, slots=True)
+class WaitInfo:
+    """What a run waits or waited for: a ``ctx.wait_for_event``, a
+    ``ctx.wait_for_token`` (``kind`` ``"event"`` / ``"token"``, keyed like the
+    history entry) or one of its workflow's ``cancel_on`` rules (``"cancel"``)."""
+
+    key: str
+    kind: str  # "event" | "token" | "cancel"
+    event: str | None  # the event name (event waits and cancel_on rules)
+    match: dict[str, Any] | None  # as the workflow gave it
+    token_name: str | None  # the approval token's name (token waits)
+    timeout_at: datetime | None
+    started_at: datetime
+    resolved_at: datetime | None
+    #: None while it waits; "event" | "token" (resolved), "timed_out", "cancelled"
+    #: (the run was cancelled, by this rule's event or otherwise).
+    outcome: str | None
+    event_number: int | None  # the event that resolved it (or cancelled the run)
+
+    @property
+    def state(self) -> str:
+        """``waiting``, ``completed``, ``timed_out``, ``cancelled`` or ``ended``
+        (the run ended while it waited: nothing can resolve it any more)."""
+        if self.outcome in ("event", "token"):
+            return "completed"
+        if self.outcome is not None:
+            return self.outcome
+        return "waiting" if self.resolved_at is None else "ended"
+
+    def describe(self) -> str:
+        """In words: ``invoice.paid {order_id: 42}``, ``approval token refund``."""
+        if self.kind == "token":
+            return f"approval token {self.token_name or self.key}"
+        what = f"{self.event} {match_text(self.match)}" if self.match else str(self.event)
+        return f"cancel on {what}" if self.kind == "cancel" else what
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "event": self.event,
+            "match": self.match,
+            "token_name": self.token_name,
+            "timeout_at": _iso(self.timeout_at),
+            "started_at": _iso(self.started_at),
+            "resolved_at": _iso(self.resolved_at),
+            "outcome": self.outcome,
+            "state": self.state,
+            "event_number": self.event_number,
+            "label": self.describe(),
+        }
+
+
+def match_text(match: dict[str, Any] | None) -> str:
+    """A match as people write it: ``{order_id: 42, customer.tier: "gold"}``."""
+    flat: list[str] = []
+
+    def walk(prefix: str, node: dict[str, Any]) -> None:
+        for key, value in node.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                walk(path, value)
+            else:
+                flat.append(f"{path}: {json.dumps(value, ensure_ascii=False)}")
+
+    walk("", match or {})
+    return "{" + ", ".join(flat) + "}"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 class EventOperations:
@@ -126,8 +209,31 @@ class EventOperations:
         )
         return [_event_info(r) for r in rows]
 
+    async def event_page(self, filter: EventFilter | None = None, **criteria: Any) -> EventPage:
+        """A page of events, newest first, and the cursor to the next one.
+
+        ``filter`` is an :class:`~flowkeeper.eventlist.EventFilter`, or give its
+        fields (``name=``, ``event_id=``, ``before=``, ``limit=``) as keywords.
+        """
+        f = filter or EventFilter.build(**criteria)
+        rows = await self.store.list_events(
+            before=f.before, limit=f.limit + 1, name=f.name, key=f.event_id
+        )
+        events = [_event_info(r) for r in rows[: f.limit]]
+        more = len(rows) > f.limit
+        return EventPage(
+            events=events, next_before=events[-1].id if more else None, query=f.as_query()
+        )
+
     async def get_event(self, number: int) -> EventInfo | None:
-        """One event with the runs it woke, started or cancelled (None: no such event)."""
+        """One event with the runs it woke, started or cancelled (None: no such event).
+
+        ``effects`` has one entry per run: ``outcome`` ``"woke"`` (at wait
+        ``wait``), ``"cancelled"`` (by its ``cancel_on`` rule ``wait``) or
+        ``"started"`` (a run of a workflow declared ``on_event=`` its name),
+        with the run's workflow and status now.
+        """
+        number = parse_event_number(number)
         row = await self.store.get_event(number)
         if row is None:
             return None
@@ -143,6 +249,19 @@ class EventOperations:
             for e in await self.store.event_effects(number)
         ]
         info = _event_info(row)
+        if info.started:
+            started = await self.store.run_summaries([uuid.UUID(r) for r in info.started])
+            effects += [
+                {
+                    "run_id": str(r["id"]),
+                    "wait": None,
+                    "outcome": "started",
+                    "at": r["created_at"],
+                    "workflow": r["workflow"],
+                    "status": r["status"],
+                }
+                for r in sorted(started, key=lambda r: r["id"])
+            ]
         return EventInfo(
             id=info.id,
             name=info.name,
@@ -155,6 +274,32 @@ class EventOperations:
             cancelled=sum(1 for e in effects if e["outcome"] == "cancelled"),
             effects=effects,
         )
+
+    async def require_event(self, number: int) -> EventInfo:
+        """:meth:`get_event`, raising :class:`EventNotFoundError` when there is none."""
+        info = await self.get_event(number)
+        if info is None:
+            raise EventNotFoundError(number)
+        return info
+
+    async def run_waits(self, run_id: str) -> list[WaitInfo]:
+        """What run ``run_id`` waits or waited for, oldest first (its cancel_on rules too)."""
+        rows = await self.store.run_waits(check_run_id(run_id))
+        return [
+            WaitInfo(
+                key=r["key"],
+                kind=r["kind"],
+                event=r["event_name"],
+                match=json_or_none(r["match"]),
+                token_name=r["token_name"],
+                timeout_at=r["expires_at"],
+                started_at=r["created_at"],
+                resolved_at=r["resolved_at"],
+                outcome=r["outcome"],
+                event_number=r["resolved_event"],
+            )
+            for r in rows
+        ]
 
     async def prune_events(self) -> int:
         """Delete events older than ``event_retention`` that no live run can still match."""

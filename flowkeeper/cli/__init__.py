@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import migrate, pgcron, runs, scheduler, tick
+from . import events, migrate, pgcron, runs, scheduler, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [migrate, tick, scheduler, pgcron, runs]
+COMMANDS = [migrate, tick, scheduler, pgcron, runs, events]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flowkeeper",
         description=(
             "Durable workflows on Postgres: migrate the schema, drive due runs, "
-            "inspect and replay runs."
+            "inspect and replay runs, send and inspect events."
         ),
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")

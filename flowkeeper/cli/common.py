@@ -66,3 +66,18 @@ def flowkeeper_from_args(args: argparse.Namespace, *, need_endpoint: bool = Fals
         )
     kwargs["endpoint"] = endpoint
     return FlowKeeper(**kwargs)
+
+
+def flowkeeper_for_actions(args: argparse.Namespace) -> FlowKeeper:
+    """:func:`flowkeeper_from_args` for commands that wake or start runs.
+
+    Without the signing key a push to the endpoint would be refused, so the
+    runs such a command makes due are left for the scheduler instead.
+    """
+    fk = flowkeeper_from_args(args)
+    if not getattr(args, "app", None) and not (
+        getattr(args, "signing_key", None) or os.environ.get("FLOWKEEPER_SIGNING_KEY")
+    ):
+        fk.dispatcher = None
+        fk.events.push = None
+    return fk

@@ -2,9 +2,9 @@
 
 The filters are the dashboard's (``--workflow``, ``--status``, ``--since 2h``,
 ``--until``, ``--search`` run id or idempotency key, ``--before`` cursor);
-``show`` prints the run's timeline as text.  Actions ask for confirmation
-(``--yes`` to skip it, required when stdin is not a terminal) and are
-recorded on the run's history as done by ``cli``.
+``show`` prints the run's timeline as text and what it waits or waited
+for.  Actions ask for confirmation (``--yes`` to skip it, required when stdin
+is not a terminal) and are recorded on the run's history as done by ``cli``.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from .. import deploys
 from ..client import FlowKeeper
 from ..dashboard.timeline import Lane, Timeline, build
 from ..errors import ConfigurationError
+from ..eventops import WaitInfo, match_text
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
-from .common import add_connection_options, flowkeeper_from_args
+from .common import add_connection_options, flowkeeper_for_actions
 
 _COLOURS = {
     "queued": "37",
@@ -37,6 +38,7 @@ _COLOURS = {
 }
 # One character per span kind and outcome on the text timeline.
 _GLYPHS = {"completed": "█", "failed": "X", "waiting": "·", "sleeping": "~", "running": ">"}
+_WAIT_GLYPH = "="  # a wait for an event or a token, whatever its outcome
 
 
 def register(sub: Any) -> None:
@@ -101,13 +103,8 @@ def _action_options(p: argparse.ArgumentParser) -> None:
 
 
 def _connect(args: argparse.Namespace) -> FlowKeeper:
-    fk = flowkeeper_from_args(args)
-    if not getattr(args, "app", None) and not (
-        getattr(args, "signing_key", None) or os.environ.get("FLOWKEEPER_SIGNING_KEY")
-    ):
-        # Without the signing key a push would be refused: leave runs due for the scheduler.
-        fk.dispatcher = None
-    return fk
+    # Without the signing key a push would be refused: leave runs due for the scheduler.
+    return flowkeeper_for_actions(args)
 
 
 def _confirm(args: argparse.Namespace, question: str) -> bool:
@@ -245,7 +242,7 @@ def text_timeline(timeline: Timeline, *, width: int = 50) -> list[str]:
     for lane in timeline.lanes:
         cells = [" "] * width
         for span in lane.spans:
-            glyph = _GLYPHS.get(span.outcome, "?")
+            glyph = _WAIT_GLYPH if span.kind == "wait" else _GLYPHS.get(span.outcome, "?")
             a, b = col(span.start), col(span.end or timeline.now)
             for i in range(a, max(a, b) + 1):
                 if cells[i] == " " or glyph in "X>":  # failures and "now" stay visible
@@ -254,7 +251,7 @@ def text_timeline(timeline: Timeline, *, width: int = 50) -> list[str]:
     lines.append(
         f"{'':<{label}}  {_GLYPHS['completed']} ok  {_GLYPHS['failed']} failed attempt  "
         f"{_GLYPHS['waiting']} retry wait  {_GLYPHS['sleeping']} sleep  "
-        f"{_GLYPHS['running']} executing"
+        f"{_WAIT_GLYPH} wait  {_GLYPHS['running']} executing"
     )
     return lines
 
@@ -270,18 +267,45 @@ async def run_show(args: argparse.Namespace) -> int:
     try:
         info = await fk.get_run(args.run_id)
         now = await fk.store.clock_now()
+        waits = await fk.run_waits(info.id)
     finally:
         await fk.aclose()
     if args.json:
         from ..dashboard.views import run_json
 
-        print(json.dumps(run_json(info, now, None), indent=2, default=str))
+        print(json.dumps(run_json(info, now, None, waits), indent=2, default=str))
         return 0
-    _print_run(info, now, full_tracebacks=args.traceback)
+    _print_run(info, now, full_tracebacks=args.traceback, waits=waits)
     return 0
 
 
-def _print_run(info: RunInfo, now: datetime, *, full_tracebacks: bool) -> None:
+def wait_rows(waits: list[WaitInfo]) -> list[list[str]]:
+    """One row per wait: WAIT, WHAT, MATCH, UNTIL, OUTCOME, EVENT."""
+    rows = []
+    for w in waits:
+        if w.kind == "token":
+            what = f"approval token {w.token_name or w.key}"
+        elif w.kind == "cancel":
+            what = f"cancel_on {w.event}"
+        else:
+            what = str(w.event)
+        rows.append(
+            [
+                w.key,
+                what,
+                _clip(match_text(w.match), 60) if w.match else "-",
+                _when(w.timeout_at),
+                w.state,
+                f"#{w.event_number}" if w.event_number else "-",
+            ]
+        )
+    return rows
+
+
+def _print_run(
+    info: RunInfo, now: datetime, *, full_tracebacks: bool, waits: list[WaitInfo] | None = None
+) -> None:
+    waits = waits or []
     print(f"run       {info.id}")
     print(f"workflow  {info.workflow}")
     print(f"status    {_colour(info.status.value)}")
@@ -294,6 +318,10 @@ def _print_run(info: RunInfo, now: datetime, *, full_tracebacks: bool) -> None:
             f"finished  {_when(info.finished_at)} "
             f"({_seconds((info.finished_at - begun).total_seconds())})"
         )
+    current = [w for w in waits if w.kind != "cancel" and w.state == "waiting"]
+    if info.status.value == "waiting" and current:
+        until = f" until {_when(current[-1].timeout_at)}" if current[-1].timeout_at else ""
+        print(f"waiting   for {current[-1].describe()}{until}")
     elif info.due_at:
         print(f"next      {_when(info.due_at)}")
         waiting = _deferred_by_unknown_workflow(info)
@@ -322,7 +350,11 @@ def _print_run(info: RunInfo, now: datetime, *, full_tracebacks: bool) -> None:
         ]
         print(table(["#", "STEP", "KIND", "STATUS", "ATTEMPTS", "DURATION"], rows, colour_col=3))
         print()
-    timeline = build(info, now)
+    if waits:
+        headers = ["WAIT", "WHAT", "MATCH", "UNTIL", "OUTCOME", "EVENT"]
+        print(table(headers, wait_rows(waits), colour_col=4))
+        print()
+    timeline = build(info, now, waits)
     if timeline.lanes:
         print("\n".join(text_timeline(timeline)))
         print()

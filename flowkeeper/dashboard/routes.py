@@ -1,7 +1,9 @@
 """The dashboard's pages, its JSON API and its actions.
 
 Mounted by the endpoint under ``dashboard_path`` (``/ui``): ``/`` the runs
-list, ``/runs/<id>`` a run, ``/login`` and ``/logout``, ``/api/...`` the JSON
+list, ``/runs/<id>`` a run, ``/events`` the events sent, ``/events/<number>``
+one event and the runs it woke, started or cancelled, ``/login`` and
+``/logout``, ``/api/...`` the JSON
 the pages poll, ``/static/...`` the CSS and JavaScript shipped in the package.
 Pages and API need a session; actions (POST) need its CSRF token too.  Live
 updates are short polling, not server-sent events: serverless hosts buffer or
@@ -32,14 +34,16 @@ from ..errors import (
     ConfigurationError,
     DatabaseError,
     DatabaseRefusedError,
+    EventNotFoundError,
     InvalidRequestError,
     RunNotFoundError,
     RunStateError,
 )
+from ..eventlist import EventFilter, parse_event_number
 from ..ids import check_run_id
 from ..runlist import RunFilter
 from .auth import Auth, Session, same_origin
-from .views import page_json, render, run_json, script_json
+from .views import event_json, events_json, page_json, render, run_json, script_json
 
 if TYPE_CHECKING:
     from ..client import FlowKeeper
@@ -192,6 +196,8 @@ class Dashboard:
                 return _refuse(request, 400, "invalid", str(exc))
             except RunNotFoundError as exc:
                 return _error(404, "run_not_found", str(exc))
+            except EventNotFoundError as exc:
+                return _error(404, "event_not_found", str(exc))
             except RunStateError as exc:
                 return _error(409, "conflict", str(exc))
             except DatabaseError as exc:
@@ -287,7 +293,46 @@ class Dashboard:
         title = f"{data['workflow']} {run_id[:8]}… {data['status']}"
         return HTMLResponse(self._shell(request, session, "run", title, data))
 
+    async def events_page(self, request: Request, session: Session) -> Response:
+        status = 200
+        try:
+            data = await self._events_data(request)
+        except (ConfigurationError, InvalidRequestError) as exc:
+            status = 400
+            _warn(request, status, "invalid", str(exc))
+            data = {"error": str(exc), "events": [], "next_before": None, "query": {}}
+        body = self._shell(request, session, "events", "Events", data)
+        return HTMLResponse(body, status_code=status)
+
+    async def event_page(self, request: Request, session: Session) -> Response:
+        raw = request.path_params["number"]
+        try:
+            data = event_json(await self.fk.require_event(parse_event_number(raw)))
+        except ConfigurationError as exc:
+            _warn(request, 400, "invalid", str(exc))
+            body = self._shell(request, session, "event", "Bad event number", {"missing": str(exc)})
+            return HTMLResponse(body, status_code=400)
+        except EventNotFoundError as exc:
+            body = self._shell(request, session, "event", "Event not found", {"missing": str(exc)})
+            return HTMLResponse(body, status_code=404)
+        title = f"Event {data['number']} {data['name']}"
+        return HTMLResponse(self._shell(request, session, "event", title, data))
+
     # API ------------------------------------------------------------------------------
+    async def _events_data(self, request: Request) -> dict[str, Any]:
+        q = request.query_params
+        f = EventFilter.build(
+            name=q.get("name"), event_id=q.get("id"), before=q.get("before"), limit=q.get("limit")
+        )
+        return events_json(await self.fk.event_page(f))
+
+    async def api_events(self, request: Request, session: Session) -> Response:
+        return JSONResponse(await self._events_data(request))
+
+    async def api_event(self, request: Request, session: Session) -> Response:
+        number = parse_event_number(request.path_params["number"])
+        return JSONResponse(event_json(await self.fk.require_event(number)))
+
     async def _runs_data(self, request: Request) -> dict[str, Any]:
         q = request.query_params
         f = RunFilter.build(
@@ -306,7 +351,8 @@ class Dashboard:
     async def _run_data(self, run_id: str) -> dict[str, Any]:
         info = await self.fk.get_run(run_id)
         now = await self.fk.store.clock_now()
-        return run_json(info, now, await self.fk.run_version(run_id))
+        waits = await self.fk.run_waits(run_id)
+        return run_json(info, now, await self.fk.run_version(run_id), waits)
 
     async def api_runs(self, request: Request, session: Session) -> Response:
         return JSONResponse(await self._runs_data(request))
@@ -408,11 +454,15 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
     routes = [
         Route("/", d.page(d.runs_page), methods=["GET"]),
         Route("/runs/{run_id}", d.page(d.run_page), methods=["GET"]),
+        Route("/events", d.page(d.events_page), methods=["GET"]),
+        Route("/events/{number}", d.page(d.event_page), methods=["GET"]),
         Route("/login", d.login_form, methods=["GET"]),
         Route("/login", d.login, methods=["POST"]),
         Route("/logout", d.logout, methods=["POST"]),
         Route("/api/runs", d.api(d.api_runs), methods=["GET"]),
         Route("/api/runs/{run_id}", d.api(d.api_run), methods=["GET"]),
+        Route("/api/events", d.api(d.api_events), methods=["GET"]),
+        Route("/api/events/{number}", d.api(d.api_event), methods=["GET"]),
         Route("/api/runs/{run_id}/{action}", d.api(d.api_action, action=True), methods=["POST"]),
         Route("/api/replay-failed", d.api(d.api_replay_failed, action=True), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(_STATIC))),

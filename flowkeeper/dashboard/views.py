@@ -5,14 +5,20 @@ from __future__ import annotations
 import functools
 import html
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from importlib import resources
 from string import Template
 from typing import Any
 
+from ..eventlist import EventPage
+from ..eventops import EventInfo, WaitInfo
 from ..models import AttemptError, RunEvent, RunInfo, StepInfo
 from ..runlist import RunPage
 from .timeline import build
+
+#: How much of an event's data the events list shows.
+PREVIEW_CHARS = 160
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -64,8 +70,10 @@ def _event(e: RunEvent) -> dict[str, Any]:
     }
 
 
-def run_json(info: RunInfo, now: datetime, version: str | None) -> dict[str, Any]:
-    """Everything the run page shows, timeline included."""
+def run_json(
+    info: RunInfo, now: datetime, version: str | None, waits: Sequence[WaitInfo] = ()
+) -> dict[str, Any]:
+    """Everything the run page shows, timeline and waits included."""
     return {
         "id": info.id,
         "workflow": info.workflow,
@@ -83,7 +91,8 @@ def run_json(info: RunInfo, now: datetime, version: str | None) -> dict[str, Any
         "version": version,
         "steps": [_step(s) for s in info.steps],
         "events": [_event(e) for e in info.events],
-        "timeline": build(info, now).as_json(),
+        "waits": [w.as_json() for w in waits],
+        "timeline": build(info, now, waits).as_json(),
     }
 
 
@@ -96,6 +105,41 @@ def page_json(page: RunPage, workflows: list[str], query: dict[str, str]) -> dic
         "next_before": page.next_before,
         "workflows": workflows,
         "query": query,
+    }
+
+
+def _event_summary(e: EventInfo) -> dict[str, Any]:
+    preview = json.dumps(e.data, ensure_ascii=False, separators=(", ", ": "), default=str)
+    if len(preview) > PREVIEW_CHARS:
+        preview = preview[: PREVIEW_CHARS - 1] + "…"
+    return {
+        "number": e.id,
+        "name": e.name,
+        "event_id": e.event_id,
+        "sent_at": e.sent_at.isoformat(),
+        "sent_by_run": e.sent_by_run,
+        "woke": e.woke,
+        "started": len(e.started),
+        "cancelled": e.cancelled,
+        "preview": preview,
+    }
+
+
+def events_json(page: EventPage) -> dict[str, Any]:
+    """Everything the Events page shows: a page of events, newest first."""
+    return {
+        "events": [_event_summary(e) for e in page.events],
+        "next_before": page.next_before,
+        "query": page.query,
+    }
+
+
+def event_json(e: EventInfo) -> dict[str, Any]:
+    """One event's page: its data, who sent it, and the runs it woke, started or cancelled."""
+    return {
+        **_event_summary(e),
+        "data": e.data,
+        "effects": [{**effect, "at": _iso(effect["at"])} for effect in (e.effects or [])],
     }
 
 

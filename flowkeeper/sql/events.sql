@@ -60,11 +60,13 @@ ORDER BY w.resolved_at, w.run_id
 LIMIT 1000;
 
 -- name: run_waits
--- What run $1 waits or waited for (the dashboard's timeline and runs show).
-SELECT key, kind, event_name, match::text AS match, token_id, expires_at, created_at,
-       resolved_at, resolved_event, outcome
-FROM {schema}.waits WHERE run_id = $1
-ORDER BY created_at;
+-- What run $1 waits or waited for (the dashboard's timeline and runs show),
+-- with the name of the approval token a token wait is for.
+SELECT w.key, w.kind, w.event_name, w.match::text AS match, w.token_id, t.name AS token_name,
+       w.expires_at, w.created_at, w.resolved_at, w.resolved_event, w.outcome
+FROM {schema}.waits w LEFT JOIN {schema}.tokens t ON t.id = w.token_id
+WHERE w.run_id = $1
+ORDER BY w.created_at, w.key;
 
 -- name: prune_events
 -- Delete up to $2 events sent before now - $1 that no live run can still

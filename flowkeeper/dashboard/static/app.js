@@ -32,6 +32,8 @@
   }
 
   const badge = (status) => el("span", { class: `badge s-${status}`, text: status });
+  const runLink = (id) => el("a", { href: `${BASE}/runs/${id}`, class: "mono", title: id, text: `${id.slice(0, 8)}…${id.slice(-4)}` });
+  const eventLink = (number, props) => el("a", { href: `${BASE}/events/${number}`, ...(props || {}) }, `event #${number}`);
 
   // time ------------------------------------------------------------------------------
   const ms = (iso) => (iso ? Date.parse(iso) : null);
@@ -348,6 +350,16 @@
         facts.push([run.status === "retrying" ? "Retry at" : run.status === "sleeping" ? "Wakes at" : "Due",
           el("span", { title: stamp(run.due_at), text: run.due_at ? `${stamp(run.due_at)} (${ago(run.due_at)})` : "–" })]);
       }
+      const waits = run.waits || [];
+      const current = waits.filter((w) => w.kind !== "cancel" && w.state === "waiting").pop();
+      if (run.status === "waiting" && current) {
+        facts.push(["Waiting for", el("span", { id: "waiting-for" }, el("code", { text: current.label }),
+          current.timeout_at ? ` until ${stamp(current.timeout_at)} (${ago(current.timeout_at)})` : " (no timeout)")]);
+      }
+      for (const rule of waits.filter((w) => w.kind === "cancel")) {
+        facts.push(["Cancel on", el("span", { class: "cancel-rule" }, el("code", { text: rule.label.replace(/^cancel on /, "") }),
+          rule.outcome === "cancelled" && rule.event_number ? [" · cancelled by ", eventLink(rule.event_number)] : null)]);
+      }
       const actions = el("div", { class: "actions" });
       const failedStep = run.error?.step;
       if (run.status === "failed") {
@@ -417,13 +429,15 @@
           },
           el("td", { class: "num dim", text: String(step.position + 1) }),
           el("td", { class: "mono" }, el("span", { class: "caret", text: open.has(step.key) ? "▾" : "▸" }), " ", step.key,
-            step.kind === "sleep" ? el("span", { class: "tag", text: "sleep" }) : null),
+            step.kind !== "step" ? el("span", { class: "tag", text: step.kind }) : null),
           el("td", {}, badge(step.status)),
           el("td", { class: "num", title: failures ? `${failures} failed attempt(s)` : "" ,
-            text: step.kind === "sleep" ? "–" : String(step.attempts) }),
+            text: step.kind === "step" ? String(step.attempts) : "–" }),
           el("td", { class: "num", text: step.kind === "sleep"
             ? (step.wake_at && step.started_at ? duration(ms(step.wake_at) - ms(step.started_at)) : "–")
-            : duration(step.duration === null ? null : step.duration * 1000) }),
+            : step.kind === "wait" && step.status === "waiting" && step.started_at
+              ? duration(ms(run.timeline.now) - ms(step.started_at))
+              : duration(step.duration === null ? null : step.duration * 1000) }),
           el("td", {}, timeCell(step.started_at)),
           el("td", { class: "row-actions" }, finished ? el("button", {
             class: "small ghost replay-from", dataset: { key: step.key },
@@ -444,6 +458,7 @@
       const block = (title, value) => el("div", { class: "io" }, el("h3", { text: title }),
         el("pre", { class: "json", text: value === null || value === undefined ? "null" : pretty(value) }));
       if (step.kind === "step") parts.push(el("div", { class: "grid2" }, block("Input", step.input), block("Output", step.output)));
+      else if (step.kind === "wait") parts.push(waitDetail(step));
       else parts.push(el("p", { class: "muted", text: `Sleeps until ${stamp(step.wake_at)}` }));
       if (step.error) {
         parts.push(el("div", { class: "err-block" }, el("h3", { text: "Error" }),
@@ -459,6 +474,27 @@
           a.traceback ? el("details", {}, el("summary", { text: "traceback" }), el("pre", { class: "tb", text: a.traceback })) : null))));
       }
       return el("div", { class: "step-detail" }, parts);
+    }
+
+    function waitDetail(step) {
+      const w = (run.waits || []).find((x) => x.key === step.key);
+      const label = w ? w.label : (step.input?.event || step.key);
+      const until = w ? w.timeout_at : step.wake_at;
+      const what = el("p", { class: "wait-what" }, "Waits for ", el("code", { text: label }),
+        until ? ` until ${stamp(until)}` : " with no timeout");
+      let how = null;
+      if (w && w.outcome === "event" && w.event_number) {
+        how = el("p", {}, "Resolved by ", eventLink(w.event_number, { class: "wait-event" }), ` at ${stamp(w.resolved_at)}`);
+      } else if (w && w.outcome === "token") {
+        how = el("p", { text: `The token was completed at ${stamp(w.resolved_at)}` });
+      } else if (step.status === "timed_out") {
+        how = el("p", { class: "muted", text: `Timed out at ${stamp(step.finished_at)}: the workflow got None` });
+      }
+      const received = step.status === "completed"
+        ? el("div", { class: "io" }, el("h3", { text: w?.kind === "token" ? "Completed with" : "Event data" }),
+          el("pre", { class: "json", text: pretty(step.output ?? null) }))
+        : null;
+      return el("div", { class: "wait-detail" }, what, how, received);
     }
 
     function toggle(key) {
@@ -489,7 +525,8 @@
         el("b", { text: e.kind.replace(/_/g, " ") }),
         e.step_key ? el("code", { text: e.step_key }) : null,
         e.attempt ? el("span", { class: "dim", text: `attempt ${e.attempt}` }) : null,
-        el("span", { class: "dim", text: describeEvent(e) })));
+        el("span", { class: "dim", text: describeEvent(e) }),
+        e.kind === "cancelled" && e.detail?.event_id ? eventLink(e.detail.event_id) : null));
       historyCard.replaceChildren(el("h2", { text: "History" }),
         items.length ? el("ul", { class: "history", id: "events" }, items) : el("p", { class: "muted", text: "Nothing but its steps so far." }));
     }
@@ -572,7 +609,7 @@
     viewport.append(spacer);
     const legend = el("div", { class: "legend" },
       [["completed", "attempt ok"], ["failed", "attempt failed"], ["waiting", "retry backoff"],
-        ["sleeping", "sleep"], ["running", "executing"]].map(([k, t]) => el("span", {}, el("i", { class: `sw o-${k}` }), t)));
+        ["sleeping", "sleep"], ["wait", "wait for event / token"], ["running", "executing"]].map(([k, t]) => el("span", {}, el("i", { class: `sw o-${k}` }), t)));
     card.replaceChildren(el("div", { class: "tl-head" }, el("h2", { text: "Timeline" }), legend), axis, viewport);
 
     let model = null;
@@ -639,18 +676,40 @@
       for (const s of l.spans) {
         const start = ms(s.start);
         const end = s.end ? ms(s.end) : now;
-        const cls = s.kind === "attempt" ? `o-${s.outcome}` : s.kind === "wait" ? "o-waiting" : s.kind === "sleep" ? `o-sleeping ${s.outcome === "completed" ? "done" : ""}` : "o-running";
+        const cls = s.kind === "attempt" ? `o-${s.outcome}` : s.kind === "backoff" ? "o-waiting"
+          : s.kind === "wait" ? `o-wait w-${s.outcome}` : s.kind === "sleep" ? `o-sleeping ${s.outcome === "completed" ? "done" : ""}` : "o-running";
         const label = [`${l.key}`, s.attempt ? `attempt ${s.attempt}` : s.kind, s.outcome, duration(end - start)];
         if (s.error) label.push(s.error);
+        if (s.kind === "wait") {
+          label.splice(1, 1, `waits for ${s.label}`);
+          if (s.until) label.push(`until ${stamp(s.until)}`);
+          if (s.event) label.push(`resolved by event #${s.event}`);
+        }
         const bar = el("span", { class: `bar ${cls}`, title: label.join(" · "), dataset: { kind: s.kind, outcome: s.outcome } });
         bar.style.left = `${x(start)}%`;
         bar.style.width = `max(3px, ${x(end) - x(start)}%)`;
         track.append(bar);
+        if (s.kind === "wait") track.append(waitCaption(s, start));
       }
       const row = el("div", { class: `tl-row s-${l.status}`, dataset: { key: l.key }, onclick: () => onPick(l.key) },
         el("div", { class: "tl-label mono", title: l.key, text: l.key }), track);
       row.style.top = `${i * ROW}px`;
       return row;
+    }
+
+    // What a wait awaits, written on its lane: left of its bar when the bar
+    // starts far right, else from the bar's start; a resolved one links its event.
+    function waitCaption(s, start) {
+      const words = s.outcome === "waiting" ? "waiting for" : s.outcome === "timed_out" ? "timed out waiting for"
+        : s.outcome === "completed" ? "received" : `${s.outcome} while waiting for`;
+      const caption = el("span", { class: `wait-caption w-${s.outcome}`, dataset: { outcome: s.outcome } },
+        `${words} `, el("code", { text: s.label || "" }),
+        s.until && s.outcome === "waiting" ? ` until ${stamp(s.until)}` : null,
+        s.event ? [" · ", eventLink(s.event, { class: "wait-event", onclick: (ev) => ev.stopPropagation() })] : null);
+      const at = x(start);
+      if (at > 55) { caption.style.right = `${100 - at}%`; caption.classList.add("before"); }
+      else caption.style.left = `${at}%`;
+      return caption;
     }
 
     viewport.addEventListener("scroll", () => requestAnimationFrame(() => paint(lastNow)));
@@ -664,7 +723,141 @@
   }
 
   // ================================================================================
+  // Events: the events sent, newest first, searchable by name and sender id;
+  // each event's page shows its data and the runs it woke, started or cancelled.
+  // ================================================================================
+  function eventsPage(initial) {
+    const params = new URLSearchParams(location.search);
+    let data = initial;
+    const problem = el("p", { class: "error", id: "list-error" });
+    const table = el("table", { class: "runs", id: "event-list" });
+    const pager = el("nav", { class: "pager", id: "pager" });
+    const form = el("form", { class: "filters", method: "get", action: `${BASE}/events`, id: "event-filters" },
+      el("label", {}, "Event name", el("input", {
+        type: "search", name: "name", id: "f-name", value: params.get("name") || "", placeholder: "e.g. invoice.paid",
+      })),
+      el("label", { class: "grow" }, "Sender id", el("input", {
+        type: "search", name: "id", id: "f-id", value: params.get("id") || "", placeholder: "the id given to send_event (exact)",
+      })),
+      el("button", { type: "submit", class: "primary", text: "Search" }));
+    if (params.get("limit")) form.append(el("input", { type: "hidden", name: "limit", value: params.get("limit") }));
+    form.addEventListener("submit", () => {
+      for (const input of form.querySelectorAll("input")) if (!input.value) input.disabled = true;
+    });
+    app.replaceChildren(el("div", { class: "page-head" }, el("h1", { text: "Events" }),
+      el("span", { class: "muted", text: "newest first" })), problem, form,
+    el("div", { class: "card flush" }, table), pager);
+
+    function link(overrides) {
+      const next = new URLSearchParams(params);
+      for (const [k, v] of Object.entries(overrides)) {
+        if (v === null || v === "") next.delete(k); else next.set(k, v);
+      }
+      const qs = next.toString();
+      return `${BASE}/events${qs ? `?${qs}` : ""}`;
+    }
+
+    function render() {
+      problem.textContent = data.error || "";
+      problem.hidden = !data.error;
+      const head = el("thead", {}, el("tr", {},
+        ["#", "Name", "Sender id", "Sent", "Sent by", "Woke", "Started", "Cancelled", "Data"].map((t, i) => el("th", { class: i >= 5 && i <= 7 ? "num" : null, text: t }))));
+      const body = el("tbody");
+      if (!data.events.length) {
+        body.append(el("tr", {}, el("td", { colspan: 9, class: "empty", text: data.error ? "" : "No event matches." })));
+      }
+      const count = (n) => el("td", { class: `num ${n ? "" : "dim"}`, text: String(n) });
+      for (const e of data.events) {
+        body.append(el("tr", { class: "row event-row", dataset: { number: String(e.number) } },
+          el("td", { class: "num" }, el("a", { href: `${BASE}/events/${e.number}`, text: `#${e.number}` })),
+          el("td", { class: "mono" }, el("a", { href: `${BASE}/events/${e.number}`, text: e.name })),
+          el("td", { class: "mono dim", text: e.event_id || "" }),
+          el("td", {}, timeCell(e.sent_at)),
+          el("td", {}, e.sent_by_run ? runLink(e.sent_by_run) : el("span", { class: "dim", text: "app" })),
+          count(e.woke), count(e.started), count(e.cancelled),
+          el("td", { class: "mono dim preview", title: e.preview, text: e.preview })));
+      }
+      table.replaceChildren(head, body);
+      const parts = [];
+      if (params.get("before")) parts.push(el("a", { href: link({ before: null }), class: "ghost-link", text: "« Newest" }));
+      if (data.next_before) parts.push(el("a", { href: link({ before: data.next_before }), class: "ghost-link", id: "older", text: "Older »" }));
+      pager.replaceChildren(...parts);
+    }
+
+    async function refresh() {
+      const response = await api(`/api/events${location.search}`);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      data = await response.json();
+      render();
+    }
+
+    render();
+    // Only the newest page moves; older pages (and a refused filter) stay as they are.
+    if (!params.get("before") && !data.error) poll(refresh, 3000);
+  }
+
+  function eventPage(initial) {
+    const back = el("a", { href: `${BASE}/events`, class: "back", text: "← Events" });
+    if (initial.missing) {
+      app.replaceChildren(el("p", {}, back), el("h1", { text: "Event not found" }),
+        el("p", { class: "muted", id: "event-missing", text: initial.missing }));
+      return;
+    }
+    let ev = initial;
+    const head = el("section", { class: "run-head" });
+    const effectsCard = el("section", { class: "card flush", id: "effects-card" });
+    const dataCard = el("section", { class: "card", id: "event-data-card" });
+    app.replaceChildren(head, effectsCard, dataCard);
+    const VERB = { woke: "woke", started: "started", cancelled: "cancelled" };
+
+    function render() {
+      document.title = `event #${ev.number} ${ev.name} · flowkeeper`;
+      const facts = [
+        ["Number", el("span", { class: "mono", id: "event-number", text: `#${ev.number}` })],
+        ["Sender id", el("span", { class: "mono", text: ev.event_id || "–" })],
+        ["Sent", el("span", { title: stamp(ev.sent_at), text: `${stamp(ev.sent_at)} (${ago(ev.sent_at)})` })],
+        ["Sent by", ev.sent_by_run ? el("span", { id: "sent-by" }, "run ", runLink(ev.sent_by_run))
+          : el("span", { class: "dim", text: "application code (fk.send_event)" })],
+        ["Effect", el("span", { text: `woke ${ev.woke} · started ${ev.started} · cancelled ${ev.cancelled}` })],
+      ];
+      head.replaceChildren(back, el("div", { class: "title-row" },
+        el("h1", {}, el("span", { class: "muted", text: `Event #${ev.number} ` }), el("span", { class: "mono", id: "event-name", text: ev.name }))),
+      el("dl", { class: "facts" }, facts.map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", {}, v)))));
+
+      const body = el("tbody");
+      for (const x of ev.effects) {
+        body.append(el("tr", { class: `row effect e-${x.outcome}`, dataset: { run: x.run_id, outcome: x.outcome } },
+          el("td", {}, el("span", { class: `verb v-${x.outcome}`, text: VERB[x.outcome] || x.outcome })),
+          el("td", {}, runLink(x.run_id)),
+          el("td", { text: x.workflow }),
+          el("td", {}, badge(x.status)),
+          el("td", { class: "mono dim", text: x.wait || "" }),
+          el("td", {}, timeCell(x.at))));
+      }
+      if (!ev.effects.length) {
+        body.append(el("tr", {}, el("td", { colspan: 6, class: "empty", text: "It woke, started and cancelled no run." })));
+      }
+      effectsCard.replaceChildren(el("div", { class: "steps-bar" }, el("h2", { text: "Runs it woke, started or cancelled" })),
+        el("table", { class: "runs", id: "effects" }, el("thead", {}, el("tr", {},
+          ["What", "Run", "Workflow", "Status now", "Wait / rule", "When"].map((t) => el("th", { text: t })))), body));
+      dataCard.replaceChildren(el("h2", { text: "Data" }), el("pre", { class: "json", id: "event-data", text: pretty(ev.data ?? null) }));
+    }
+
+    async function refresh() {
+      const response = await api(`/api/events/${ev.number}`);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      ev = await response.json();
+      render();
+    }
+
+    render();
+    poll(refresh, 3000);
+  }
+
+  // ================================================================================
   const data = JSON.parse(document.getElementById("fk-data").textContent);
   if (PAGE === "runs") runsPage(data);
   else if (PAGE === "run") runPage(data);
+  else if (PAGE === "events") eventsPage(data);
+  else if (PAGE === "event") eventPage(data);
 })();
