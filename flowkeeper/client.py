@@ -45,6 +45,8 @@ from .serialization import json_or_none
 from .signing import KeyInput, RequestSigner, check_dashboard_password, check_signing_keys
 from .sql import validate_schema
 from .store import ClaimedRun, Store
+from .streamops import StreamOperations
+from .streams import StreamTokens
 from .tokens import TokenSigner
 from .workflow import FailureHook, Registry, Workflow, WorkflowFunction, define_workflow
 
@@ -99,7 +101,7 @@ def _env_keys() -> list[str] | None:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-class FlowKeeper(RunOperations, EventOperations):
+class FlowKeeper(RunOperations, EventOperations, StreamOperations):
     """Durable workflows on Postgres, executed through a signed endpoint.
 
     ``database_url``, ``signing_key`` and ``endpoint`` default to the
@@ -213,6 +215,7 @@ class FlowKeeper(RunOperations, EventOperations):
         self.tokens = TokenSigner(keys, self.dispatcher.endpoint if self.dispatcher else None)
         self.engine.events = self.events
         self.engine.tokens = self.tokens
+        self.stream_tokens = StreamTokens(keys)
         self._pruned_at = float("-inf")
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (

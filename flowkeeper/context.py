@@ -183,3 +183,19 @@ class Context:
         return await self._exec.wait(
             name or f"approval:{token.name}", token_spec(token, timeout, model, raw)
         )
+
+    # the run's stream -------------------------------------------------------------------------
+    async def publish(self, topic: str, data: Any = None) -> None:
+        """Append a message to the run's stream (progress, partial results).
+
+        Readers (``fk.stream``, the SSE route, the dashboard) see it within
+        milliseconds.  Inside a step the message carries the step's key and
+        attempt; from the workflow function itself it is sent when the run
+        reaches it for the first time, not on replays.  ``data`` must be JSON
+        (64 KiB at most); a run keeps at most 10,000 messages.
+        """
+        self._exec.publish(topic, data)
+
+    def publish_nowait(self, topic: str, data: Any = None) -> None:
+        """:meth:`publish` for sync steps (any thread): queues the message and returns."""
+        self._exec.publish(topic, data)

@@ -19,17 +19,18 @@ The endpoint knows nothing of SQL: it verifies, parses and delegates to the
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -42,11 +43,15 @@ from .errors import (
     DatabaseRefusedError,
     InvalidEventError,
     InvalidRequestError,
+    RunNotFoundError,
     SignatureError,
+    StepUsageError,
+    StreamTokenError,
     TokenError,
     WorkflowError,
 )
 from .store import ClaimedRun
+from .streams import check_topic
 from .workflow import validate_name
 
 if TYPE_CHECKING:
@@ -175,7 +180,87 @@ class TokenRoutes:
         )
 
 
-class Endpoint(TokenRoutes):
+class StreamRoutes:
+    """``GET /runs/<id>/stream``: the run's stream as server-sent events, or polled JSON.
+
+    Authorised by a read token from ``fk.stream_token(run_id)`` (``?token=``
+    or ``Authorization: Bearer``).  ``Last-Event-ID`` (or ``?after=``) resumes
+    after a cursor.  ``?mode=poll`` (or ``Accept: application/json``) answers
+    at once with the messages there, the next cursor and whether the run has
+    finished: for hosts that buffer responses (AWS Lambda behind Mangum).
+    """
+
+    fk: FlowKeeper
+
+    async def stream(self, request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        try:
+            run_id = str(uuid.UUID(run_id))
+        except ValueError:
+            return refuse(request, 404, "run_not_found", "No run with this id exists.")
+        query = request.query_params
+        token = query.get("token") or ""
+        auth = request.headers.get("authorization", "")
+        if not token and auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        try:
+            self.fk.stream_tokens.check(token, run_id)
+        except StreamTokenError as exc:
+            return refuse(request, 401, "invalid_stream_token", str(exc))
+        raw_after = request.headers.get("last-event-id") or query.get("after") or "0"
+        topic = query.get("topic") or None
+        if not raw_after.isdigit() or len(raw_after) > 18:
+            return refuse(request, 400, "invalid_cursor", "after/Last-Event-ID must be a cursor.")
+        if topic is not None:
+            try:
+                check_topic(topic)
+            except StepUsageError as exc:
+                return refuse(request, 400, "invalid_topic", str(exc))
+        final_only = query.get("final", "") in ("1", "true", "yes")
+        after = int(raw_after)
+        poll = query.get("mode") == "poll" or (
+            "application/json" in request.headers.get("accept", "")
+            and "text/event-stream" not in request.headers.get("accept", "")
+        )
+        try:
+            if poll:
+                messages, finished = await self.fk.read_stream(
+                    run_id, topic=topic, after=after, final_only=final_only
+                )
+                cursor = messages[-1].cursor if messages else after
+                return JSONResponse(
+                    {
+                        "messages": [m.as_json() for m in messages],
+                        "cursor": cursor,
+                        "finished": finished and not messages,
+                    }
+                )
+            await self.fk.check_stream(run_id)
+        except RunNotFoundError:
+            return refuse(request, 404, "run_not_found", f"No run {run_id} exists.")
+        except DatabaseError as exc:
+            return error(503, "database_unavailable", str(exc))
+        return StreamingResponse(
+            self._events(run_id, topic, after, final_only),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(
+        self, run_id: str, topic: str | None, after: int, final_only: bool
+    ) -> AsyncIterator[str]:
+        yield "retry: 2000\n\n"
+        stream = self.fk.stream(run_id, topic=topic, after=after, final_only=final_only)
+        try:
+            async for message in stream:
+                body = json.dumps(message.as_json(), default=str)
+                yield f"id: {message.cursor}\nevent: {message.topic}\ndata: {body}\n\n"
+            yield "event: end\ndata: {}\n\n"
+        except DatabaseError as exc:
+            yield f"event: error\ndata: {json.dumps({'message': str(exc)})}\n\n"
+
+
+class Endpoint(TokenRoutes, StreamRoutes):
     """Request handlers bound to one FlowKeeper."""
 
     def __init__(self, fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None) -> None:
@@ -470,6 +555,7 @@ def create_app(
         Route("/", endpoint.health, methods=["GET"]),
         Route("/tick", endpoint.tick, methods=["GET", "POST"]),
         Route("/tokens/{token}", endpoint.complete_token, methods=["POST"]),
+        Route("/runs/{run_id}/stream", endpoint.stream, methods=["GET"]),
         Route("/tokens/{token}", endpoint.token_info, methods=["GET"]),
     ]
     if fk.dashboard_path:  # the dashboard (flowkeeper.dashboard), off with dashboard_path=None

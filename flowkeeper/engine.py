@@ -52,6 +52,7 @@ from .executor import StepExecutor
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .serialization import clean_text
 from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
+from .streams import Publisher, check_topic
 from .tokens import Token, TokenSigner
 from .waits import WaitSpec
 from .workflow import Registry, Workflow, validate_name
@@ -205,6 +206,8 @@ class Engine:
         self.default_retry = default_retry
         self.record_step_inputs = record_step_inputs
         self.executor = executor or StepExecutor()
+        self.stream_max_messages = 10_000
+        self.stream_max_bytes = 64 * 1024
         # Set by FlowKeeper: what ctx.send_event and ctx.create_token use.
         self.events: EventBus | None = None
         self.tokens: TokenSigner | None = None
@@ -348,6 +351,14 @@ class Execution:
         self._interrupted: str | None = None  # why this invocation cancelled its own task
         self._in_body = False  # a step body is running now
         self._task: asyncio.Task[Any] | None = None
+        # The run's stream (flowkeeper.streams) and the step attempt running now.
+        self._publisher = Publisher(
+            self.store,
+            self.run_id,
+            max_messages=engine.stream_max_messages,
+            max_bytes=engine.stream_max_bytes,
+        )
+        self._step_now: tuple[str, int] | None = None
 
     # clock ---------------------------------------------------------------
     def db_time(self) -> datetime:
@@ -366,6 +377,17 @@ class Execution:
             raise abort.error from abort.error.__cause__
         finally:
             heartbeat.cancel()
+            await self._publisher.close()
+
+    # the run's stream -------------------------------------------------------------------------
+    def publish(self, topic: str, data: Any) -> None:
+        """Queue a message on the run's stream (thread-safe: sync steps call it too)."""
+        step = self._step_now
+        if step is None and self._position < len(self._history):
+            # The workflow function is replaying recorded history: it was sent then.
+            check_topic(topic)
+            return
+        self._publisher.add(topic, data, step[0] if step else None, step[1] if step else None)
 
     async def _write(self, status: str, **fields: Any) -> datetime | bool | None:
         """Commit under the lease.
@@ -375,6 +397,7 @@ class Execution:
         instead, so the same write is never attempted again and again.
         """
         try:
+            await self._publisher.flush()  # a step's messages are stored before its result
             return await self.store.commit(self.run_id, self.token, status=status, **fields)
         except DatabaseRefusedError as exc:
             raise await self._refused(exc) from exc
@@ -739,12 +762,14 @@ class Execution:
         if self._cancelled:
             raise _Suspend(await self._stopped(None, 0))
         started = self.db_time()
+        self._step_now = (key, attempt)
         try:
             value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
             output = serialization.dumps(value, what=f"The result of step {key!r}")
             tag = serialization.type_tag(value) if hint is None else None
             restored = serialization.loads(output, hint, tag, what=f"The result of step {key!r}")
         except asyncio.CancelledError:
+            self._step_now = None
             reason, self._interrupted = self._interrupted, None
             if reason is None:
                 raise  # the host cancelled this invocation: let it end
@@ -759,10 +784,12 @@ class Execution:
             raise _Suspend(await self._lost()) from None
         except SerializationError as exc:
             # Deterministic: retrying would fail the same way.
+            self._step_now = None
             self._executed += 1
             self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
             raise StepFailedError(key, "SerializationError", str(exc), None, attempt) from exc
         except Exception as exc:
+            self._step_now = None
             self._executed += 1
             if policy.should_retry(attempt, exc):
                 delay = policy.next_delay(attempt, exc)
@@ -792,6 +819,7 @@ class Execution:
             raise StepFailedError(
                 key, error["type"], error["message"], error["traceback"], attempt
             ) from exc
+        self._step_now = None
         self._executed += 1
         self._pending_steps.append(
             StepRecord(

@@ -26,6 +26,7 @@ and what to do about it.
     │   ├── TokenNotFoundError    no such token (or a forged URL)          HTTP 404
     │   ├── TokenCompletedError   the token was completed already          HTTP 409
     │   └── TokenExpiredError     the token's time is up                   HTTP 410
+    ├── StreamTokenError          a stream read token missing, forged, for another run or expired
     ├── RunNotFoundError
     ├── EventNotFoundError        no event with this number (never sent, or pruned)
     ├── RunStateError             an action the run's status does not allow (replay a live run)
@@ -246,6 +247,10 @@ class TokenExpiredError(TokenError):
     """The token's timeout is over; its wait returned None."""
 
     status = 410
+
+
+class StreamTokenError(FlowKeeperError):
+    """A stream read token that does not allow reading this run's stream now (HTTP 401)."""
 
 
 class RunNotFoundError(FlowKeeperError):

@@ -806,3 +806,32 @@ class Store:
             since,
         )
         return outcome
+
+    # a run's stream of messages (sql/streams.sql) -------------------------------------------
+    async def stream_count(self, run_id: str) -> int:
+        return int(await self._call("fetchval", "stream_count", uuid.UUID(run_id)))
+
+    async def stream_append(
+        self, run_id: str, messages: Sequence[tuple[str, str | None, int | None, str]]
+    ) -> int | None:
+        """Append (topic, step key, attempt, data JSON) messages; the last one's cursor."""
+        if not messages:
+            return None
+        topics, keys, attempts, data = (list(c) for c in zip(*messages, strict=True))
+        row = await self._call(
+            "fetchrow", "stream_append", uuid.UUID(run_id), topics, keys, attempts, data
+        )
+        last: int | None = row["last"]
+        return last
+
+    async def stream_read(
+        self, run_id: str, after: int, topic: str | None, limit: int
+    ) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "stream_read", uuid.UUID(run_id), after, topic, limit
+        )
+        return rows
+
+    async def stream_run_status(self, run_id: str) -> str | None:
+        status: str | None = await self._call("fetchval", "stream_run_status", uuid.UUID(run_id))
+        return status
