@@ -99,3 +99,30 @@ async def test_200_concurrent_invocations_use_at_most_the_pool(
     assert set(statuses.values()) == {"completed"}
     assert connections.samples > 50
     assert 1 <= connections.peak <= 5
+
+
+async def test_a_runs_stream_is_read_by_polling_through_pgbouncer(
+    database_url: str, pgbouncer: PgBouncer
+) -> None:
+    """Behind a transaction pooler LISTEN cannot work: fk.stream polls, and misses nothing."""
+    url = pgbouncer.url(database_url.rsplit("/", 1)[1])
+    fk = make_fk(url + "?pgbouncer=true")
+    assert fk.db.pooled
+
+    async def talk(ctx: Context, n: int) -> int:
+        for i in range(n):
+            await ctx.publish("tick", i)
+            await asyncio.sleep(0.02)
+        return n
+
+    @fk.workflow("talker")
+    async def talker(ctx: Context) -> int:
+        return await ctx.step("talk", talk, ctx, 10)
+
+    try:
+        async with serve(fk):
+            handle = await fk.trigger("talker")
+            got = [m.data async for m in fk.stream(handle.run_id)]
+    finally:
+        await fk.aclose()
+    assert got == list(range(10))

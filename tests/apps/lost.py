@@ -60,9 +60,20 @@ def deadly_sync(run_id: str) -> str:
     os._exit(18)
 
 
+async def chatty_then_dies(ctx: Context, run_id: str) -> str:
+    executions = await log(run_id, "chatty")
+    await ctx.publish("progress", {"execution": executions, "pid": os.getpid()})
+    if executions == 1:
+        await asyncio.sleep(0.1)  # the message is written (batched), then the process dies
+        os._exit(19)
+    return "done"
+
+
 async def lost(ctx: Context, spec: dict[str, object]) -> str:
     await ctx.step("before", lambda: "fine")
     how = str(spec.get("how", "exit"))
+    if how == "stream":
+        return await ctx.step("chatty", chatty_then_dies, ctx, ctx.run_id)
     if how == "sync":
         return await ctx.step("deadly-sync", deadly_sync, ctx.run_id)
     return await ctx.step("deadly", deadly, ctx.run_id, how, int(str(spec.get("survive_after", 0))))

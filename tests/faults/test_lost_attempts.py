@@ -103,3 +103,21 @@ async def test_a_step_that_dies_twice_then_succeeds_completes_on_attempt_three(
     assert step.attempts == 3
     assert [a.attempt for a in step.failed_attempts] == [1, 2]
     await fk.aclose()
+
+
+async def test_a_stream_goes_on_after_its_process_died_and_marks_the_lost_attempt(
+    database_url: str, conn: asyncpg.Connection, fk: FlowKeeper
+) -> None:
+    handle = await fk.trigger("lost", {"how": "stream"})
+    await drive(database_url, fk, handle.run_id)
+    info = await fk.get_run(handle.run_id)
+    assert info.status.value == "completed", info.error
+    messages = [m async for m in fk.stream(handle.run_id)]
+    assert [(m.data["execution"], m.attempt, m.finality) for m in messages] == [
+        (1, 1, "superseded"),  # published by the attempt that died with its process
+        (2, 2, "final"),
+    ]
+    assert messages[0].data["pid"] != messages[1].data["pid"]
+    final = [m async for m in fk.stream(handle.run_id, final_only=True)]
+    assert [m.data["execution"] for m in final] == [2]
+    await fk.aclose()
