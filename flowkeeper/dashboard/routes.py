@@ -368,6 +368,21 @@ class Dashboard:
         data = await self._run_data(run_id)
         return JSONResponse(data, headers={"etag": f'"{data["version"]}"'})
 
+    async def api_stream(self, request: Request, session: Session) -> Response:
+        """The run's stream after a cursor (the run page polls it while the run is live)."""
+        run_id = check_run_id(request.path_params["run_id"])
+        raw = request.query_params.get("after", "0")
+        if not raw.isdigit() or len(raw) > 18:
+            raise InvalidRequestError("after must be a stream cursor (a whole number).")
+        messages, finished = await self.fk.read_stream(run_id, after=int(raw), limit=200)
+        return JSONResponse(
+            {
+                "messages": [m.as_json() for m in messages],
+                "cursor": messages[-1].cursor if messages else int(raw),
+                "finished": finished,
+            }
+        )
+
     async def api_action(self, request: Request, session: Session) -> Response:
         run_id = check_run_id(request.path_params["run_id"])
         action = request.path_params["action"]
@@ -463,6 +478,7 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
         Route("/api/runs/{run_id}", d.api(d.api_run), methods=["GET"]),
         Route("/api/events", d.api(d.api_events), methods=["GET"]),
         Route("/api/events/{number}", d.api(d.api_event), methods=["GET"]),
+        Route("/api/runs/{run_id}/stream", d.api(d.api_stream), methods=["GET"]),
         Route("/api/runs/{run_id}/{action}", d.api(d.api_action, action=True), methods=["POST"]),
         Route("/api/replay-failed", d.api(d.api_replay_failed, action=True), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(_STATIC))),

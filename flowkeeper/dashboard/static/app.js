@@ -323,7 +323,8 @@
     const stepsCard = el("section", { class: "card flush", id: "steps-card" });
     const ioCard = el("section", { class: "grid2", id: "io" });
     const historyCard = el("section", { class: "card", id: "history" });
-    app.replaceChildren(head, errorBox, timelineCard, stepsCard, ioCard, historyCard);
+    const streamCard = el("section", { class: "card", id: "stream-card", hidden: "" });
+    app.replaceChildren(head, errorBox, timelineCard, streamCard, stepsCard, ioCard, historyCard);
     const timeline = makeTimeline(timelineCard, (key) => focusStep(key));
 
     function render() {
@@ -591,8 +592,35 @@
       render();
     }
 
+    // The run's stream (ctx.publish): read from a cursor, live while the run is.
+    const streamList = el("ol", { class: "stream", id: "stream" });
+    let streamCursor = 0;
+    let streamDone = false;
+    async function refreshStream() {
+      if (streamDone) return;
+      const response = await api(`/api/runs/${run.id}/stream?after=${streamCursor}`);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const data = await response.json();
+      for (const m of data.messages) {
+        streamList.append(el("li", { class: `msg f-${m.finality}`, "data-cursor": String(m.cursor) },
+          el("time", { title: stamp(m.at), text: stamp(m.at) }),
+          el("b", { text: m.topic }),
+          m.step ? el("code", { text: `${m.step} #${m.attempt}` }) : null,
+          m.finality !== "final" ? el("span", { class: "dim", text: m.finality === "superseded" ? "attempt did not count" : "step running" }) : null,
+          el("span", { class: "json", text: JSON.stringify(m.data) })));
+      }
+      streamCursor = data.cursor;
+      if (streamList.children.length && streamCard.hidden) {
+        streamCard.hidden = false;
+        streamCard.replaceChildren(el("h2", { text: "Stream" }), streamList);
+        streamList.lastElementChild?.scrollIntoView({ block: "nearest" });
+      }
+      if (data.finished && !data.messages.length) streamDone = true;
+    }
+
     render();
     poll(refresh, 1500);
+    poll(refreshStream, 1000);
   }
 
   // ================================================================================
