@@ -224,8 +224,11 @@ class StreamRoutes:
         )
         try:
             if poll:
+                raw_wait = query.get("wait", "0")
+                if not raw_wait.isdigit() or int(raw_wait) > 30:
+                    return refuse(request, 400, "invalid_wait", "wait is whole seconds, 0 to 30.")
                 messages, finished = await self.fk.read_stream(
-                    run_id, topic=topic, after=after, final_only=final_only
+                    run_id, topic=topic, after=after, final_only=final_only, wait=int(raw_wait)
                 )
                 cursor = messages[-1].cursor if messages else after
                 return JSONResponse(

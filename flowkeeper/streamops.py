@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -51,8 +53,13 @@ class StreamOperations:
         after: int = 0,
         final_only: bool = False,
         limit: int = 500,
+        wait: float = 0.0,
     ) -> tuple[list[StreamMessage], bool]:
-        """The messages there now (no waiting), and whether the run has finished."""
+        """The messages there now, and whether the run has finished (long polling).
+
+        With ``wait`` (seconds, at most 30) and nothing new yet, waits up to
+        that long for the next message before answering.
+        """
         rid = check_run_id(run_id)
         status = await self.store.stream_run_status(rid)
         if status is None:
@@ -64,7 +71,18 @@ class StreamOperations:
                 rid, topic=topic, after=after, final_only=final_only, follow=False, batch=limit
             )
         ][:limit]
-        return messages, status in ("completed", "failed", "cancelled")
+        finished = status in ("completed", "failed", "cancelled")
+        if not messages and not finished and wait > 0:
+            live = reader.read(rid, topic=topic, after=after, final_only=final_only)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait, 30.0)):
+                    async for message in live:
+                        messages.append(message)
+                        break
+            await live.aclose()
+            status = await self.store.stream_run_status(rid)
+            finished = status in ("completed", "failed", "cancelled")
+        return messages, finished
 
     async def check_stream(self, run_id: str) -> None:
         """Raise RunNotFoundError unless the run exists."""

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -194,7 +194,7 @@ class StreamReader:
         final_only: bool = False,
         follow: bool = True,
         batch: int = 500,
-    ) -> AsyncIterator[StreamMessage]:
+    ) -> AsyncGenerator[StreamMessage, None]:
         cursor = after
         wake = asyncio.Event()
         listener = await self._listen(run_id, wake) if follow else None

@@ -268,3 +268,28 @@ async def _sse(response: httpx.Response) -> Any:
             event["data"] = json.loads(value)
         elif field in ("id", "event"):
             event[field] = value
+
+
+async def test_long_polling_waits_for_the_next_message(fk: FlowKeeper) -> None:
+    go_on = asyncio.Event()
+
+    async def slow(ctx: Context) -> None:
+        await go_on.wait()
+        await ctx.publish("late", 1)
+
+    @fk.workflow("slow-talker")
+    async def wf(ctx: Context) -> None:
+        await ctx.step("slow", slow, ctx)
+
+    async with serve(fk) as server, httpx.AsyncClient(timeout=20) as http:
+        handle = await fk.trigger("slow-talker")
+        url = f"{server.base_url}/api/flowkeeper/runs/{handle.run_id}/stream"
+        params = {"token": fk.stream_token(handle.run_id), "mode": "poll", "wait": "10"}
+        pending = asyncio.create_task(http.get(url, params=params))
+        await asyncio.sleep(0.5)
+        assert not pending.done()  # held open: nothing to say yet
+        go_on.set()
+        answer = await asyncio.wait_for(pending, 10)
+        assert [m["data"] for m in answer.json()["messages"]] == [1]
+        refused = await http.get(url, params={**params, "wait": "99"})
+        assert refused.status_code == 400
