@@ -96,7 +96,7 @@ async def test_stale_invocation_past_its_lease_writes_nothing(
     assert per_key == {"before": RUNS, "slow": 2 * RUNS, "after": RUNS}, per_key
     # Every recorded "slow" result is B's: none of A's stale results got in.
     writers = await conn.fetch(
-        "SELECT DISTINCT output::int AS pid FROM flowkeeper.steps WHERE key = 'slow'"
+        "SELECT DISTINCT output::text::int AS pid FROM flowkeeper.steps WHERE key = 'slow'"
     )
     assert b.proc is not None
     assert [r["pid"] for r in writers] == [b.proc.pid]

@@ -95,7 +95,7 @@ async def check_runs(
     """
     id_list = list(ids)
     rows = await conn.fetch(
-        "SELECT id::text, status, input::int AS i, output::text AS output "
+        "SELECT id::text, status, input::text::int AS i, output::text AS output "
         "FROM flowkeeper.runs WHERE id = ANY($1::uuid[])",
         id_list,
     )
