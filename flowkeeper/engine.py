@@ -1028,8 +1028,7 @@ class Execution:
                 detail={"timeout": seconds, "threads_hung": self.engine.executor.abandoned},
             )
         )
-        with contextlib.suppress(_Suspend):
-            await self._before_new_work(step_key=key, step_attempt=attempt - 1)
+        await self._report_hung(key, attempt)
         waited = time.monotonic()
         try:
             await self._wait_thread(wrapped)
@@ -1039,6 +1038,28 @@ class Execution:
         return StepTimeoutError(
             f"Step attempt exceeded its timeout of {seconds:g}s; it was a sync function, "
             f"whose thread returned {late:.1f}s later (its result was discarded)"
+        )
+
+    async def _report_hung(self, key: str, attempt: int) -> None:
+        """Write the step_hung report now, without ever letting go of the run.
+
+        The step's thread is still running: releasing the run here (as a
+        refused write otherwise does, when the run was cancelled meanwhile) or
+        handing it on would let a replay or another invocation start the step
+        again alongside it.  A refused write is left for the write after the
+        thread has returned, which then lets go of the run.
+        """
+        if self._lease_lost or self._cancelled:
+            return
+        steps, events = self._take_pending()
+        await self._write(
+            "running",
+            new_token=self.token,
+            keep_due=True,
+            step_key=key,
+            step_attempt=attempt - 1,
+            steps=steps,
+            events=events,
         )
 
     async def _wait_thread(self, wrapped: asyncio.Future[Any]) -> None:

@@ -392,3 +392,38 @@ async def test_sync_steps_see_the_callers_context_variables(fk: FlowKeeper) -> N
     handle = await fk.trigger("ctxvars")
     await finish(fk, handle.run_id)
     assert seen == [f"run-{handle.run_id}"]
+
+
+async def test_a_cancel_landing_before_a_sync_timeout_holds_the_run_until_the_thread_returns(
+    fk: FlowKeeper,
+) -> None:
+    # The cancel reaches the database before the step's timeout, and the
+    # heartbeat (every lease/3) has not seen it yet: the timeout's own write is
+    # the first to be refused.  The run must stay held until the thread returns.
+    spans = Spans()
+    entered = threading.Event()
+
+    def overruns() -> str:
+        span = spans.start("overruns")
+        entered.set()
+        time.sleep(0.8)
+        span[1] = time.monotonic()
+        return "late"
+
+    @fk.workflow("overruns")
+    async def wf(ctx: Context) -> str:
+        return await ctx.step("overruns", overruns, timeout=0.05)
+
+    handle = await fk.trigger("overruns")
+    task = asyncio.create_task(fk.advance(handle.run_id))
+    await asyncio.to_thread(entered.wait, 5)
+    assert await fk.cancel(handle.run_id)
+    await asyncio.sleep(0.15)  # past the timeout, before the thread returns
+    with pytest.raises(RunStateError, match="has not stopped yet"):
+        await fk.replay(handle.run_id)
+    result = await asyncio.wait_for(task, 5)
+    assert isinstance(result, SegmentResult) and result.outcome is Outcome.CANCELLED
+    await fk.replay(handle.run_id)
+    await finish(fk, handle.run_id)
+    assert spans.count("overruns") == 3  # the cancelled attempt, then two after the replay
+    assert spans.overlaps("overruns") == 0
