@@ -60,6 +60,8 @@ from .workflow import Registry, Workflow, validate_name
 logger = logging.getLogger("flowkeeper")
 
 _MAX_TRACEBACK = 16_000
+# Tasks renewing the leases of runs whose invocation ended during a sync step.
+_HOLDERS: set[asyncio.Task[None]] = set()
 
 
 class Outcome(enum.StrEnum):
@@ -359,6 +361,9 @@ class Execution:
             max_bytes=engine.stream_max_bytes,
         )
         self._step_now: tuple[str, int] | None = None
+        # The sync step thread started last: if the host cancels this invocation
+        # while it runs, the lease is kept alive until it returns (see run()).
+        self._thread: asyncio.Future[Any] | None = None
 
     # clock ---------------------------------------------------------------
     def db_time(self) -> datetime:
@@ -378,6 +383,34 @@ class Execution:
         finally:
             heartbeat.cancel()
             await self._publisher.close()
+            if self._thread is not None and not self._thread.done():
+                self._hold_until_thread_ends(self._thread)
+
+    def _hold_until_thread_ends(self, thread: asyncio.Future[Any]) -> None:
+        """The invocation ends (cancelled by its host) while a sync step's thread runs on.
+
+        Python cannot stop the thread, so the lease is renewed until it
+        returns: no other invocation may start the step beside it.  Then the
+        lease runs out, and the next claim counts the attempt as lost.
+        """
+        logger.warning(
+            "run %s: the invocation was cancelled while a sync step was running; its lease "
+            "is kept until the step's thread returns",
+            self.run_id,
+        )
+        store, run_id, token, lease = self.store, self.run_id, self.token, self.engine.lease
+
+        async def keep() -> None:
+            while not thread.done():
+                with contextlib.suppress(Exception):
+                    if await store.heartbeat(run_id, token, lease) is None:
+                        return
+                with contextlib.suppress(Exception):
+                    await asyncio.wait({thread}, timeout=max(0.05, lease.total_seconds() / 3))
+
+        task = asyncio.get_running_loop().create_task(keep())
+        _HOLDERS.add(task)
+        task.add_done_callback(_HOLDERS.discard)
 
     # the run's stream -------------------------------------------------------------------------
     def publish(self, topic: str, data: Any) -> None:
@@ -982,6 +1015,7 @@ class Execution:
     ) -> Any:
         future = self.engine.executor.submit(call)
         wrapped = asyncio.wrap_future(future)
+        self._thread = wrapped
         try:
             done, _ = await asyncio.wait({wrapped}, timeout=seconds)
         except asyncio.CancelledError:

@@ -427,3 +427,41 @@ async def test_a_cancel_landing_before_a_sync_timeout_holds_the_run_until_the_th
     await finish(fk, handle.run_id)
     assert spans.count("overruns") == 3  # the cancelled attempt, then two after the replay
     assert spans.overlaps("overruns") == 0
+
+
+async def test_a_host_cancelling_the_invocation_keeps_the_lease_while_the_thread_runs(
+    fk: FlowKeeper,
+) -> None:
+    spans = Spans()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def blocking() -> str:
+        span = spans.start("blocking")
+        entered.set()
+        release.wait(10)
+        span[1] = time.monotonic()
+        return "done"
+
+    @fk.workflow("host-cancel")
+    async def wf(ctx: Context) -> str:
+        return await ctx.step("blocking", blocking)
+
+    handle = await fk.trigger("host-cancel")
+    task = asyncio.create_task(fk.advance(handle.run_id))
+    await asyncio.to_thread(entered.wait, 5)
+    task.cancel()  # as a server shutting down cancels its requests
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(1.0)  # well past the 0.6 s lease
+    refused = await fk.advance(handle.run_id)
+    assert not isinstance(refused, SegmentResult)  # still held: nobody may start the step
+    release.set()
+    await asyncio.sleep(0.8)  # the lease, no longer renewed, runs out
+    results = await finish(fk, handle.run_id)
+    assert results[-1].outcome is Outcome.COMPLETED
+    assert spans.count("blocking") == 2 and spans.overlaps("blocking") == 0
+    info = await fk.get_run(handle.run_id)
+    assert [a.error_type for a in info.steps[0].failed_attempts] == [
+        "flowkeeper.errors.AttemptLostError"
+    ]
