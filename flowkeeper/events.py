@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from .errors import InvalidEventError, StepUsageError
+from .names import name_problem, shown
 from .serialization import dumps
 
 if TYPE_CHECKING:
@@ -45,19 +46,11 @@ INPUT_REF = "input."
 
 
 def check_event_name(name: object, what: str = "event name") -> str:
-    """A storable event name, or a StepUsageError/ValueError saying what is wrong."""
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidEventError(f"An {what} must be a non-empty string, got {name!r}.")
-    if len(name) > MAX_EVENT_NAME:
-        raise InvalidEventError(
-            f"The {what} {name[:40]!r}... is {len(name)} characters; the limit is {MAX_EVENT_NAME}."
-        )
-    if any(ord(c) < 32 for c in name):
-        raise InvalidEventError(f"The {what} {name!r} contains control characters.")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidEventError(f"The {what} {name!r} contains a lone surrogate.") from None
+    """A storable event name, or an InvalidEventError (a ValueError) saying what is wrong."""
+    problem = name_problem(name, MAX_EVENT_NAME)
+    if problem is not None:
+        raise InvalidEventError(f"The {what} {shown(name)} {problem}.")
+    assert isinstance(name, str)
     return name
 
 

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from itsdangerous import BadSignature, Signer
 
 from .errors import StepUsageError, StreamTokenError
+from .names import name_problem, shown
 from .serialization import dumps
 from .signing import KeyInput, normalize_keys
 
@@ -77,16 +78,10 @@ class StreamMessage:
 
 
 def check_topic(topic: object) -> str:
-    if not isinstance(topic, str) or not topic.strip():
-        raise StepUsageError(f"A stream topic must be a non-empty string, got {topic!r}.")
-    if len(topic) > MAX_TOPIC:
-        raise StepUsageError(f"The stream topic {topic[:40]!r}... is longer than {MAX_TOPIC}.")
-    if any(ord(c) < 32 for c in topic):
-        raise StepUsageError(f"The stream topic {topic!r} contains control characters.")
-    try:
-        topic.encode("utf-8")
-    except UnicodeEncodeError:
-        raise StepUsageError(f"The stream topic {topic!r} contains a lone surrogate.") from None
+    problem = name_problem(topic, MAX_TOPIC)
+    if problem is not None:
+        raise StepUsageError(f"The stream topic {shown(topic)} {problem}.")
+    assert isinstance(topic, str)
     return topic
 
 

@@ -19,6 +19,7 @@ from .errors import (
     WorkflowError,
 )
 from .events import CancelOn, check_event_name
+from .names import name_problem, shown
 from .retry import RetryPolicy
 
 WorkflowFunction = Callable[..., Awaitable[Any]]
@@ -30,18 +31,9 @@ _MAX_NAME = 200
 
 def validate_name(name: str, what: str = "workflow") -> str:
     """Names are stored and shown everywhere: keep them printable and short."""
-    if not isinstance(name, str) or not name.strip():
-        raise WorkflowError(f"A {what} name must be a non-empty string, got {name!r}.")
-    if len(name) > _MAX_NAME:
-        raise WorkflowError(f"The {what} name {name[:40]!r}... is longer than {_MAX_NAME}.")
-    if any(ord(c) < 32 for c in name):
-        raise WorkflowError(f"The {what} name {name!r} contains control characters.")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise WorkflowError(
-            f"The {what} name {name!r} contains a lone surrogate, which is not valid Unicode."
-        ) from None
+    problem = name_problem(name, _MAX_NAME)
+    if problem is not None:
+        raise WorkflowError(f"The {what} name {shown(name)} {problem}.")
     return name
 
 
