@@ -120,6 +120,23 @@ CREATE FUNCTION {schema}.match_lock(name text, paths text[], vals jsonb) RETURNS
 -- and is visible; and a send that commits after that sees the wait.  All are
 -- transaction-scoped locks: safe behind transaction poolers.
 
+-- The locks a new wait (or cancel_on rule) of event p_event with match p_paths
+-- = p_values takes before it looks back (see above); a new shape is recorded.
+CREATE FUNCTION {schema}.lock_wait_match(p_event text, p_paths text[], p_values jsonb)
+    RETURNS void
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM {schema}.wait_shapes s
+               WHERE s.event_name = p_event AND s.paths = p_paths) THEN
+        PERFORM pg_advisory_xact_lock_shared({schema}.event_lock(p_event));
+        PERFORM pg_advisory_xact_lock({schema}.match_lock(p_event, p_paths, p_values));
+    ELSE
+        PERFORM pg_advisory_xact_lock({schema}.event_lock(p_event));
+        INSERT INTO {schema}.wait_shapes VALUES (p_event, p_paths) ON CONFLICT DO NOTHING;
+    END IF;
+END
+$$;
+
 -- Record wait p_key of run p_run (under lease p_token) and either resolve it at
 -- once (an event sent since p_lookback and not yet used by this run, or a
 -- token already completed) or suspend the run until p_expires (NULL: until it
@@ -141,14 +158,7 @@ DECLARE
                                     'token', p_token_id, 'timeout_at', p_expires);
 BEGIN
     IF p_kind = 'event' THEN
-        IF EXISTS (SELECT 1 FROM {schema}.wait_shapes s
-                   WHERE s.event_name = p_event AND s.paths = p_paths) THEN
-            PERFORM pg_advisory_xact_lock_shared({schema}.event_lock(p_event));
-            PERFORM pg_advisory_xact_lock({schema}.match_lock(p_event, p_paths, p_match_values));
-        ELSE
-            PERFORM pg_advisory_xact_lock({schema}.event_lock(p_event));
-            INSERT INTO {schema}.wait_shapes VALUES (p_event, p_paths) ON CONFLICT DO NOTHING;
-        END IF;
+        PERFORM {schema}.lock_wait_match(p_event, p_paths, p_match_values);
     ELSE
         PERFORM pg_advisory_xact_lock(hashtextextended('flowkeeper.token:' || p_token_id, 0));
     END IF;
@@ -407,14 +417,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM {schema}.waits x WHERE x.run_id = p_run AND x.key = p_key) THEN
         RETURN 'exists';
     END IF;
-    IF EXISTS (SELECT 1 FROM {schema}.wait_shapes s
-               WHERE s.event_name = p_event AND s.paths = p_paths) THEN
-        PERFORM pg_advisory_xact_lock_shared({schema}.event_lock(p_event));
-        PERFORM pg_advisory_xact_lock({schema}.match_lock(p_event, p_paths, p_match_values));
-    ELSE
-        PERFORM pg_advisory_xact_lock({schema}.event_lock(p_event));
-        INSERT INTO {schema}.wait_shapes VALUES (p_event, p_paths) ON CONFLICT DO NOTHING;
-    END IF;
+    PERFORM {schema}.lock_wait_match(p_event, p_paths, p_match_values);
     PERFORM 1 FROM {schema}.runs r
     WHERE r.id = p_run AND r.lease_token = p_token
       AND r.status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting');
