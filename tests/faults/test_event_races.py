@@ -208,4 +208,5 @@ async def resolution_counts(conn: asyncpg.Connection) -> tuple[int, int, int]:
         "       count(*) FILTER (WHERE resolved_at < created_at) AS overlapping "
         "FROM flowkeeper.waits WHERE event_name = 'race'"
     )
+    assert row is not None
     return int(row["lookback"]), int(row["woken"]), int(row["overlapping"])

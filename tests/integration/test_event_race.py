@@ -117,7 +117,7 @@ async def check_every_run_saw_its_event_once(
     by_lookback = sum(1 for w in waits if w["resolved_at"] == w["created_at"])
     by_send = len(waits) - by_lookback
     print(f"\nrace: {by_lookback} waits found their event by lookback, {by_send} woken by the send")
-    return by_lookback, by_send
+    assert by_lookback and by_send, (by_lookback, by_send)
 
 
 # The two "during" orders, made deterministic by holding one side's transaction open.
@@ -208,7 +208,7 @@ async def test_an_event_sent_while_its_wait_is_uncommitted_wakes_the_run(
             None,
             claimed.db_now,
         )
-        assert row["outcome"] == "waiting"
+        assert row is not None and row["outcome"] == "waiting"
         sending = asyncio.create_task(fk.send_event("held", {"i": 1}))
         await _until_blocked(conn, sending)
         await tx.commit()
