@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from flowkeeper import CancelOn, Context, FlowKeeper, InvalidEventError
 from flowkeeper.testing import FakeClock
 
-from ..helpers import serve, wait_for
+from ..helpers import make_fk, serve, wait_for
 
 
 class Paid(BaseModel):
@@ -306,3 +306,21 @@ async def test_bad_events_are_refused_and_store_nothing(
 
 async def _is(fk: FlowKeeper, run_id: str, expected: str) -> bool:
     return await status(fk, run_id) == expected
+
+
+async def test_concurrent_first_sends_of_a_fresh_process_do_not_exhaust_the_pool(
+    database_url: str,
+) -> None:
+    # A fresh process checks the schema once, on its first query.  A send must
+    # not do that while it holds a pooled connection in its transaction: with
+    # more sends at once than the pool has connections, every connection would
+    # be held by a send waiting for one more to check the schema with.
+    fresh = make_fk(database_url, pool_size=2)
+    try:
+        sent = await asyncio.wait_for(
+            asyncio.gather(*(fresh.send_event("cold.start", {"n": n}) for n in range(8))),
+            timeout=20,
+        )
+    finally:
+        await fresh.aclose()
+    assert len({s.id for s in sent}) == 8
