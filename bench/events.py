@@ -1,6 +1,6 @@
 """Event figures: send_event among many waiting runs, and a burst of events through the endpoint.
 
-    .venv/bin/python -m bench.events            # both parts (about 5 minutes)
+    .venv/bin/python -m bench.events            # both parts (about 2 minutes)
     .venv/bin/python -m bench.events --quick    # a smoke test (well under a minute)
 
 probe   ``send_event`` waking one run among N waiting runs, N = 1,000 and
