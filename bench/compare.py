@@ -19,6 +19,10 @@ on, pg_stat_statements preloaded); each system gets its own database on it.
 - HTTP invocations per 5-step workflow, without and with one sleep.
 - Import time of flowkeeper, DBOS and the Inngest SDK in fresh interpreters.
 
+Events and waits are measured by ``python -m bench.events`` (flowkeeper
+alone: send_event among 100,000 waiting runs, a burst of events through the
+endpoint against this table's three-step workload).
+
 The peers run in their own processes (``python -m bench.peers NAME``) and are
 never imported here, so the flowkeeper part runs without them (``--peers``
 with no names), as the CI smoke test does.

@@ -270,6 +270,10 @@ class EventBus:
             if pushes:
                 self.schedule(self._push_after_commit(connection, pushes))
             return result
+        # The schema is checked (once per process) before a connection is held:
+        # checking it takes a pooled connection of its own, and sends holding
+        # every connection of the pool while waiting for one more would hang.
+        await self.store.ensure_schema()
         async with self.store.db.acquire() as conn, conn.transaction():
             result, pushes = await self._send(conn, name, id, payload, run_id, lease, inputs)
         if push:

@@ -30,8 +30,15 @@ async def five_with_sleep(ctx: Context, n: int) -> int:
     return await ctx.step("e", noop, n)
 
 
+async def waiter(ctx: Context, n: int) -> int:
+    """Waits for its own event (bench/events.py sends it), then one trivial step."""
+    event = await ctx.wait_for_event("go", event="bench.go", match={"n": n})
+    return await ctx.step("after", noop, event["n"])
+
+
 WORKFLOWS = {
     "three": define_workflow("three", three),
     "five": define_workflow("five", five),
     "five-with-sleep": define_workflow("five-with-sleep", five_with_sleep),
+    "waiter": define_workflow("waiter", waiter),
 }

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from flowkeeper import CancelOn, Context, FlowKeeper, InvalidEventError
 from flowkeeper.testing import FakeClock
 
-from ..helpers import KEY, drive, serve, shape, wait_for
+from ..helpers import KEY, drive, make_fk, serve, shape, wait_for
 
 
 class Paid(BaseModel):
@@ -420,3 +420,21 @@ async def test_an_events_data_replays_exactly_as_first_seen(database_url: str, v
         assert seen[0] == shape({"tag": handle.run_id, "value": value})
     finally:
         await fk.aclose()
+
+
+async def test_concurrent_first_sends_of_a_fresh_process_do_not_exhaust_the_pool(
+    database_url: str,
+) -> None:
+    # A fresh process checks the schema once, on its first query.  A send must
+    # not do that while it holds a pooled connection in its transaction: with
+    # more sends at once than the pool has connections, every connection would
+    # be held by a send waiting for one more to check the schema with.
+    fresh = make_fk(database_url, pool_size=2)
+    try:
+        sent = await asyncio.wait_for(
+            asyncio.gather(*(fresh.send_event("cold.start", {"n": n}) for n in range(8))),
+            timeout=20,
+        )
+    finally:
+        await fresh.aclose()
+    assert len({s.id for s in sent}) == 8
