@@ -251,9 +251,15 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY SELECT 'sent'::text, eid, NULL::uuid, NULL::uuid;
+    -- Every match lock first, in one order, and only then any row: a send
+    -- never waits for a lock while it holds a row another transaction needs.
+    PERFORM pg_advisory_xact_lock(k.key)
+    FROM (SELECT DISTINCT {schema}.match_lock(p_name, s.paths,
+                                               {schema}.match_values(d, s.paths)) AS key
+          FROM {schema}.wait_shapes s WHERE s.event_name = p_name) AS k
+    ORDER BY k.key;
     FOR shape IN SELECT s.paths FROM {schema}.wait_shapes s WHERE s.event_name = p_name LOOP
         vals := {schema}.match_values(d, shape);
-        PERFORM pg_advisory_xact_lock({schema}.match_lock(p_name, shape, vals));
         FOR w IN
             UPDATE {schema}.waits x
             SET resolved_at = {schema}.clock_now(), resolved_event = eid,
