@@ -37,6 +37,7 @@ CREATE TABLE {schema}.event_log (
     started     uuid[] NOT NULL DEFAULT '{}'  -- runs of workflows with on_event=name
 );
 CREATE INDEX event_log_name_idx ON {schema}.event_log (name, id);
+CREATE INDEX event_log_name_sent_idx ON {schema}.event_log (name, sent_at);
 CREATE INDEX event_log_data_idx ON {schema}.event_log USING gin (data jsonb_path_ops);
 CREATE INDEX event_log_sent_idx ON {schema}.event_log (sent_at);
 
@@ -120,6 +121,37 @@ CREATE FUNCTION {schema}.match_lock(name text, paths text[], vals jsonb) RETURNS
 -- and is visible; and a send that commits after that sees the wait.  All are
 -- transaction-scoped locks: safe behind transaction poolers.
 
+-- The first event p_event sent since p_since that matches p_containment and
+-- has not resolved a wait of run p_run yet (a wait's lookback).  With a match
+-- the GIN index on data finds the candidates (ordering by id + 0 keeps the
+-- planner from walking the primary key instead); without one, the events of
+-- that name since p_since are read in order from (name, sent_at).
+CREATE FUNCTION {schema}.lookback_event(
+    p_run uuid, p_event text, p_paths text[], p_containment jsonb, p_since timestamptz)
+    RETURNS TABLE (id bigint, payload json)
+    LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+BEGIN
+    IF cardinality(p_paths) > 0 THEN
+        RETURN QUERY
+        SELECT e.id, e.payload FROM {schema}.event_log e
+        WHERE e.data @> p_containment AND e.name = p_event AND e.sent_at >= p_since
+          AND NOT EXISTS (SELECT 1 FROM {schema}.waits w
+                          WHERE w.run_id = p_run AND w.resolved_event = e.id)
+        ORDER BY e.id + 0
+        LIMIT 1;
+    ELSE
+        RETURN QUERY
+        SELECT e.id, e.payload FROM {schema}.event_log e
+        WHERE e.name = p_event AND e.sent_at >= p_since
+          AND NOT EXISTS (SELECT 1 FROM {schema}.waits w
+                          WHERE w.run_id = p_run AND w.resolved_event = e.id)
+        ORDER BY e.sent_at, e.id
+        LIMIT 1;
+    END IF;
+END
+$$;
+
 -- The locks a new wait (or cancel_on rule) of event p_event with match p_paths
 -- = p_values takes before it looks back (see above); a new shape is recorded.
 CREATE FUNCTION {schema}.lock_wait_match(p_event text, p_paths text[], p_values jsonb)
@@ -171,13 +203,8 @@ BEGIN
         RETURN;
     END IF;
     IF p_kind = 'event' THEN
-        SELECT e.id, e.payload INTO found_id, found_payload
-        FROM {schema}.event_log e
-        WHERE e.name = p_event AND e.data @> p_containment AND e.sent_at >= p_lookback
-          AND NOT EXISTS (SELECT 1 FROM {schema}.waits w
-                          WHERE w.run_id = p_run AND w.resolved_event = e.id)
-        ORDER BY e.id
-        LIMIT 1;
+        SELECT f.id, f.payload INTO found_id, found_payload
+        FROM {schema}.lookback_event(p_run, p_event, p_paths, p_containment, p_lookback) f;
         hit := found_id IS NOT NULL;
     ELSE
         SELECT t.payload, true INTO found_payload, hit
@@ -430,9 +457,8 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'lost';
     END IF;
-    SELECT e.id INTO found_id FROM {schema}.event_log e
-    WHERE e.name = p_event AND e.data @> p_containment AND e.sent_at >= p_since
-    ORDER BY e.id LIMIT 1;
+    SELECT f.id INTO found_id
+    FROM {schema}.lookback_event(p_run, p_event, p_paths, p_containment, p_since) f;
     INSERT INTO {schema}.waits (run_id, key, kind, event_name, paths, match_values, match,
                                 lookback_since, resolved_at, resolved_event, outcome)
     VALUES (p_run, p_key, 'cancel', p_event, p_paths, p_match_values, p_match, p_since,
