@@ -438,3 +438,34 @@ async def test_concurrent_first_sends_of_a_fresh_process_do_not_exhaust_the_pool
     finally:
         await fresh.aclose()
     assert len({s.id for s in sent}) == 8
+
+
+async def test_old_events_are_pruned_once_no_live_run_can_match_them(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
+    clock = await FakeClock(conn).install()
+    await fk.send_event("old.news", {"n": 1})
+    await clock.advance(timedelta(days=8))
+    assert await fk.prune_events() == 1  # past the 7-day retention, no live run
+    assert await fk.list_events(name="old.news") == []
+
+    # A live run that started before an event may still wait for it (lookback).
+    @fk.workflow("slow-reader")
+    async def slow_reader(ctx: Context) -> Any:
+        await ctx.sleep("first", timedelta(days=30))
+        return await ctx.wait_for_event("w", event="kept.news")
+
+    dispatcher, fk.dispatcher = fk.dispatcher, None
+    handle = await fk.trigger("slow-reader")
+    await fk.advance(handle.run_id)  # asleep for 30 days
+    fk.dispatcher = dispatcher
+    await clock.advance(timedelta(seconds=1))
+    await fk.send_event("kept.news", {"n": 2})
+    await clock.advance(timedelta(days=8))
+    assert await fk.prune_events() == 0  # the sleeping run may still look back to it
+    await clock.advance(timedelta(days=23))
+    fk.dispatcher = None
+    fk.events.push = None
+    await fk.advance(handle.run_id)  # wakes, and its wait finds the 31-day-old event
+    assert (await fk.get_run(handle.run_id)).output == {"n": 2}
+    assert await fk.prune_events() == 1  # no live run is left that could match it
