@@ -1216,7 +1216,9 @@ class Execution:
             value = await self._step(key, position, step_name, entry, create, (), {}, None, None)
         finally:
             self._busy = None
-        return value if isinstance(value, Token) else Token.model_validate(value)
+        # The step's return annotation (Token) restores it on replay as well.
+        assert isinstance(value, Token)
+        return value
 
     # sleeps --------------------------------------------------------------
     async def sleep(

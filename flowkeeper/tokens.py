@@ -11,9 +11,9 @@ completed once; no third-party service is involved.
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from datetime import datetime
 
-import pydantic
 from itsdangerous import BadSignature, Signer
 
 from .signing import KeyInput, normalize_keys
@@ -21,8 +21,13 @@ from .signing import KeyInput, normalize_keys
 _SALT = "flowkeeper.approval-token"
 
 
-class Token(pydantic.BaseModel):
-    """An approval token, as ``ctx.create_token`` returns it (and replays it)."""
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An approval token, as ``ctx.create_token`` returns it (and replays it).
+
+    A dataclass, not a pydantic model: defining a model class at import would
+    cost every ``import flowkeeper`` pydantic's model machinery (~50 ms).
+    """
 
     id: str  # the signed id: what the URL carries and fk.complete_token takes
     name: str
