@@ -79,7 +79,7 @@ class Context:
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run and record its result.
 
-        ``fn`` may be sync (run in a thread) or async.  Its result must be
+        ``fn`` may be sync (run in one of flowkeeper's step threads) or async.  Its result must be
         JSON-serialisable or a pydantic model; it is returned as the function's
         return annotation describes, on the first execution and on every replay.
         A failure is retried with ``retry`` (default: the workflow's policy, else

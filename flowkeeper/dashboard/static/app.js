@@ -574,7 +574,7 @@
     }
 
     async function cancelRun() {
-      const answer = await confirmAction("Cancel this run?", "Nothing after the step that is executing right now runs; a cancelled run can be resumed later.", "Cancel run");
+      const answer = await confirmAction("Cancel this run?", "A step executing right now is stopped (an async step is cancelled, a sync one is waited for) and nothing after it runs; a cancelled run can be replayed once it has stopped.", "Cancel run");
       if (!answer) return;
       if (await act(`/api/runs/${run.id}/cancel`, { reason: answer.reason })) refresh();
     }
