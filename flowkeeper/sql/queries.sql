@@ -314,6 +314,15 @@ WITH r AS (
     DELETE FROM {schema}.steps s USING r
     WHERE s.run_id = r.id AND s.position >= $2
     RETURNING s.key, s.position
+), w AS (
+    -- The waits among the forgotten steps are forgotten with them (they will be
+    -- registered again, and may look back to the same event); cancel_on rules
+    -- are armed again for the replayed run.
+    DELETE FROM {schema}.waits x USING d, r
+    WHERE x.run_id = r.id AND x.key = d.key
+), c AS (
+    UPDATE {schema}.waits x SET resolved_at = NULL, resolved_event = NULL, outcome = NULL
+    FROM r WHERE x.run_id = r.id AND x.kind = 'cancel'
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, step_key, detail)
     SELECT r.id, $3, $7,

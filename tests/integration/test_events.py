@@ -469,3 +469,36 @@ async def test_old_events_are_pruned_once_no_live_run_can_match_them(
     await fk.advance(handle.run_id)  # wakes, and its wait finds the 31-day-old event
     assert (await fk.get_run(handle.run_id)).output == {"n": 2}
     assert await fk.prune_events() == 1  # no live run is left that could match it
+
+
+async def test_replaying_a_run_from_its_wait_waits_again_and_looks_back(fk: FlowKeeper) -> None:
+    @fk.workflow("replayable")
+    async def replayable(ctx: Context) -> Any:
+        got = await ctx.wait_for_event("w", event="go", match={"k": 1})
+        return await ctx.step("after", lambda: got)
+
+    async with serve(fk):
+        handle = await fk.trigger("replayable")
+        await wait_for(lambda: _is(fk, handle.run_id, "waiting"))
+        await fk.send_event("go", {"k": 1, "n": "first"})
+        assert await fk.result(handle.run_id, timeout=10) == {"k": 1, "n": "first"}
+        await fk.replay(handle.run_id, from_step="w")
+        # The wait is registered again; the event sent since the run started satisfies it.
+        assert await fk.result(handle.run_id, timeout=10) == {"k": 1, "n": "first"}
+    info = await fk.get_run(handle.run_id)
+    assert [s.key for s in info.steps] == ["w", "after"]
+
+
+async def test_a_replayed_run_can_be_cancelled_by_its_rule_again(fk: FlowKeeper) -> None:
+    @fk.workflow("drip3", cancel_on=[CancelOn("stop3", match={"u": "input.u"})])
+    async def drip3(ctx: Context, data: dict[str, Any]) -> None:
+        await ctx.step("one", lambda: 1)
+        await ctx.sleep("long", timedelta(days=1))
+
+    async with serve(fk):
+        handle = await fk.trigger("drip3", {"u": 9})
+        await wait_for(lambda: _is(fk, handle.run_id, "sleeping"))
+        assert (await fk.send_event("stop3", {"u": 9})).cancelled == [handle.run_id]
+        await fk.replay(handle.run_id)
+        await wait_for(lambda: _is(fk, handle.run_id, "sleeping"))
+        assert (await fk.send_event("stop3", {"u": 9})).cancelled == [handle.run_id]
