@@ -502,3 +502,28 @@ async def test_a_replayed_run_can_be_cancelled_by_its_rule_again(fk: FlowKeeper)
         await fk.replay(handle.run_id)
         await wait_for(lambda: _is(fk, handle.run_id, "sleeping"))
         assert (await fk.send_event("stop3", {"u": 9})).cancelled == [handle.run_id]
+
+
+async def test_one_event_wakes_its_own_run_among_10000_waiting(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The issue's scale: 10,000 waiting runs (one suspended for real, cloned in SQL)."""
+    from bench.events import EVENT, fill_waiting, in_process
+
+    await fill_waiting(database_url, 10_000)
+    fk = in_process(database_url)
+    try:
+        sent = await fk.send_event(EVENT, {"n": 7777})
+        assert len(sent.woken) == 1
+        woken = await conn.fetchval(
+            "SELECT (input::text)::int FROM flowkeeper.runs WHERE id = $1", sent.woken[0]
+        )
+        assert woken == 7777
+        still = await conn.fetchval(
+            "SELECT count(*) FROM flowkeeper.waits WHERE resolved_at IS NULL AND event_name = $1",
+            EVENT,
+        )
+        assert still == 9_999
+        assert (await fk.send_event(EVENT, {"n": 10_001})).woken == []
+    finally:
+        await fk.aclose()
