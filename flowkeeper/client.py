@@ -216,7 +216,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.engine.events = self.events
         self.engine.tokens = self.tokens
         self.stream_tokens = StreamTokens(keys)
-        self._pruned_at = float("-inf")
+        self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (
             dashboard_password
@@ -449,17 +449,16 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 "tick() needs the endpoint URL to invoke: pass endpoint=... or set "
                 "FLOWKEEPER_ENDPOINT."
             )
-        scheduler = Scheduler(
-            self.store, self.dispatcher, dispatch_lease=self.dispatch_lease, alerts=self.alerts
-        )
-        result = await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
-        if time.monotonic() - self._pruned_at > 300:  # events past their retention
-            self._pruned_at = time.monotonic()
-            try:
-                await self.prune_events()
-            except Exception as exc:  # never the tick's failure
-                logger.warning("pruning old events failed: %s", exc)
-        return result
+        scheduler = self._scheduler
+        if scheduler is None or scheduler.dispatcher is not self.dispatcher:
+            scheduler = self._scheduler = Scheduler(
+                self.store,
+                self.dispatcher,
+                dispatch_lease=self.dispatch_lease,
+                alerts=self.alerts,
+                event_retention=self.event_retention,
+            )
+        return await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
 
     # reading ---------------------------------------------------------------------
     async def get_run(self, run_id: str) -> RunInfo:

@@ -34,6 +34,7 @@ import contextlib
 import logging
 import math
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,10 +87,15 @@ class Scheduler:
         concurrency: int = 32,
         breaker: int | None = None,
         alerts: AlertSender | None = None,
+        event_retention: timedelta | None = timedelta(days=7),
     ) -> None:
         if batch_size < 1 or concurrency < 1:
             raise ConfigurationError("batch_size and concurrency must be at least 1")
         self.store = store
+        # Events past their retention are pruned by the ticks (flowkeeper.events),
+        # at most every PRUNE_EVERY seconds per scheduler; None: never.
+        self.event_retention = event_retention
+        self._pruned_at = -math.inf
         self.dispatcher = dispatcher
         self.dispatch_lease = dispatch_lease
         self.batch_size = batch_size
@@ -174,11 +180,30 @@ class Scheduler:
             )
         if self.alerts is not None:  # failure alerts left undelivered (flowkeeper.alerts)
             await self.alerts.deliver_due()
+        await self._prune()
         if claimed:
             logger.info("tick: claimed %d, dispatched %d, failed %d", claimed, dispatched, failed)
         return TickResult(
             claimed=claimed, dispatched=dispatched, failed=failed, errors=dict(errors)
         )
+
+    PRUNE_EVERY = 300.0
+
+    async def _prune(self) -> None:
+        """Delete a batch of events no live run can still match (never the tick's failure)."""
+        if self.event_retention is None:
+            return
+        now = time.monotonic()
+        if now - self._pruned_at < self.PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        try:
+            pruned = await self.store.prune_events(self.event_retention)
+        except Exception as exc:
+            logger.warning("tick: pruning old events failed: %s", exc)
+            return
+        if pruned:
+            logger.info("tick: pruned %d event(s) past their retention", pruned)
 
     async def _dispatch(self, claim: _Claim) -> tuple[_Claim, Delivery]:
         try:
@@ -267,6 +292,7 @@ class SchedulerLoop:
             batch_size=batch_size,
             concurrency=concurrency,
             alerts=fk.alerts,
+            event_retention=fk.event_retention,
         )
         self.max_idle = max_idle
         self.poll_interval = poll_interval

@@ -53,6 +53,7 @@ async def run(args: argparse.Namespace) -> int:
         dispatch_lease=fk.dispatch_lease,
         batch_size=args.batch_size,
         concurrency=args.concurrency,
+        event_retention=fk.event_retention,
     )
     endpoint = fk.dispatcher.endpoint
     try:

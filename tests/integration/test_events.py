@@ -527,3 +527,11 @@ async def test_one_event_wakes_its_own_run_among_10000_waiting(
         assert (await fk.send_event(EVENT, {"n": 10_001})).woken == []
     finally:
         await fk.aclose()
+
+
+async def test_ticks_prune_old_events(fk: FlowKeeper, conn: asyncpg.Connection) -> None:
+    clock = await FakeClock(conn).install()
+    await fk.send_event("stale", {})
+    await clock.advance(timedelta(days=8))
+    await fk.tick()  # the first tick of a process prunes (then at most every 5 minutes)
+    assert await fk.list_events(name="stale") == []
