@@ -364,6 +364,7 @@ class Execution:
         # The sync step thread started last: if the host cancels this invocation
         # while it runs, the lease is kept alive until it returns (see run()).
         self._thread: asyncio.Future[Any] | None = None
+        self._writing = asyncio.Lock()
 
     # clock ---------------------------------------------------------------
     def db_time(self) -> datetime:
@@ -429,13 +430,17 @@ class Execution:
         a value Postgres refuses for good fails the run with that message
         instead, so the same write is never attempted again and again.
         """
-        try:
-            await self._publisher.flush()  # a step's messages are stored before its result
-            return await self.store.commit(self.run_id, self.token, status=status, **fields)
-        except DatabaseRefusedError as exc:
-            raise await self._refused(exc) from exc
-        except DatabaseError as exc:
-            raise _Abort(exc) from exc
+        # One write at a time, in the order they were asked for: the final write of
+        # a run whose asyncio.gather was refused must not overtake the flush a
+        # sibling started just before (whose records it would then leave out).
+        async with self._writing:
+            try:
+                await self._publisher.flush()  # a step's messages are stored before its result
+                return await self.store.commit(self.run_id, self.token, status=status, **fields)
+            except DatabaseRefusedError as exc:
+                raise await self._refused(exc) from exc
+            except DatabaseError as exc:
+                raise _Abort(exc) from exc
 
     async def _refused(self, exc: DatabaseRefusedError) -> _Suspend:
         logger.error("run %s: %s; the run fails with this error", self.run_id, exc)
