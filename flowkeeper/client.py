@@ -39,6 +39,7 @@ from .models import (
     TickResult,
 )
 from .operations import RunOperations
+from .outbox import transaction_ended
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .scheduler import Scheduler
 from .serialization import json_or_none
@@ -384,13 +385,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
     async def _push_after_commit(self, connection: asyncpg.Connection, run_id: str) -> None:
         """Push an outbox-triggered run once the caller's transaction is over."""
         assert self.dispatcher is not None
-        give_up = time.monotonic() + 600
-        pause = 0.002
-        while connection.is_in_transaction() and not connection.is_closed():
-            if time.monotonic() > give_up:
-                return  # still due: the scheduler will pick it up
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        if not await transaction_ended(connection):
+            return  # still due: the scheduler will pick it up
         # Rolled back: the endpoint answers 404 for the unknown run, which is fine.
         delivery = await self.dispatcher.invoke(run_id, None)
         if not delivery.delivered:

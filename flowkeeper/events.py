@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from .errors import InvalidEventError, StepUsageError
+from .ids import new_run_id
 from .names import name_problem, shown
+from .outbox import transaction_ended
 from .serialization import dumps
 
 if TYPE_CHECKING:
@@ -312,8 +314,6 @@ class EventBus:
                 cancelled.append(rid)
         started: list[str] = []
         for wf, input_json in inputs:
-            from .ids import new_run_id
-
             token = uuid.uuid4() if lease is not None else None
             rid, created = await self.store.insert_run(
                 run_id=new_run_id(),
@@ -348,16 +348,8 @@ class EventBus:
         self, connection: asyncpg.Connection, pushes: list[tuple[str, uuid.UUID]]
     ) -> None:
         """Outbox: push the woken runs once the caller's transaction is over."""
-        import asyncio
-        import time
-
-        give_up = time.monotonic() + 600
-        pause = 0.002
-        while connection.is_in_transaction() and not connection.is_closed():
-            if time.monotonic() > give_up:
-                return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.05)
+        if not await transaction_ended(connection):
+            return  # they are due: the scheduler will find them
         for rid, token in pushes:
             # Rolled back: the run was never woken; its lease token matches
             # nothing and the push is refused, which is fine.
