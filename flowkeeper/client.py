@@ -117,6 +117,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
 
     Sync step functions run in threads of flowkeeper's own, at most
     ``max_step_threads`` at once per process (see :mod:`flowkeeper.executor`).
+    ``max_parallel_steps`` (16) bounds how many step bodies of one run execute
+    at once in one invocation (branches of ``asyncio.gather`` / ``ctx.map``).
 
     ``unknown_workflow_grace`` (a day by default): an invocation of a run whose
     workflow this process does not know (an instance still on older code during
@@ -152,6 +154,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         dashboard_session_ttl: float | timedelta = timedelta(hours=12),
         alert_webhook: str | None = None,
         max_step_threads: int = 32,
+        max_parallel_steps: int = 16,
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
@@ -199,6 +202,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             record_step_inputs=record_step_inputs,
             executor=StepExecutor(_positive_int(max_step_threads, "max_step_threads")),
             unknown_workflow_grace=self.unknown_workflow_grace,
+            max_parallel_steps=_positive_int(max_parallel_steps, "max_parallel_steps"),
         )
         self.dispatcher = (
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -89,6 +89,92 @@ class Context:
         is numbered automatically (``name``, ``name#2``...).
         """
         return await self._exec.step(name, fn, args, kwargs, retry=retry, timeout=timeout)
+
+    async def parallel(
+        self,
+        *branches: Awaitable[Any] | Callable[[], Awaitable[Any]],
+        max_concurrency: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Run branches concurrently; return their results in order.
+
+        Each branch is an awaitable (``ctx.step("a", fa)``) or a function
+        returning one (``lambda: ship(ctx, order)``, a branch of several ctx
+        calls).  At most ``max_concurrency`` run at a time.  When one fails, no
+        further branch starts, the running ones finish (their results are
+        recorded), and the lowest-numbered failure is raised; with
+        ``return_exceptions=True`` failures are returned in their place.
+        Names must not repeat across branches (use ``f"name:{i}"``).
+        """
+        from .parallel import run_branches
+
+        return await run_branches(
+            self._exec,
+            list(branches),
+            max_concurrency=max_concurrency,
+            return_exceptions=return_exceptions,
+            what="ctx.parallel(...)",
+        )
+
+    @overload
+    async def map(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        items: Iterable[Any],
+        /,
+        *,
+        max_concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        return_exceptions: bool = False,
+    ) -> list[T]: ...
+
+    @overload
+    async def map(
+        self,
+        name: str,
+        fn: Callable[..., T],
+        items: Iterable[Any],
+        /,
+        *,
+        max_concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        return_exceptions: bool = False,
+    ) -> list[T]: ...
+
+    async def map(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        items: Iterable[Any],
+        /,
+        *,
+        max_concurrency: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Run ``fn(item)`` as a memoized step for each item, concurrently.
+
+        Step ``i`` is keyed ``name[i]``; results come back in the items' order.
+        ``max_concurrency`` bounds this map (the process-wide bound is
+        ``FlowKeeper(max_parallel_steps=...)``); ``retry`` and ``timeout`` apply
+        to each item's step.  Failures behave as in :meth:`parallel`.
+        """
+        from .parallel import map_steps
+
+        return await map_steps(
+            self._exec,
+            name,
+            fn,
+            items,
+            max_concurrency=max_concurrency,
+            retry=retry,
+            timeout=timeout,
+            return_exceptions=return_exceptions,
+        )
 
     async def sleep(self, name: str, duration: timedelta | float) -> None:
         """Pause the run durably for ``duration`` (a timedelta, or seconds).

@@ -22,11 +22,12 @@ import enum
 import functools
 import inspect
 import logging
+import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -107,6 +108,52 @@ class ClaimRefused:
     run_id: str
     reason: str  # "not_found" | "finished" | "leased" | "not_due"
     status: str | None
+
+
+@dataclass(slots=True)
+class _Region:
+    """The concurrent branches alive now (see Execution, "branches")."""
+
+    start: int  # the first position the region's calls take
+    lost: int  # attempts lost with an earlier invocation, charged to each new step
+    next_free: int = 0
+    owners: dict[str, asyncio.Task[Any] | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Park:
+    """A branch waiting: for a retry's backoff, a sleep, or the run's hand-off."""
+
+    kind: str  # "retry" | "sleep" | "handoff"
+    due: datetime | None
+    woken: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """A branch's step attempt failed and is retried at ``due``."""
+
+    due: datetime
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+# The step whose body runs in this context: (execution, key, attempt).  Sync
+# bodies run in a copy of the context, so a ctx call or a publish from the
+# step's thread sees it too.
+_STEP: contextvars.ContextVar[tuple[Execution, str, int] | None] = contextvars.ContextVar(
+    "flowkeeper_step", default=None
+)
+
+
+def _step_now(execution: Execution) -> tuple[str, int] | None:
+    step = _STEP.get()
+    if step is None or step[0] is not execution:
+        return None
+    return step[1], step[2]
 
 
 class _Suspend(BaseException):
@@ -200,6 +247,7 @@ class Engine:
         record_step_inputs: bool = True,
         executor: StepExecutor | None = None,
         unknown_workflow_grace: timedelta = timedelta(days=1),
+        max_parallel_steps: int = 16,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -214,6 +262,9 @@ class Engine:
         self.events: EventBus | None = None
         self.tokens: TokenSigner | None = None
         self.unknown_workflow_grace = unknown_workflow_grace
+        # How many step bodies of one run may execute at once in one invocation
+        # (branches of asyncio.gather / ctx.map beyond it wait for a slot).
+        self.max_parallel_steps = max_parallel_steps
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
         """Take the run's lease, or say why not."""
@@ -337,21 +388,40 @@ class Execution:
         self.deadline = deadline
         self._t0 = time.monotonic()
         self._history = claimed.history
+        # History is looked up by position while the workflow runs one ctx call
+        # after another (a renamed or moved step is a determinism error), and by
+        # key inside concurrent branches, whose calls may come in any order.
+        self._by_position = {entry.position: entry for entry in claimed.history}
+        self._by_key = {entry.key: entry for entry in claimed.history}
+        self._reached: set[str] = set()  # keys of the history entries replayed so far
         self._position = 0
         self._occurrences: dict[str, int] = {}
         self._pending_steps: list[StepRecord] = []
         self._pending_events: list[EventRecord] = []
         self._executed = 0
-        # The ctx operation in progress: taken before any await, so a second
-        # concurrent ctx call (asyncio.gather) is refused before any body starts.
-        self._busy: str | None = None
+        # Parallel branches (asyncio.gather, ctx.parallel, ctx.map): see "branches" below.
+        self._branches: set[asyncio.Task[Any]] = set()
+        self._region: _Region | None = None
+        self._active = 0  # ctx operations in progress and not parked
+        self._parked: dict[str, _Park] = {}
+        self._idle: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(engine.max_parallel_steps)
+        self._bodies: set[asyncio.Task[Any]] = set()  # tasks running a step body now
+        self._body_ended = asyncio.Event()
+        self._ending: asyncio.Future[SegmentResult] | None = None
+        # Set once the segment's outcome is known (a suspension written, the
+        # lease lost...): every later ctx call ends the same way, so a branch
+        # that swallowed the suspension (gather(return_exceptions=True)) cannot
+        # go on, and the workflow's return value is not taken for a completion.
+        self._ended: SegmentResult | None = None
+        self._closed = False  # the workflow function has returned: ctx calls are refused
+        self._loop_thread = threading.get_ident()
         self._lease_lost = False
         self._broken: WorkflowError | None = None
         # Attempts that died with earlier invocations, charged to the frontier step.
         self._lost_attempts = claimed.lost_attempts
         self._cancelled = False  # the run was cancelled under this invocation
-        self._interrupted: str | None = None  # why this invocation cancelled its own task
-        self._in_body = False  # a step body is running now
+        self._interrupted: str | None = None  # why this invocation cancelled its step bodies
         self._task: asyncio.Task[Any] | None = None
         # The run's stream (flowkeeper.streams) and the step attempt running now.
         self._publisher = Publisher(
@@ -360,10 +430,9 @@ class Execution:
             max_messages=engine.stream_max_messages,
             max_bytes=engine.stream_max_bytes,
         )
-        self._step_now: tuple[str, int] | None = None
-        # The sync step thread started last: if the host cancels this invocation
-        # while it runs, the lease is kept alive until it returns (see run()).
-        self._thread: asyncio.Future[Any] | None = None
+        # The sync step threads running now: if the host cancels this invocation
+        # while one runs, the lease is kept alive until it returns (see run()).
+        self._threads: set[asyncio.Future[Any]] = set()
         self._writing = asyncio.Lock()
 
     # clock ---------------------------------------------------------------
@@ -383,9 +452,15 @@ class Execution:
             raise abort.error from abort.error.__cause__
         finally:
             heartbeat.cancel()
+            self._closed = True
+            for task in self._branches:  # a branch still alive here has lost its run
+                task.cancel()
+            if self._idle is not None:
+                self._idle.cancel()
             await self._publisher.close()
-            if self._thread is not None and not self._thread.done():
-                self._hold_until_thread_ends(self._thread)
+            for thread in self._threads:
+                if not thread.done():
+                    self._hold_until_thread_ends(thread)
 
     def _hold_until_thread_ends(self, thread: asyncio.Future[Any]) -> None:
         """The invocation ends (cancelled by its host) while a sync step's thread runs on.
@@ -416,8 +491,8 @@ class Execution:
     # the run's stream -------------------------------------------------------------------------
     def publish(self, topic: str, data: Any) -> None:
         """Queue a message on the run's stream (thread-safe: sync steps call it too)."""
-        step = self._step_now
-        if step is None and self._position < len(self._history):
+        step = _step_now(self)
+        if step is None and len(self._reached) < len(self._history):
             # The workflow function is replaying recorded history: it was sent then.
             check_topic(topic)
             return
@@ -434,13 +509,17 @@ class Execution:
         # a run whose asyncio.gather was refused must not overtake the flush a
         # sibling started just before (whose records it would then leave out).
         async with self._writing:
-            try:
-                await self._publisher.flush()  # a step's messages are stored before its result
-                return await self.store.commit(self.run_id, self.token, status=status, **fields)
-            except DatabaseRefusedError as exc:
-                raise await self._refused(exc) from exc
-            except DatabaseError as exc:
-                raise _Abort(exc) from exc
+            return await self._commit(status, **fields)
+
+    async def _commit(self, status: str, **fields: Any) -> datetime | bool | None:
+        """One write, with ``self._writing`` held."""
+        try:
+            await self._publisher.flush()  # a step's messages are stored before its result
+            return await self.store.commit(self.run_id, self.token, status=status, **fields)
+        except DatabaseRefusedError as exc:
+            raise await self._refused(exc) from exc
+        except DatabaseError as exc:
+            raise _Abort(exc) from exc
 
     async def _refused(self, exc: DatabaseRefusedError) -> _Suspend:
         logger.error("run %s: %s; the run fails with this error", self.run_id, exc)
@@ -454,7 +533,8 @@ class Execution:
             raise _Abort(lost) from lost
         if ok is False:
             return _Suspend(await self._lost())
-        return _Suspend(SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error))
+        self._ended = SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
+        return _Suspend(self._ended)
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.engine.lease.total_seconds() / 3)
@@ -482,10 +562,15 @@ class Execution:
                 self._interrupt("cancelled")
 
     def _interrupt(self, reason: str) -> None:
-        """Cancel the step body running now, if any (a sync one is waited for)."""
-        if self._in_body and self._interrupted is None and self._task is not None:
+        """Cancel the step bodies running now, if any (a sync one is waited for).
+
+        The reason is kept (never reset): every branch whose body is stopped
+        reads it, and the invocation ends after an interruption.
+        """
+        if self._bodies and self._interrupted is None:
             self._interrupted = reason
-            self._task.cancel()
+            for task in list(self._bodies):
+                task.cancel()
 
     async def _run(self) -> SegmentResult:
         ctx = Context(self)
@@ -504,8 +589,12 @@ class Execution:
                 await self._register_cancel_rules(args[1] if len(args) > 1 else None)
             value = await self.workflow.fn(*args)
         except _Suspend as suspend:
+            await self._settle()
             return suspend.result
         except StepFailedError as exc:
+            await self._settle()
+            if self._ended is not None:
+                return self._ended
             if self._broken is not None:
                 return await self._finish_failed(self._broken)
             error = {
@@ -517,11 +606,18 @@ class Execution:
             }
             return await self._finish_failed(exc, error=error)
         except Exception as exc:
+            await self._settle()
+            if self._ended is not None:
+                return self._ended
             return await self._finish_failed(self._broken or exc)
+        await self._settle()
+        if self._ended is not None:  # a suspension swallowed by the workflow (see _ended)
+            return self._ended
         if self._broken is not None:
             return await self._finish_failed(self._broken)
-        if self._position < len(self._history):
-            entry = self._history[self._position]
+        unreached = [e for e in self._history if e.key not in self._reached]
+        if unreached:
+            entry = unreached[0]
             return await self._finish_failed(
                 DeterminismError(
                     f"Run {self.run_id}: the workflow returned, but its history records "
@@ -559,8 +655,37 @@ class Execution:
             return await self._lost()
         return SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
 
+    async def _end_once(self, reason: str, end: Callable[[], Any]) -> SegmentResult:
+        """Let go of the run once, whichever branch finds out first.
+
+        The other branches' step bodies are stopped (a sync one is waited for)
+        before the run is let go of, so that no replay can start a step while
+        one of this invocation's bodies still runs; those branches then end
+        with the same result.
+        """
+        if self._ending is not None:
+            return await asyncio.shield(self._ending)
+        ending = self._ending = asyncio.get_running_loop().create_future()
+        try:
+            current = asyncio.current_task()
+            self._interrupt(reason)
+            while any(t is not current for t in self._bodies):
+                self._body_ended.clear()
+                await self._body_ended.wait()
+            result: SegmentResult = await end()
+        except BaseException as exc:
+            ending.set_exception(exc)
+            ending.exception()  # retrieved: the branches that wait for it re-raise it
+            raise
+        self._ended = result
+        ending.set_result(result)
+        return result
+
     async def _lost(self) -> SegmentResult:
         """A write was refused: the run was cancelled meanwhile, or another invocation has it."""
+        return await self._end_once("lease_lost", self._lost_now)
+
+    async def _lost_now(self) -> SegmentResult:
         with contextlib.suppress(DatabaseError, DatabaseRefusedError):
             if await self.store.release_stopped(
                 self.run_id, self.token, {"how": "stopped before its next write"}
@@ -576,6 +701,11 @@ class Execution:
 
     async def _stopped(self, key: str | None, attempt: int, how: str = "") -> SegmentResult:
         """The run was cancelled under this invocation, which has now stopped: let go of it."""
+        return await self._end_once(
+            "cancelled", functools.partial(self._stopped_now, key, attempt, how)
+        )
+
+    async def _stopped_now(self, key: str | None, attempt: int, how: str) -> SegmentResult:
         detail: dict[str, Any] = {"how": how or "stopped between steps"}
         if key is not None:
             detail.update(step=key, attempt=attempt)
@@ -619,16 +749,15 @@ class Execution:
         if result is False:
             return _Suspend(await self._lost())
         due = result if isinstance(result, datetime) else None
-        return _Suspend(
-            SegmentResult(
-                self.run_id,
-                outcome,
-                self._executed,
-                due_at=due,
-                handoff_token=new_token,
-                error=error,
-            )
+        self._ended = SegmentResult(
+            self.run_id,
+            outcome,
+            self._executed,
+            due_at=due,
+            handoff_token=new_token,
+            error=error,
         )
+        return _Suspend(self._ended)
 
     # history -------------------------------------------------------------
     def _check_name(self, name: str, kind: str) -> None:
@@ -644,37 +773,257 @@ class Execution:
             )
 
     def _next(self, name: str, kind: str) -> tuple[str, int, HistoryEntry | None]:
-        """Take the next position in the history for a ctx operation (and the busy slot)."""
+        """Take the next position in the history for a ctx operation.
+
+        Every ctx operation calls this before its first await, and marks its
+        end with ``self._busy = None`` (the operation counter, see below).
+        """
+        task = self._caller(name, kind)
+        self._check_name(name, kind)
+        concurrent = self._concurrent(task)
+        count = self._occurrences.get(name, 0) + 1
+        key = name if count == 1 else f"{name}#{count}"
+        if concurrent:
+            key, position, entry = self._next_in_branch(task, name, kind, key)
+        else:
+            position = self._position
+            entry = self._by_position.get(position)
+            if entry is not None and (entry.key != key or entry.kind != kind):
+                raise self._break(
+                    DeterminismError(
+                        f"Run {self.run_id}: at position {position} the workflow now calls "
+                        f"{kind} {key!r}, but the recorded history has {entry.kind} "
+                        f"{entry.key!r} there (a recorded step was renamed, removed or "
+                        "moved). Nothing recorded was run again. Restore the previous order "
+                        "of steps, or let this run fail and trigger a new one.",
+                        step=key,
+                        position=position,
+                    )
+                )
+        self._occurrences[name] = count
+        self._position += 1
+        if entry is not None:
+            self._reached.add(entry.key)
+        self._active += 1
+        return key, position, entry
+
+    def _break(self, error: WorkflowError) -> WorkflowError:
+        """The workflow misuses ctx or no longer matches its history: the run fails with it."""
+        self._broken = error
+        return error
+
+    def _caller(self, name: str, kind: str) -> asyncio.Task[Any] | None:
+        """Refuse a ctx call from where it cannot be recorded deterministically."""
+        if self._ended is not None:
+            raise _Suspend(self._ended)
         if self._broken is not None:
             raise self._broken
-        if self._busy is not None:
-            self._broken = StepUsageError(
-                f"Run {self.run_id}: {kind} {name!r} was called while {self._busy!r} is still "
-                "in progress (two ctx calls at once, e.g. in asyncio.gather, or a ctx call "
-                "inside a step function). Await each ctx call before starting the next: "
-                "flowkeeper records steps one after another."
+        if threading.get_ident() != self._loop_thread:
+            raise self._break(
+                StepUsageError(
+                    f"Run {self.run_id}: {kind} {name!r} was called from another thread (a "
+                    "sync step function, or a thread it started). ctx calls belong in the "
+                    "workflow function itself: return what the step computed and call "
+                    "ctx there."
+                )
             )
-            raise self._broken
-        self._check_name(name, kind)
-        count = self._occurrences.get(name, 0) + 1
-        self._occurrences[name] = count
-        key = name if count == 1 else f"{name}#{count}"
-        position = self._position
-        self._position += 1
-        entry = self._history[position] if position < len(self._history) else None
-        if entry is not None and (entry.key != key or entry.kind != kind):
-            self._broken = DeterminismError(
-                f"Run {self.run_id}: at position {position} the workflow now calls {kind} "
-                f"{key!r}, but the recorded history has {entry.kind} {entry.key!r} there "
-                "(a recorded step was renamed, removed or moved). Nothing recorded was run "
-                "again. Restore the previous order of steps, or let this run fail and trigger "
-                "a new one.",
-                step=key,
-                position=position,
+        inside = _STEP.get()
+        if inside is not None:
+            raise self._break(
+                StepUsageError(
+                    f"Run {self.run_id}: {kind} {name!r} was called inside the step "
+                    f"{inside[1]!r} (a ctx call inside a step function). Step "
+                    "functions do the work; ctx calls belong in the workflow function."
+                )
             )
-            raise self._broken
-        self._busy = key
-        return key, position, entry
+        if self._closed:
+            logger.error(
+                "run %s: %s %r was called after the workflow function returned", self.run_id,
+                kind, name,
+            )  # fmt: skip
+            raise StepUsageError(
+                f"Run {self.run_id}: {kind} {name!r} was called after the workflow function "
+                "returned (from a task it started and did not await). Await every branch, "
+                "e.g. with asyncio.gather or ctx.parallel, before the workflow returns."
+            )
+        return asyncio.current_task()
+
+    # branches (asyncio.gather, ctx.parallel, ctx.map) ------------------------------------
+    #
+    # A ctx call made from a task other than the workflow function's own, or
+    # while such a task is alive, is in a *region* of concurrent branches.
+    # There the order of calls depends on which branch finishes first, so:
+    # - history is matched by key, not position (positions only order the
+    #   timeline; a region fills the position range its calls take);
+    # - a name repeated in two branches is refused (its occurrence numbers
+    #   would depend on timing), so are waits for events and tokens;
+    # - results are written as soon as they arrive (not deferred to the next
+    #   step), so a crash re-runs only the unfinished branches;
+    # - a branch that must wait (a retry's backoff, ctx.sleep, the time budget)
+    #   *parks*; when every operation in flight is parked, the run suspends
+    #   until the earliest due time (_suspend_when_idle);
+    # - a lost invocation is charged as one attempt to every step of the
+    #   region that starts after it (which of them were in flight is unknown).
+    @property
+    def _busy(self) -> None:
+        """Kept for the ctx operations' ``finally: self._busy = None`` (the operation ended)."""
+        return None
+
+    @_busy.setter
+    def _busy(self, value: None) -> None:
+        self._active -= 1
+        self._check_idle()
+
+    def _concurrent(self, task: asyncio.Task[Any] | None) -> bool:
+        if task is not None and task is not self._task and task not in self._branches:
+            self._adopt(task)
+        concurrent = bool(self._branches)
+        if concurrent and self._region is None:
+            self._region = _Region(start=self._position, lost=0)
+        return concurrent
+
+    def _adopt(self, task: asyncio.Task[Any]) -> None:
+        """Count ``task`` as a branch of the workflow until it ends."""
+        self._branches.add(task)
+        task.add_done_callback(self._branch_done)
+
+    def _branch_done(self, task: asyncio.Task[Any]) -> None:
+        self._branches.discard(task)
+        if not self._branches:
+            self._region = None  # the next call, if sequential, is checked by position again
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Start a branch of the workflow (ctx.parallel, ctx.map)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._adopt(task)
+        return task
+
+    async def _park(self, key: str, kind: str, due: datetime | None) -> None:
+        """Wait in this branch until ``due`` (None: until the run suspends).
+
+        Returns when the due time has come while other branches still work;
+        raises the run's suspension when every operation in flight is parked.
+        """
+        loop = asyncio.get_running_loop()
+        park = _Park(kind, due, loop.create_future())
+        self._parked[key] = park
+        self._active -= 1
+        timer = None
+        if due is not None:
+            delay = max(0.0, (due - self.db_time()).total_seconds())
+            timer = loop.call_later(delay, _wake, park.woken)
+        self._check_idle()
+        try:
+            await park.woken
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._parked.pop(key, None)
+            self._active += 1
+
+    def _check_idle(self) -> None:
+        if self._parked and self._active <= 0 and self._idle is None and self._ended is None:
+            self._idle = asyncio.get_running_loop().create_task(self._suspend_when_idle())
+
+    async def _suspend_when_idle(self) -> None:
+        """Every operation in flight is parked: suspend the run until the earliest due time."""
+        try:
+            # A branch whose operation just ended calls its next one without
+            # awaiting anything in between: give it the chance first.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            parks = list(self._parked.values())
+            if self._active > 0 or not parks or any(p.woken.done() for p in parks):
+                return
+            suspension: BaseException
+            try:
+                suspension = await self._suspend_parked(parks)
+            except (_Suspend, _Abort) as exc:
+                suspension = exc
+            for park in list(self._parked.values()):
+                if not park.woken.done():
+                    park.woken.set_exception(suspension)
+        finally:
+            self._idle = None
+
+    async def _suspend_parked(self, parks: list[_Park]) -> _Suspend:
+        if any(p.kind == "handoff" for p in parks):
+            return await self._suspend(
+                Outcome.HANDOFF,
+                status="running",
+                new_token=uuid.uuid4(),
+                due_in=self.engine.dispatch_lease,
+            )
+        due = min(p.due for p in parks if p.due is not None)
+        retrying = any(p.kind == "retry" and p.due == due for p in parks)
+        return await self._suspend(
+            Outcome.RETRYING if retrying else Outcome.SLEEPING,
+            status="retrying" if retrying else "sleeping",
+            due_at=due,
+        )
+
+    async def _settle(self) -> None:
+        """The workflow function has ended: stop the branches it left running.
+
+        (asyncio.gather lets the other branches run on after one fails.)  Their
+        step bodies are cancelled, a sync one is waited for, and what they
+        finished is in the run's next write.
+        """
+        self._closed = True
+        current = asyncio.current_task()
+        left = [t for t in self._branches if t is not current and not t.done()]
+        if not left:
+            return
+        if self._interrupted is None:
+            self._interrupted = "settle"
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left)
+        for task in left:  # retrieved, so asyncio does not log them as lost
+            if not task.cancelled():
+                task.exception()
+
+    def _next_in_branch(
+        self, task: asyncio.Task[Any] | None, name: str, kind: str, key: str
+    ) -> tuple[str, int, HistoryEntry | None]:
+        region = self._region
+        assert region is not None
+        owner = region.owners.setdefault(name, task)
+        if owner is not task:
+            raise self._break(
+                StepUsageError(
+                    f"Run {self.run_id}: {kind} {name!r} is called by two concurrent branches; "
+                    "which one gets which occurrence number would depend on which finishes "
+                    f"first. Give each branch its own name (e.g. f'{name}:{{i}}'), or use "
+                    f"ctx.map({name!r}, fn, items), which keys each item by its index."
+                )
+            )
+        if kind == "wait":
+            raise self._break(
+                StepUsageError(
+                    f"Run {self.run_id}: wait {name!r} is inside concurrent branches "
+                    "(asyncio.gather, ctx.parallel or ctx.map). Waiting for an event or a "
+                    "token suspends the whole run; await it before or after the branches."
+                )
+            )
+        entry = self._by_key.get(key)
+        if entry is not None:
+            if entry.kind != kind:
+                raise self._break(
+                    DeterminismError(
+                        f"Run {self.run_id}: the workflow now calls {kind} {key!r}, but the "
+                        f"recorded history has a {entry.kind} of that name. Restore the "
+                        "previous code, or let this run fail and trigger a new one.",
+                        step=key,
+                        position=entry.position,
+                    )
+                )
+            return key, entry.position, entry
+        position = max(region.start, region.next_free)
+        while position in self._by_position:
+            position += 1
+        region.next_free = position + 1
+        return key, position, None
 
     async def _before_new_work(self, *, step_key: str | None = None, step_attempt: int = 0) -> None:
         """Flush deferred records and check the lease, cancellation and the time budget.
@@ -686,6 +1035,13 @@ class Execution:
             raise _Suspend(await self._lost())
         if self._cancelled:
             raise _Suspend(await self._stopped(None, 0))
+        if self._branches:
+            if self._executed > 0 and time.monotonic() >= self.deadline:
+                # Budget used: this branch starts nothing more; once every branch
+                # has stopped, the run is handed on (see _suspend_when_idle).
+                await self._park(step_key or "", "handoff", None)
+            await self._flush()
+            return
         if self._executed > 0 and time.monotonic() >= self.deadline:
             # Budget used: hand the run on with a fresh token for the continuation.
             raise await self._suspend(
@@ -709,6 +1065,24 @@ class Execution:
             )
             if result is False:
                 raise _Suspend(await self._lost())
+
+    async def _flush(self) -> None:
+        """Write the records not written yet now, keeping the lease (branches' results).
+
+        Branches finishing together share a write: one that finds another in
+        progress waits for it and then writes whatever is still pending.
+        """
+        if not (self._pending_steps or self._pending_events):
+            return
+        async with self._writing:
+            steps, events = self._take_pending()
+            if not (steps or events):
+                return
+            result = await self._commit(
+                "running", new_token=self.token, keep_due=True, steps=steps, events=events
+            )
+        if result is False:
+            raise _Suspend(await self._lost())
 
     def _take_pending(self) -> tuple[list[StepRecord], list[EventRecord]]:
         """The records not written yet, handed to one write (never to two at once)."""
@@ -755,23 +1129,34 @@ class Execution:
         timeout: float | timedelta | None,
     ) -> Any:
         hint = serialization.return_hint(fn)
+        policy = retry or self.workflow.retry or self.engine.default_retry
+        prior = self.claimed.step_attempt if self.claimed.step_key == key else 0
         if entry is not None:
             if entry.status == "completed":
                 return serialization.loads(
                     entry.output, hint, entry.output_type, what=f"The result of step {key!r}"
                 )
-            error = entry.error or {}
-            raise StepFailedError(
-                key,
-                str(error.get("type", "Error")),
-                str(error.get("message", "")),
-                error.get("traceback"),
-                entry.attempts,
-            )
+            if entry.status == "retrying":
+                # A parallel branch's step between attempts (migration 0009).
+                prior = entry.attempts
+                await self._retry_due(key, entry.wake_at)
+            else:
+                error = entry.error or {}
+                raise StepFailedError(
+                    key,
+                    str(error.get("type", "Error")),
+                    str(error.get("message", "")),
+                    error.get("traceback"),
+                    entry.attempts,
+                )
 
-        policy = retry or self.workflow.retry or self.engine.default_retry
-        prior = self.claimed.step_attempt if self.claimed.step_key == key else 0
-        lost, self._lost_attempts = self._lost_attempts, 0
+        if self._branches:
+            region = self._region
+            if region is not None and self._lost_attempts:
+                region.lost, self._lost_attempts = self._lost_attempts, 0
+            lost = region.lost if region is not None else 0
+        else:
+            lost, self._lost_attempts = self._lost_attempts, 0
         attempt = prior + lost + 1
         if lost:
             self._charge_lost(key, prior, lost, policy)
@@ -787,30 +1172,98 @@ class Execution:
                     key, position, name, attempt - 1, self.db_time(), exc, args, kwargs,
                     attempt_event=False,
                 )  # fmt: skip
+                await self._flush_if_branch()
                 error = error_info(exc, step=key)
                 error["traceback"] = None
                 raise StepFailedError(key, error["type"], error["message"], None, attempt - 1)
 
+        while True:
+            outcome = await self._attempt(
+                key, position, name, fn, args, kwargs, policy, timeout, attempt, hint
+            )
+            if not isinstance(outcome, _Retry):
+                return outcome
+            # A branch: wait for the backoff here (other branches go on), or
+            # until every branch waits and the run suspends.
+            await self._retry_due(key, outcome.due)
+            attempt += 1
+
+    async def _retry_due(self, key: str, due: datetime | None) -> None:
+        """A step that failed earlier is retried once ``due`` has come."""
+        if due is None or self.db_time() >= due:
+            return
+        if self._branches:
+            await self._park(key, "retry", due)
+            return
+        # Called before its retry was due (a duplicate or early dispatch).
+        raise await self._suspend(Outcome.RETRYING, status="retrying", due_at=due)
+
+    async def _flush_if_branch(self) -> None:
+        """Inside branches, a step's record is written as soon as it is known."""
+        if self._branches:
+            await self._flush()
+
+    async def _attempt(
+        self,
+        key: str,
+        position: int,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: RetryPolicy,
+        timeout: float | timedelta | None,
+        attempt: int,
+        hint: Any,
+    ) -> Any:
+        """One attempt of a step: its value, or a _Retry when a branch must wait to retry."""
         await self._before_new_work(step_key=key, step_attempt=attempt - 1)
-        # Let the siblings of an asyncio.gather make their ctx calls (and be
-        # refused) before this body starts, whatever position the step has.
-        await asyncio.sleep(0)
+        if self._branches:
+            # Let the other branches make their ctx calls (and be refused, if
+            # they misuse ctx) before this body starts.
+            await asyncio.sleep(0)
         if self._broken is not None:
             raise self._broken
         if self._cancelled:
             raise _Suspend(await self._stopped(None, 0))
+        # At most engine.max_parallel_steps bodies run at once in one invocation.
+        waited = self._slots.locked()
+        await self._slots.acquire()
+        if waited and self._branches and time.monotonic() >= self.deadline:
+            # The budget ran out while this branch waited for a slot: it starts
+            # nothing more (a hand-off park only ends with the run's suspension).
+            self._slots.release()
+            await self._park(key, "handoff", None)
+        try:
+            return await self._attempt_body(
+                key, position, name, fn, args, kwargs, policy, timeout, attempt, hint
+            )
+        finally:
+            self._slots.release()
+
+    async def _attempt_body(
+        self,
+        key: str,
+        position: int,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        policy: RetryPolicy,
+        timeout: float | timedelta | None,
+        attempt: int,
+        hint: Any,
+    ) -> Any:
         started = self.db_time()
-        self._step_now = (key, attempt)
         try:
             value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
             output = serialization.dumps(value, what=f"The result of step {key!r}")
             tag = serialization.type_tag(value) if hint is None else None
             restored = serialization.loads(output, hint, tag, what=f"The result of step {key!r}")
         except asyncio.CancelledError:
-            self._step_now = None
-            reason, self._interrupted = self._interrupted, None
-            if reason is None:
-                raise  # the host cancelled this invocation: let it end
+            reason = self._interrupted
+            if reason is None or reason == "settle" or self._ended is not None:
+                raise  # the host cancelled this invocation, or the workflow ended: let it end
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 task.uncancel()
@@ -822,12 +1275,11 @@ class Execution:
             raise _Suspend(await self._lost()) from None
         except SerializationError as exc:
             # Deterministic: retrying would fail the same way.
-            self._step_now = None
             self._executed += 1
             self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            await self._flush_if_branch()
             raise StepFailedError(key, "SerializationError", str(exc), None, attempt) from exc
         except Exception as exc:
-            self._step_now = None
             self._executed += 1
             if policy.should_retry(attempt, exc):
                 delay = policy.next_delay(attempt, exc)
@@ -844,6 +1296,13 @@ class Execution:
                 self._pending_events.append(
                     self._attempt_event(key, attempt, started, error, delay)
                 )
+                if self._branches:
+                    due = self.db_time() + timedelta(seconds=delay)
+                    self._pending_steps.append(
+                        self._retry_record(key, position, name, attempt, started, error, due)
+                    )
+                    await self._flush()
+                    return _Retry(due)
                 raise await self._suspend(
                     Outcome.RETRYING,
                     status="retrying",
@@ -853,11 +1312,11 @@ class Execution:
                     step_attempt=attempt,
                 ) from None
             self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            await self._flush_if_branch()
             error = error_info(exc, step=key)
             raise StepFailedError(
                 key, error["type"], error["message"], error["traceback"], attempt
             ) from exc
-        self._step_now = None
         self._executed += 1
         self._pending_steps.append(
             StepRecord(
@@ -875,7 +1334,35 @@ class Execution:
                 finished_at=self.db_time(),
             )
         )
+        await self._flush_if_branch()
         return restored
+
+    def _retry_record(
+        self,
+        key: str,
+        position: int,
+        name: str,
+        attempt: int,
+        started: datetime,
+        error: dict[str, Any],
+        due: datetime,
+    ) -> StepRecord:
+        """A branch step's retry state: attempts so far, last error, next attempt due."""
+        return StepRecord(
+            key=key,
+            position=position,
+            name=name,
+            kind="step",
+            status="retrying",
+            input=None,
+            output=None,
+            output_type=None,
+            error=error,
+            attempts=attempt,
+            started_at=started,
+            finished_at=self.db_time(),
+            wake_at=due,
+        )
 
     def _charge_lost(self, key: str, prior: int, lost: int, policy: RetryPolicy) -> None:
         """Record each attempt that died with its invocation on the run's history."""
@@ -979,7 +1466,10 @@ class Execution:
         timeout: float | timedelta | None,
     ) -> Any:
         seconds = _seconds(timeout) if timeout is not None else None
-        self._in_body = True
+        task = asyncio.current_task()
+        assert task is not None
+        self._bodies.add(task)
+        marker = _STEP.set((self, key, attempt))
         try:
             if inspect.iscoroutinefunction(fn):
                 return await self._invoke_async(fn, args, kwargs, seconds)
@@ -995,7 +1485,9 @@ class Execution:
                 result = await result
             return result
         finally:
-            self._in_body = False
+            _STEP.reset(marker)
+            self._bodies.discard(task)
+            self._body_ended.set()
 
     @staticmethod
     async def _invoke_async(
@@ -1020,7 +1512,8 @@ class Execution:
     ) -> Any:
         future = self.engine.executor.submit(call)
         wrapped = asyncio.wrap_future(future)
-        self._thread = wrapped
+        self._threads.add(wrapped)
+        wrapped.add_done_callback(self._threads.discard)
         try:
             done, _ = await asyncio.wait({wrapped}, timeout=seconds)
         except asyncio.CancelledError:
@@ -1154,7 +1647,8 @@ class Execution:
 
     def _segment(self, outcome: Outcome, *, due_at: datetime | None = None) -> SegmentResult:
         self._pending_steps, self._pending_events = [], []
-        return SegmentResult(self.run_id, outcome, self._executed, due_at=due_at)
+        self._ended = SegmentResult(self.run_id, outcome, self._executed, due_at=due_at)
+        return self._ended
 
     def _database_failure(self, exc: BaseException) -> BaseException:
         """What a store call that failed inside an operation raises in the workflow."""
@@ -1248,6 +1742,9 @@ class Execution:
         if entry is not None:
             if entry.wake_at is None or self.db_time() >= entry.wake_at:
                 return
+            if self._branches:
+                await self._park(key, "sleep", entry.wake_at)
+                return
             # Invoked before the wake time (a duplicate or early dispatch).
             raise await self._suspend(Outcome.SLEEPING, status="sleeping", due_at=entry.wake_at)
 
@@ -1275,6 +1772,15 @@ class Execution:
             raise _Suspend(await self._stopped(None, 0))
         if seconds <= 0:
             self._pending_steps.append(self._sleep_record(key, position, name, started, started))
+            return
+        if self._branches:
+            # A sleep inside a branch: its wake time is recorded at once; the
+            # branch parks until then (the others go on), or the run sleeps
+            # once every branch waits.
+            wake = until or started + timedelta(seconds=seconds)
+            self._pending_steps.append(self._sleep_record(key, position, name, started, wake))
+            await self._flush()
+            await self._park(key, "sleep", wake)
             return
         record = self._sleep_record(key, position, name, started, until)
         if until is not None:

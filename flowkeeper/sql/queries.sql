@@ -123,12 +123,20 @@ WITH r AS (
                                 output_type, error, attempts, started_at, finished_at, wake_at)
     SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, x.output,
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
-           CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) END
+           CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) ELSE x.wake_at END
     FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
                    $16::json[], $17::json[], $18::text[], $19::jsonb[], $20::integer[],
                    $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
          AS x(key, position, name, kind, status, input, output, output_type, error,
               attempts, started_at, finished_at, wake_at)
+    -- A parallel branch's retry state (status 'retrying', migration 0009) is
+    -- replaced by the step's next record; nothing else is ever overwritten.
+    ON CONFLICT (run_id, key) DO UPDATE
+    SET status = EXCLUDED.status, input = EXCLUDED.input, output = EXCLUDED.output,
+        output_type = EXCLUDED.output_type, error = EXCLUDED.error,
+        attempts = EXCLUDED.attempts, finished_at = EXCLUDED.finished_at,
+        wake_at = EXCLUDED.wake_at
+    WHERE {schema}.steps.status = 'retrying'
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, step_key, attempt, detail)
     SELECT r.id, x.kind, x.step_key, x.attempt, x.detail

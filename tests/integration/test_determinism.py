@@ -173,12 +173,21 @@ async def test_new_steps_after_the_history_simply_run(
         await fk.aclose()
 
 
-async def test_parallel_steps_are_refused_clearly(fk: FlowKeeper) -> None:
+async def test_a_name_repeated_in_concurrent_branches_is_refused_clearly(fk: FlowKeeper) -> None:
     import asyncio
+
+    bodies: list[str] = []
+
+    async def body(tag: str) -> None:
+        bodies.append(tag)
+
+    async def branch(ctx: Context, tag: str) -> None:
+        await ctx.step(f"first:{tag}", body, tag)
+        await ctx.step("shared", body, tag)  # occurrence numbers would depend on timing
 
     @fk.workflow("par")
     async def par(ctx: Context) -> None:
-        await asyncio.gather(ctx.step("a", asyncio.sleep, 0.05), ctx.step("b", asyncio.sleep, 0.05))
+        await asyncio.gather(branch(ctx, "x"), branch(ctx, "y"))
 
     async with serve(fk):
         handle = await fk.trigger("par")
@@ -187,7 +196,7 @@ async def test_parallel_steps_are_refused_clearly(fk: FlowKeeper) -> None:
     assert info.status == "failed"
     assert info.error is not None
     assert info.error["type"] == "flowkeeper.errors.StepUsageError"
-    assert "one after another" in info.error["message"]
+    assert "two concurrent branches" in info.error["message"]
 
 
 async def _status(fk: FlowKeeper, run_id: str, status: str) -> bool:

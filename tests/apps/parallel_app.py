@@ -1,0 +1,16 @@
+"""The parallel fault-test app: ``uvicorn tests.apps.parallel_app:app``, configured by environment."""
+
+from __future__ import annotations
+
+import os
+
+from flowkeeper import FlowKeeper
+
+from .parallel import gather_workflow
+
+fk = FlowKeeper(
+    lease=float(os.environ.get("FAULT_LEASE", "1.5")),
+    dispatch_lease=float(os.environ.get("FAULT_LEASE", "1.5")),
+)
+fk.register(gather_workflow)
+app = fk.asgi()
