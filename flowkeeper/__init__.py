@@ -10,10 +10,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .alerts import FailureAlert
+from .children import ChildHandle
 from .client import FlowKeeper
 from .context import Context
 from .errors import (
     AttemptLostError,
+    ChildFailedError,
+    ChildTimeoutError,
     ConfigurationError,
     DatabaseError,
     DatabaseRefusedError,
@@ -57,6 +60,9 @@ __all__ = [
     "AttemptError",
     "AttemptLostError",
     "CancelOn",
+    "ChildFailedError",
+    "ChildHandle",
+    "ChildTimeoutError",
     "ConfigurationError",
     "Context",
     "DatabaseError",

@@ -19,6 +19,8 @@ from .dispatch import Dispatcher
 from .engine import ClaimRefused, Engine, Outcome, SegmentResult
 from .errors import (
     ConfigurationError,
+    DatabaseError,
+    DatabaseRefusedError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
@@ -54,6 +56,9 @@ from .workflow import FailureHook, Registry, Workflow, WorkflowFunction, define_
 if TYPE_CHECKING:
     import asyncpg
     from starlette.applications import Starlette
+
+# A child's segment that ends it: its parent may have become due.
+_ENDED = (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED)
 
 logger = logging.getLogger("flowkeeper")
 
@@ -155,6 +160,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         alert_webhook: str | None = None,
         max_step_threads: int = 32,
         max_parallel_steps: int = 16,
+        max_children: int = 100,
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
@@ -203,6 +209,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             executor=StepExecutor(_positive_int(max_step_threads, "max_step_threads")),
             unknown_workflow_grace=self.unknown_workflow_grace,
             max_parallel_steps=_positive_int(max_parallel_steps, "max_parallel_steps"),
+            max_children=_positive_int(max_children, "max_children"),
         )
         self.dispatcher = (
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None
@@ -220,6 +227,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.tokens = TokenSigner(keys, self.dispatcher.endpoint if self.dispatcher else None)
         self.engine.events = self.events
         self.engine.tokens = self.tokens
+        if self.dispatcher is not None:
+            self.engine.push = self._push_soon
         self.stream_tokens = StreamTokens(keys)
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
@@ -374,6 +383,23 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             self._spawn(self._push_after_commit(connection, run_id))
         return handle
 
+    def _push_soon(self, run_id: str, token: uuid.UUID) -> None:
+        """Push a run in the background (a child started by ctx.start_child)."""
+        self._spawn(self._push(run_id, token))
+
+    async def _wake_parent(self, child_id: str) -> None:
+        """The child's end made its parent due: push the parent now, not at the next tick."""
+        if self.dispatcher is None:
+            return
+        token = uuid.uuid4()
+        try:
+            parent = await self.store.wake_parent(child_id, token, self.dispatch_lease)
+        except (DatabaseError, DatabaseRefusedError) as exc:
+            logger.warning("run %s: could not wake its parent (%s); it is due", child_id, exc)
+            return
+        if parent is not None:
+            await self._push(parent, token)
+
     async def _push(self, run_id: str, token: uuid.UUID) -> None:
         assert self.dispatcher is not None
         delivery = await self.dispatcher.invoke(run_id, str(token))
@@ -431,6 +457,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         result = await self.engine.execute(claimed, deadline=deadline)
         if result.outcome is Outcome.FAILED:  # failure alerts: delivered right after the commit
             await self.alerts.after_failure(result.run_id)
+        if claimed.parent_id is not None and result.outcome in _ENDED:
+            await self._wake_parent(result.run_id)
         if result.handoff_token is not None and result.outcome == "handoff":
             if self.dispatcher is not None:
                 await self._push(result.run_id, result.handoff_token)

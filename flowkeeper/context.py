@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from .children import ChildHandle
     from .engine import Execution
     from .tokens import Token
+    from .workflow import Workflow
 
 T = TypeVar("T")
 
@@ -175,6 +177,79 @@ class Context:
             timeout=timeout,
             return_exceptions=return_exceptions,
         )
+
+    # child runs -----------------------------------------------------------------------------
+    async def start_child(
+        self,
+        name: str,
+        workflow: str | Workflow | Callable[..., Any],
+        input: Any = None,
+        *,
+        cancel_with_parent: bool = True,
+        max_concurrency: int | None = None,
+    ) -> ChildHandle:
+        """Start a child run of ``workflow`` (once, however often this run replays).
+
+        The child is a run of its own, dispatched at once as its own invocation.
+        It records this run as its parent and ``name`` as the step that
+        started it.  At most ``max_concurrency`` children of this run are live
+        at once (default ``FlowKeeper(max_children=100)``); the rest start as
+        earlier ones finish.  Cancelling this run cancels the child unless
+        ``cancel_with_parent=False``.  The workflow must be registered in this
+        process (else :class:`UnknownWorkflowError` here, nothing started), and
+        ``input`` is checked against its annotation.
+        """
+        return await self._exec.start_child(
+            name,
+            workflow,
+            input,
+            cancel_with_parent=cancel_with_parent,
+            max_concurrency=max_concurrency,
+        )
+
+    async def wait_for_children(
+        self,
+        handles: Iterable[ChildHandle],
+        *,
+        name: str = "children",
+        timeout: timedelta | float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Suspend this run until every child in ``handles`` has finished; their outputs.
+
+        No invocation is held meanwhile: the last child to finish makes this
+        run due.  A failed or cancelled child raises :class:`ChildFailedError`
+        (the first in ``handles`` order); past ``timeout``,
+        :class:`ChildTimeoutError` (the children go on running).  With
+        ``return_exceptions=True`` those errors are returned in their place.
+        """
+        return await self._exec.wait_for_children(
+            list(handles), name=name, timeout=timeout, return_exceptions=return_exceptions
+        )
+
+    async def invoke(
+        self,
+        name: str,
+        workflow: str | Workflow | Callable[..., Any],
+        input: Any = None,
+        *,
+        timeout: timedelta | float | None = None,
+        cancel_with_parent: bool = True,
+    ) -> Any:
+        """Run ``workflow`` as a child run and return its output (see :meth:`start_child`).
+
+        The parent is suspended durably while the child works, and resumes
+        with the child's output (typed by the child's return annotation), or
+        raises :class:`ChildFailedError` / :class:`ChildTimeoutError`.  To run
+        several at once, start them with :meth:`start_child` and await
+        :meth:`wait_for_children`.
+        """
+        self._exec.refuse_in_branches(f"ctx.invoke({name!r}, ...)")
+        handle = await self.start_child(
+            name, workflow, input, cancel_with_parent=cancel_with_parent
+        )
+        (result,) = await self.wait_for_children([handle], name=f"{name}:wait", timeout=timeout)
+        return result
 
     async def sleep(self, name: str, duration: timedelta | float) -> None:
         """Pause the run durably for ``duration`` (a timedelta, or seconds).

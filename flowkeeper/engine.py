@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import deploys, serialization
 from .context import Context
@@ -56,6 +56,9 @@ from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
 from .streams import Publisher, check_topic
 from .tokens import Token, TokenSigner
 from .waits import WaitSpec
+
+if TYPE_CHECKING:
+    from .children import ChildHandle
 from .workflow import Registry, Workflow, validate_name
 
 logger = logging.getLogger("flowkeeper")
@@ -248,6 +251,7 @@ class Engine:
         executor: StepExecutor | None = None,
         unknown_workflow_grace: timedelta = timedelta(days=1),
         max_parallel_steps: int = 16,
+        max_children: int = 100,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -265,6 +269,11 @@ class Engine:
         # How many step bodies of one run may execute at once in one invocation
         # (branches of asyncio.gather / ctx.map beyond it wait for a slot).
         self.max_parallel_steps = max_parallel_steps
+        # Child runs (flowkeeper.children): how many of one parent's children
+        # may be live at once by default, and how a started child is pushed
+        # (set by FlowKeeper: a signed invocation, sent in the background).
+        self.max_children = max_children
+        self.push: Callable[[str, uuid.UUID], None] | None = None
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
         """Take the run's lease, or say why not."""
@@ -998,12 +1007,14 @@ class Execution:
                     f"ctx.map({name!r}, fn, items), which keys each item by its index."
                 )
             )
-        if kind == "wait":
+        if kind in ("wait", "children"):
             raise self._break(
                 StepUsageError(
                     f"Run {self.run_id}: wait {name!r} is inside concurrent branches "
-                    "(asyncio.gather, ctx.parallel or ctx.map). Waiting for an event or a "
-                    "token suspends the whole run; await it before or after the branches."
+                    "(asyncio.gather, ctx.parallel or ctx.map). Waiting for an event, a "
+                    "token or children suspends the whole run; await it before or after the "
+                    "branches (start children in branches with ctx.start_child, then await "
+                    "ctx.wait_for_children(handles) once)."
                 )
             )
         entry = self._by_key.get(key)
@@ -1718,6 +1729,54 @@ class Execution:
         # The step's return annotation (Token) restores it on replay as well.
         assert isinstance(value, Token)
         return value
+
+    # child runs (flowkeeper.children) -------------------------------------------------
+    async def start_child(
+        self,
+        name: str,
+        workflow: Any,
+        input: Any,
+        *,
+        cancel_with_parent: bool,
+        max_concurrency: int | None,
+    ) -> ChildHandle:
+        from . import children
+
+        return await children.start_child(
+            self,
+            name,
+            workflow,
+            input,
+            cancel_with_parent=cancel_with_parent,
+            max_concurrency=max_concurrency,
+        )
+
+    async def wait_for_children(
+        self,
+        handles: list[ChildHandle],
+        *,
+        name: str,
+        timeout: timedelta | float | None,
+        return_exceptions: bool,
+    ) -> list[Any]:
+        from . import children
+
+        return await children.wait_for_children(
+            self, handles, name=name, timeout=timeout, return_exceptions=return_exceptions
+        )
+
+    def refuse_in_branches(self, what: str) -> None:
+        """Refuse an operation that suspends the run from inside concurrent branches."""
+        task = asyncio.current_task()
+        if self._branches or (task is not None and task is not self._task):
+            raise self._break(
+                StepUsageError(
+                    f"Run {self.run_id}: {what} is inside concurrent branches (asyncio.gather, "
+                    "ctx.parallel or ctx.map); it suspends the whole run. Start the children "
+                    "with ctx.start_child (in branches if you like), then await "
+                    "ctx.wait_for_children(handles) once, outside the branches."
+                )
+            )
 
     # sleeps --------------------------------------------------------------
     async def sleep(

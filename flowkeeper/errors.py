@@ -17,6 +17,8 @@ and what to do about it.
     │   ├── DeterminismError      the code's steps no longer match the recorded history
     │   └── StepUsageError        a Context method used the wrong way
     ├── StepFailedError           a step exhausted its retries (raised inside the workflow)
+    │   └── ChildFailedError      a child run failed or was cancelled (ctx.invoke...)
+    │       └── ChildTimeoutError a child run did not finish within the wait's timeout
     ├── StepTimeoutError          a step ran longer than its timeout (also a TimeoutError)
     ├── AttemptLostError          a step's invocation died during the step, too often
     ├── NonRetriableError         raise it from a step to fail it at once
@@ -160,6 +162,62 @@ class StepFailedError(FlowKeeperError):
         plural = "s" if attempts != 1 else ""
         super().__init__(
             f"Step {step!r} failed after {attempts} attempt{plural}: {error_type}: {message}"
+        )
+
+
+class ChildFailedError(StepFailedError):
+    """A child run (ctx.invoke, ctx.wait_for_children) failed or was cancelled.
+
+    Raised in the parent where it waits; ``child_run_id``, ``child_status``
+    and ``child_error`` (the child's stored error) say what happened.
+    Uncaught, it fails the parent with the child's error type and message.
+    """
+
+    def __init__(
+        self,
+        step: str,
+        child_run_id: str,
+        workflow: str,
+        status: str,
+        error: dict[str, Any] | None,
+    ) -> None:
+        self.child_run_id = child_run_id
+        self.child_workflow = workflow
+        self.child_status = status
+        self.child_error = error
+        info = error or {}
+        kind = str(info.get("type") or ("Cancelled" if status == "cancelled" else "Error"))
+        what = {
+            "cancelled": "was cancelled",
+            "running": "did not finish in time",
+        }.get(status, "failed")
+        detail = info.get("message") or ""
+        super().__init__(
+            step,
+            kind,
+            f"child run {child_run_id} of workflow {workflow!r} {what}"
+            + (f": {detail}" if detail else ""),
+            info.get("traceback"),
+        )
+
+
+class ChildTimeoutError(ChildFailedError):
+    """A child run did not finish within its wait's ``timeout`` (it goes on running)."""
+
+    def __init__(
+        self,
+        step: str,
+        child_run_id: str,
+        workflow: str,
+        status: str,
+        error: dict[str, Any] | None,
+    ) -> None:
+        super().__init__(
+            step,
+            child_run_id,
+            workflow,
+            status,
+            {"type": "flowkeeper.errors.ChildTimeoutError", "message": "the wait timed out"},
         )
 
 

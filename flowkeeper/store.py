@@ -60,6 +60,7 @@ class ClaimedRun:
     # each was inside the step at the frontier (an attempt lost with its process).
     lost_attempts: int = 0
     created_at: datetime | None = None  # when the run was triggered (a wait's default lookback)
+    parent_id: str | None = None  # the run that started this one (flowkeeper.children)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +132,7 @@ def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> Cla
         history=history,
         lost_attempts=row["lost_attempts"],
         created_at=row["created_at"],
+        parent_id=str(row["parent_id"]) if row["parent_id"] is not None else None,
     )
 
 
@@ -701,6 +703,96 @@ class Store:
             started,
         )
         return str(row["outcome"]), row["payload"], row["due_at"]
+
+    # children (sql/children.sql, migration 0010) ---------------------------------------
+    async def start_child(
+        self,
+        parent_id: str,
+        token: uuid.UUID,
+        *,
+        child_id: str,
+        workflow: str,
+        input_json: str,
+        step_key: str,
+        cancel_with_parent: bool,
+        limit: int,
+        push_token: uuid.UUID | None,
+        lease: timedelta,
+    ) -> tuple[str, bool, uuid.UUID | None] | None:
+        """Start a child once per (parent, step); None when the parent's lease is lost."""
+        row = await self._call(
+            "fetchrow",
+            "start_child",
+            uuid.UUID(parent_id),
+            token,
+            uuid.UUID(child_id),
+            workflow,
+            input_json,
+            step_key,
+            cancel_with_parent,
+            limit,
+            push_token,
+            lease,
+        )
+        if row is None:
+            return None
+        return str(row["child_id"]), bool(row["created"]), row["push_token"]
+
+    async def wait_children(
+        self,
+        run_id: str,
+        token: uuid.UUID,
+        *,
+        key: str,
+        position: int,
+        name: str,
+        child_ids: Sequence[str],
+        expires: datetime | None,
+        started: datetime,
+        time_up: bool,
+    ) -> str:
+        """'lost' | 'resolved' | 'timed_out' | 'waiting' (the parent is suspended)."""
+        return str(
+            await self._call(
+                "fetchval",
+                "wait_children",
+                uuid.UUID(run_id),
+                token,
+                key,
+                position,
+                name,
+                [uuid.UUID(c) for c in child_ids],
+                expires,
+                started,
+                time_up,
+            )
+        )
+
+    async def children_results(self, child_ids: Sequence[str]) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "children_results", [uuid.UUID(c) for c in child_ids]
+        )
+        return rows
+
+    async def wake_parent(self, child_id: str, token: uuid.UUID, lease: timedelta) -> str | None:
+        """Lease the child's parent to a push when the child's end made it due."""
+        row = await self._call("fetchrow", "wake_parent", uuid.UUID(child_id), token, lease)
+        return None if row is None else str(row["id"])
+
+    async def run_children(self, run_id: str, limit: int = 1000) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "run_children", uuid.UUID(run_id), limit
+        )
+        return rows
+
+    async def count_children(self, run_id: str) -> int:
+        return int(await self._call("fetchval", "count_children", uuid.UUID(run_id)))
+
+    async def run_parent(self, run_id: str) -> tuple[str, str | None] | None:
+        row = await self._call("fetchrow", "run_parent", uuid.UUID(run_id))
+        if row is None or row["parent_id"] is None:
+            return None
+        return str(row["parent_id"]), row["parent_step"]
 
     async def resume_wait(
         self, run_id: str, token: uuid.UUID, key: str, *, time_up: bool

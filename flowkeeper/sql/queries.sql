@@ -22,7 +22,7 @@ VALUES ($1, $2, 'running', $3::json, $4, $5, {schema}.clock_now() + $6::interval
         {schema}.clock_now(), 1, true)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-          lost_attempts, created_at, {schema}.clock_now() AS db_now;
+          lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
 
 -- name: run_by_id_or_key
 -- After an insert that conflicted: the run with this id, else the run holding
@@ -60,7 +60,7 @@ WITH claimed AS (
       AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
     RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-              lost_attempts, created_at
+              lost_attempts, created_at, parent_id
 ), stale AS (
     UPDATE {schema}.runs
     SET lease_token = NULL, due_at = NULL, executing = false

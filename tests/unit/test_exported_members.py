@@ -12,6 +12,9 @@ def test_all_names_exist() -> None:
 
 def test_public_api_is_exactly_this() -> None:
     expected = {
+        "ChildFailedError",
+        "ChildHandle",
+        "ChildTimeoutError",
         "AttemptError",
         "TokenNotFoundError",
         "TokenExpiredError",
