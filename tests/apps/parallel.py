@@ -31,3 +31,25 @@ async def gather20(ctx: Context, spread: float) -> list[str]:
 
 
 gather_workflow = define_workflow("gather20", gather20)
+
+
+async def leaf(ctx: Context, i: int) -> int:
+    """A child: two recorded steps, the second a 3-way gather."""
+    await ctx.step("first", side_effect, ctx.run_id, "first")
+    parts = await asyncio.gather(
+        *(ctx.step(f"part:{j}", side_effect, ctx.run_id, f"part:{j}") for j in range(3))
+    )
+    return i + len(parts)
+
+
+async def fanout(ctx: Context, n: int) -> int:
+    """A parent: starts ``n`` children (20 live at a time), waits for all of them."""
+    await ctx.step("before", side_effect, ctx.run_id, "before")
+    handles = [await ctx.start_child(f"child:{i}", "leaf", i, max_concurrency=20) for i in range(n)]
+    results = await ctx.wait_for_children(handles)
+    await ctx.step("after", side_effect, ctx.run_id, "after")
+    return sum(results)
+
+
+leaf_workflow = define_workflow("leaf", leaf)
+fanout_workflow = define_workflow("fanout", fanout)

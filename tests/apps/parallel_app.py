@@ -6,11 +6,13 @@ import os
 
 from flowkeeper import FlowKeeper
 
-from .parallel import gather_workflow
+from .parallel import fanout_workflow, gather_workflow, leaf_workflow
 
 fk = FlowKeeper(
     lease=float(os.environ.get("FAULT_LEASE", "1.5")),
     dispatch_lease=float(os.environ.get("FAULT_LEASE", "1.5")),
 )
 fk.register(gather_workflow)
+fk.register(fanout_workflow)
+fk.register(leaf_workflow)
 app = fk.asgi()

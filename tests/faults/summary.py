@@ -24,6 +24,8 @@ class FaultSummary:
     runs_never_ended: int = 0
     recorded_steps_reexecuted: int = 0
     overlapping_attempts: int = 0
+    children_started: int = 0
+    children_started_twice: int = 0
     tests: int = 0
 
     def lines(self) -> list[str]:
@@ -40,6 +42,8 @@ class FaultSummary:
             "runs_never_ended": "runs that never ended (must be 0)",
             "recorded_steps_reexecuted": "recorded steps re-executed (must be 0)",
             "overlapping_attempts": "step attempts that overlapped (must be 0)",
+            "children_started": "child runs started",
+            "children_started_twice": "children started twice (must be 0)",
         }
         return [
             f"{labels[f.name]:62} {getattr(self, f.name)}" for f in fields(self) if f.name in labels
