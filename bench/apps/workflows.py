@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from flowkeeper import Context, define_workflow
 
 
@@ -36,9 +38,41 @@ async def waiter(ctx: Context, n: int) -> int:
     return await ctx.step("after", noop, event["n"])
 
 
+async def io(n: int) -> int:
+    """A 50 ms I/O step (an API call, a model call)."""
+    await asyncio.sleep(0.05)
+    return n
+
+
+async def gather1(ctx: Context, n: int) -> int:
+    return await ctx.step("io", io, n)
+
+
+async def gather20(ctx: Context, n: int) -> int:
+    parts = await asyncio.gather(*(ctx.step(f"io:{i}", io, n) for i in range(20)))
+    return sum(parts)
+
+
+async def leaf(ctx: Context, n: int) -> int:
+    """A trivial child: one step."""
+    return await ctx.step("one", noop, n)
+
+
+async def fanout(ctx: Context, n: int) -> int:
+    """A parent: ``n`` trivial children, all live at once, waited for together."""
+    handles = await asyncio.gather(
+        *(ctx.start_child(f"c:{i}", "leaf", i, max_concurrency=max(n, 1)) for i in range(n))
+    )
+    return sum(await ctx.wait_for_children(handles))
+
+
 WORKFLOWS = {
     "three": define_workflow("three", three),
     "five": define_workflow("five", five),
     "five-with-sleep": define_workflow("five-with-sleep", five_with_sleep),
     "waiter": define_workflow("waiter", waiter),
+    "gather1": define_workflow("gather1", gather1),
+    "gather20": define_workflow("gather20", gather20),
+    "leaf": define_workflow("leaf", leaf),
+    "fanout": define_workflow("fanout", fanout),
 }

@@ -268,15 +268,42 @@ async def run_show(args: argparse.Namespace) -> int:
         info = await fk.get_run(args.run_id)
         now = await fk.store.clock_now()
         waits = await fk.run_waits(info.id)
+        parent = await fk.store.run_parent(info.id)
+        children = await fk.store.run_children(info.id, _CHILDREN_SHOWN)
+        total = await fk.store.count_children(info.id) if children else 0
     finally:
         await fk.aclose()
     if args.json:
         from ..dashboard.views import run_json
 
-        print(json.dumps(run_json(info, now, None, waits), indent=2, default=str))
+        data = run_json(
+            info, now, None, waits, parent=parent, children=children, children_total=total
+        )
+        print(json.dumps(data, indent=2, default=str))
         return 0
     _print_run(info, now, full_tracebacks=args.traceback, waits=waits)
+    _print_family(parent, children, total)
     return 0
+
+
+_CHILDREN_SHOWN = 100
+
+
+def _print_family(parent: tuple[str, str | None] | None, children: list[Any], total: int) -> None:
+    """The run's parent (a child run) and its children, with their statuses."""
+    if parent is not None:
+        step = f" (step {parent[1]})" if parent[1] else ""
+        print(f"\nparent    {parent[0]}{step}")
+    if not children:
+        return
+    counts: dict[str, int] = {}
+    for c in children:
+        counts[c["status"]] = counts.get(c["status"], 0) + 1
+    shown = f", first {len(children)} shown" if total > len(children) else ""
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    print(f"\nchildren  {total} ({summary}{shown})")
+    rows = [[str(c["id"]), c["parent_step"] or "-", c["workflow"], c["status"]] for c in children]
+    print(table(["CHILD RUN", "STARTED BY", "WORKFLOW", "STATUS"], rows, colour_col=3))
 
 
 def wait_rows(waits: list[WaitInfo]) -> list[list[str]]:

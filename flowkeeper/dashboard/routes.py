@@ -352,7 +352,19 @@ class Dashboard:
         info = await self.fk.get_run(run_id)
         now = await self.fk.store.clock_now()
         waits = await self.fk.run_waits(run_id)
-        return run_json(info, now, await self.fk.run_version(run_id), waits)
+        children = await self.fk.store.run_children(run_id, 200)
+        total = len(children)
+        if total == 200:
+            total = await self.fk.store.count_children(run_id)
+        return run_json(
+            info,
+            now,
+            await self.fk.run_version(run_id),
+            waits,
+            parent=await self.fk.store.run_parent(run_id),
+            children=children,
+            children_total=total,
+        )
 
     async def api_runs(self, request: Request, session: Session) -> Response:
         return JSONResponse(await self._runs_data(request))

@@ -71,9 +71,16 @@ def _event(e: RunEvent) -> dict[str, Any]:
 
 
 def run_json(
-    info: RunInfo, now: datetime, version: str | None, waits: Sequence[WaitInfo] = ()
+    info: RunInfo,
+    now: datetime,
+    version: str | None,
+    waits: Sequence[WaitInfo] = (),
+    *,
+    parent: tuple[str, str | None] | None = None,
+    children: Sequence[Any] = (),
+    children_total: int = 0,
 ) -> dict[str, Any]:
-    """Everything the run page shows, timeline and waits included."""
+    """Everything the run page shows, timeline, waits and child runs included."""
     return {
         "id": info.id,
         "workflow": info.workflow,
@@ -93,6 +100,19 @@ def run_json(
         "events": [_event(e) for e in info.events],
         "waits": [w.as_json() for w in waits],
         "timeline": build(info, now, waits).as_json(),
+        "parent": {"id": parent[0], "step": parent[1]} if parent else None,
+        "children": [
+            {
+                "id": str(c["id"]),
+                "workflow": c["workflow"],
+                "status": c["status"],
+                "step": c["parent_step"],
+                "created_at": c["created_at"].isoformat(),
+                "finished_at": _iso(c["finished_at"]),
+            }
+            for c in children
+        ],
+        "children_total": children_total,
     }
 
 

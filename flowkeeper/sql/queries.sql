@@ -331,6 +331,16 @@ WITH r AS (
 ), c AS (
     UPDATE {schema}.waits x SET resolved_at = NULL, resolved_event = NULL, outcome = NULL
     FROM r WHERE x.run_id = r.id AND x.kind = 'cancel'
+), k AS (
+    -- The children started by forgotten steps are detached (renamed, kept
+    -- linked): the replay starts new ones, as it re-runs any forgotten step.
+    UPDATE {schema}.runs ch
+    SET parent_step = ch.parent_step || '~replaced@' || {schema}.clock_now()::text,
+        awaited_by = NULL
+    FROM d, r WHERE ch.parent_id = r.id AND ch.parent_step = d.key
+), cw AS (
+    DELETE FROM {schema}.child_waits x USING d, r
+    WHERE x.parent_id = r.id AND x.key = d.key
 ), e AS (
     INSERT INTO {schema}.events (run_id, kind, step_key, detail)
     SELECT r.id, $3, $7,

@@ -22,7 +22,9 @@ The workflows, by kind (see :data:`KINDS`):
 - ``sync``: a sync step overruns its timeout each time: the run fails after
   its attempts, which never overlap (each waits for the last one's thread);
 - ``exit``: a step ends its own process with ``os._exit`` on its first
-  execution when the input says so, then succeeds on its retry.
+  execution when the input says so, then succeeds on its retry;
+- ``fan``: a 3-way gather of steps, then two child runs (``poison-leaf``,
+  one step each) waited for: completes with ``n + 36``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ CREATE TABLE IF NOT EXISTS poison_deaths (
 );
 """
 
-KINDS = ("normal", "cart", "nan", "nul", "sync", "exit")
+KINDS = ("normal", "cart", "nan", "nul", "sync", "exit", "fan")
 
 # Fast policies: the workload must end within seconds, kills and all.
 FAST = RetryPolicy(max_attempts=5, initial_delay=0.05, backoff=1, jitter=0)
@@ -241,6 +243,18 @@ async def exiting(ctx: Context, spec: dict[str, int]) -> int:
     return n
 
 
+async def leaf(ctx: Context, value: int) -> int:
+    return int(await ctx.step("leaf", work, ctx.run_id, "leaf", value))
+
+
+async def fan(ctx: Context, n: int) -> int:
+    parts = await asyncio.gather(
+        *(ctx.step(f"p{i}", work, ctx.run_id, f"p{i}", i + 1) for i in range(3))
+    )
+    kids = [await ctx.start_child(f"kid{i}", "poison-leaf", 10 * (i + 1)) for i in range(2)]
+    return n + sum(parts) + sum(await ctx.wait_for_children(kids))
+
+
 WORKFLOWS = [
     define_workflow("poison-normal", normal, retry=FAST),
     define_workflow("poison-cart", cart, retry=FAST),
@@ -248,4 +262,6 @@ WORKFLOWS = [
     define_workflow("poison-nul", nul, retry=FAST),
     define_workflow("poison-sync", sync, retry=FAST),
     define_workflow("poison-exit", exiting, retry=FAST),
+    define_workflow("poison-fan", fan, retry=FAST),
+    define_workflow("poison-leaf", leaf, retry=FAST),
 ]

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.slow
 
 LEASE = 1.5
 WAVES = 10
-WAVE = ("normal", "sync", "cart", "nan", "nul", "sync", "exit", "cart")
+WAVE = ("normal", "sync", "cart", "nan", "nul", "sync", "exit", "cart", "fan")
 MAX_KILLS = 8
 MAX_CANCELS = 20
 MAX_FAILED_REPLAYS = 8
@@ -330,6 +330,16 @@ async def test_poison_workload_under_kills_and_operator_actions(
     elapsed = time.monotonic() - started
 
     ids = list(runs)
+    children = await conn.fetch(
+        "SELECT parent_id, parent_step FROM flowkeeper.runs WHERE parent_id = ANY($1::uuid[])",
+        ids,
+    )
+    twice = len(children) - len({(c["parent_id"], c["parent_step"]) for c in children})
+    child_reexecuted = await conn.fetchval(
+        "SELECT count(*) FROM poison_log l JOIN flowkeeper.runs r ON r.id = l.run_id "
+        "WHERE l.recorded_before AND r.parent_id = ANY($1::uuid[])",
+        ids,
+    )
     try:
         report = await check(conn, runs)
     finally:
@@ -343,7 +353,9 @@ async def test_poison_workload_under_kills_and_operator_actions(
         runs_lost=report["missing"] + len(report["never_ended"]),
         runs_never_ended=len(report["never_ended"]),
         overlapping_attempts=len(report["overlaps"]),
-        recorded_steps_reexecuted=report["reexecuted"],
+        recorded_steps_reexecuted=report["reexecuted"] + child_reexecuted,
+        children_started=len(children),
+        children_started_twice=twice,
     )
     print(
         f"\npoison workload: {len(ids)} runs ({dict(Counter(r.kind for r in runs.values()))}) "
@@ -366,6 +378,8 @@ async def test_poison_workload_under_kills_and_operator_actions(
     assert not report["overlaps"], f"step attempts overlapped: {report['overlaps'][:5]}"
     assert not report["after_cancel"], f"steps started after a cancel: {report['after_cancel']}"
     assert report["reexecuted"] == 0, f"{report['reexecuted']} recorded steps ran again"
+    assert twice == 0 and children, f"{twice} children started twice"
+    assert child_reexecuted == 0, f"{child_reexecuted} recorded steps of children ran again"
     assert not report["wrong"], "runs ended wrongly:\n" + "\n".join(
         json.dumps(w, default=str) for w in report["wrong"][:10]
     )
@@ -499,6 +513,8 @@ def expect(
     n = run.input["n"] if isinstance(run.input, dict) else run.input
     if run.kind == "normal":
         return None if (status, output) == ("completed", n + 6) else "expected completed, n + 6"
+    if run.kind == "fan":
+        return None if (status, output) == ("completed", n + 36) else "expected completed, n + 36"
     if run.kind == "exit":
         return None if (status, output) == ("completed", n) else "expected completed, n"
     if run.kind == "cart":

@@ -214,3 +214,29 @@ async def test_cancelling_a_parent_cancels_its_live_children(fk: FlowKeeper) -> 
         e.kind == "cancelled" and "parent" in (e.detail or {}).get("reason", "")
         for e in gone.events
     )
+
+
+async def test_resuming_a_cancelled_parent_resumes_the_children_cancelled_with_it(
+    fk: FlowKeeper,
+) -> None:
+    register_children(fk, Counter())
+
+    @fk.workflow("resumable")
+    async def resumable(ctx: Context) -> list[str]:
+        kids = [await ctx.start_child(f"k{i}", "slow-child") for i in range(2)]
+        return list(await ctx.wait_for_children(kids))
+
+    async with serve(fk):
+        handle = await fk.trigger("resumable")
+
+        async def waiting() -> bool:
+            return (await fk.get_run(handle.run_id)).status == "waiting"
+
+        await wait_for(waiting)
+        assert await fk.cancel(handle.run_id)
+        kids = [str(r["id"]) for r in await fk.store.run_children(handle.run_id)]
+        assert [(await fk.get_run(k)).status for k in kids] == ["cancelled", "cancelled"]
+        await fk.replay(handle.run_id, reason="resume")
+        assert (await drive(fk, [handle.run_id]))[handle.run_id] == "completed"
+    assert (await fk.get_run(handle.run_id)).output == ["late", "late"]
+    assert await fk.store.count_children(handle.run_id) == 2  # resumed, not started again

@@ -324,7 +324,8 @@
     const ioCard = el("section", { class: "grid2", id: "io" });
     const historyCard = el("section", { class: "card", id: "history" });
     const streamCard = el("section", { class: "card", id: "stream-card", hidden: "" });
-    app.replaceChildren(head, errorBox, timelineCard, streamCard, stepsCard, ioCard, historyCard);
+    const childrenCard = el("section", { class: "card flush", id: "children-card", hidden: "" });
+    app.replaceChildren(head, errorBox, timelineCard, streamCard, stepsCard, childrenCard, ioCard, historyCard);
     const timeline = makeTimeline(timelineCard, (key) => focusStep(key));
 
     function render() {
@@ -333,8 +334,36 @@
       renderError();
       timeline.render(run.timeline);
       renderSteps();
+      renderChildren();
       renderIO();
       renderHistory();
+    }
+
+    // Child runs (ctx.invoke / ctx.start_child): each row links to the child's own page.
+    function renderChildren() {
+      const kids = run.children || [];
+      if (!kids.length) { childrenCard.hidden = true; childrenCard.replaceChildren(); return; }
+      childrenCard.hidden = false;
+      const counts = {};
+      for (const k of kids) counts[k.status] = (counts[k.status] || 0) + 1;
+      const summary = Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(" · ");
+      const more = run.children_total > kids.length ? ` (first ${kids.length} of ${run.children_total})` : "";
+      const body = el("tbody", {});
+      for (const k of kids) {
+        body.append(el("tr", { class: "child", "data-id": k.id },
+          el("td", {}, el("a", { href: `${BASE}/runs/${k.id}`, class: "mono", text: k.id })),
+          el("td", {}, el("code", { text: k.step || "" })),
+          el("td", { text: k.workflow }),
+          el("td", {}, badge(k.status)),
+          el("td", { title: stamp(k.created_at), text: ago(k.created_at) })));
+      }
+      childrenCard.replaceChildren(
+        el("details", { open: kids.length <= 50 ? "" : null },
+          el("summary", { class: "steps-bar" }, el("h2", {}, "Child runs ",
+            el("span", { class: "muted", text: `(${run.children_total}${more}: ${summary})` }))),
+          el("table", { class: "steps", id: "children" },
+            el("thead", {}, el("tr", {}, ["Run", "Started by", "Workflow", "Status", "Created"].map((h) => el("th", { text: h })))),
+            body)));
     }
 
     function renderHead() {
@@ -347,6 +376,11 @@
         ["Duration", el("span", { text: started ? duration(end - started) : "–" })],
         ["Invocations", el("span", { text: String(run.invocations) })],
       ];
+      if (run.parent) {
+        facts.push(["Parent run", el("span", { id: "parent-run" },
+          el("a", { href: `${BASE}/runs/${run.parent.id}`, class: "mono", text: run.parent.id }),
+          run.parent.step ? [" · step ", el("code", { text: run.parent.step })] : null)]);
+      }
       if (run.status === "sleeping" || run.status === "retrying" || run.status === "queued") {
         facts.push([run.status === "retrying" ? "Retry at" : run.status === "sleeping" ? "Wakes at" : "Due",
           el("span", { title: stamp(run.due_at), text: run.due_at ? `${stamp(run.due_at)} (${ago(run.due_at)})` : "–" })]);

@@ -15,13 +15,16 @@
 -- finishing child releases the oldest held sibling.
 --
 -- Cancelling a parent cancels its live children (unless started with
--- cancel_with_parent = false), and theirs, in the same transaction.
+-- cancel_with_parent = false), and theirs, in the same transaction.  A
+-- cancelled parent resumed by an operator resumes, when it waits for them
+-- again, the children that were cancelled with it.
 
 ALTER TABLE {schema}.runs
     ADD COLUMN parent_id uuid REFERENCES {schema}.runs (id) ON DELETE SET NULL,
     ADD COLUMN parent_step text,
     ADD COLUMN cancel_with_parent boolean NOT NULL DEFAULT true,
-    ADD COLUMN awaited_by text;  -- the parent's wait (history key) this child completes
+    ADD COLUMN awaited_by text,  -- the parent's wait (history key) this child completes
+    ADD COLUMN cancelled_by_parent boolean NOT NULL DEFAULT false;
 
 CREATE UNIQUE INDEX runs_parent_step_idx ON {schema}.runs (parent_id, parent_step)
     WHERE parent_id IS NOT NULL;
@@ -102,6 +105,7 @@ RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_remaining integer;
+    v_resumed integer;
 BEGIN
     PERFORM 1 FROM {schema}.runs
     WHERE id = p_parent AND lease_token = p_token
@@ -109,8 +113,34 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'lost';
     END IF;
+    -- Children cancelled with this parent, which has been resumed since: they
+    -- go on too (one whose invocation is still stopping keeps its lease).
+    WITH resumed AS (
+        UPDATE {schema}.runs
+        SET status = 'queued', cancelled_by_parent = false, finished_at = NULL,
+            awaited_by = p_key, error = NULL, updated_at = {schema}.clock_now(),
+            due_at = CASE WHEN lease_token IS NOT NULL AND due_at > {schema}.clock_now()
+                          THEN due_at ELSE {schema}.clock_now() END
+        WHERE id = ANY (p_ids) AND parent_id = p_parent AND status = 'cancelled'
+          AND cancelled_by_parent
+        RETURNING id
+    ), logged AS (
+        INSERT INTO {schema}.events (run_id, kind, detail)
+        SELECT id, 'replayed', jsonb_build_object('reason', 'its parent run was resumed',
+                                                 'parent', p_parent)
+        FROM resumed
+    )
+    SELECT count(*) INTO v_resumed FROM resumed;
+    IF v_resumed > 0 THEN
+        UPDATE {schema}.child_slots SET live = live + v_resumed WHERE parent_id = p_parent;
+    END IF;
     SELECT remaining INTO v_remaining FROM {schema}.child_waits
     WHERE parent_id = p_parent AND key = p_key FOR UPDATE;
+    IF v_remaining IS NOT NULL AND v_resumed > 0 THEN
+        v_remaining := v_remaining + v_resumed;
+        UPDATE {schema}.child_waits SET remaining = v_remaining
+        WHERE parent_id = p_parent AND key = p_key;
+    END IF;
     IF v_remaining IS NULL THEN
         WITH marked AS (
             UPDATE {schema}.runs SET awaited_by = p_key
@@ -192,7 +222,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     WITH c AS (
         UPDATE {schema}.runs
-        SET status = 'cancelled',
+        SET status = 'cancelled', cancelled_by_parent = true,
             lease_token = CASE WHEN executing AND due_at > {schema}.clock_now()
                                THEN lease_token END,
             due_at = CASE WHEN executing AND due_at > {schema}.clock_now() THEN due_at END,
