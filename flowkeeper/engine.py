@@ -412,7 +412,7 @@ class Execution:
         self._branches: set[asyncio.Task[Any]] = set()
         self._region: _Region | None = None
         self._active = 0  # ctx operations in progress and not parked
-        self._parked: dict[str, _Park] = {}
+        self._parked: dict[int, _Park] = {}  # by id(park): one key may park twice
         self._idle: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(engine.max_parallel_steps)
         self._bodies: set[asyncio.Task[Any]] = set()  # tasks running a step body now
@@ -915,7 +915,7 @@ class Execution:
         """
         loop = asyncio.get_running_loop()
         park = _Park(kind, due, loop.create_future())
-        self._parked[key] = park
+        self._parked[id(park)] = park
         self._active -= 1
         timer = None
         if due is not None:
@@ -927,7 +927,7 @@ class Execution:
         finally:
             if timer is not None:
                 timer.cancel()
-            self._parked.pop(key, None)
+            self._parked.pop(id(park), None)
             self._active += 1
 
     def _check_idle(self) -> None:

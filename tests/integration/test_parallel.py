@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from flowkeeper import Context, FlowKeeper, RetryPolicy, StepFailedError
+from flowkeeper.engine import SegmentResult
 
 from ..helpers import drive, make_fk, serve
 
@@ -301,3 +302,36 @@ async def test_gather_failure_is_the_step_error_and_siblings_are_recorded(fk: Fl
     info = await fk.get_run(handle.run_id)
     assert info.output == "boom:ValueError"
     assert {s.key: s.status for s in info.steps} == {"boom": "failed", "x": "completed"}
+
+
+async def test_the_time_budget_hands_branches_on_without_running_any_twice(
+    database_url: str,
+) -> None:
+    fk = make_fk(database_url, max_parallel_steps=3)
+    gauge = Gauge()
+
+    @fk.workflow("budget")
+    async def budget(ctx: Context) -> list[str]:
+        return list(
+            await asyncio.gather(*(ctx.step(f"s{i}", gauge.io, f"s{i}", 0.1) for i in range(12)))
+        )
+
+    try:
+        handle = await fk.trigger("budget")
+        outcomes = []
+        lease: str | None = None
+        for _ in range(20):
+            result = await fk.advance(handle.run_id, lease, time_budget=0.25)
+            assert isinstance(result, SegmentResult), result
+            outcomes.append(result.outcome)
+            if result.outcome == "completed":
+                break
+            # The continuation a hand-off pushes carries its fresh token.
+            lease = str(result.handoff_token) if result.handoff_token else None
+        info = await fk.get_run(handle.run_id)
+    finally:
+        await fk.aclose()
+    assert info.output == [f"s{i}" for i in range(12)]
+    assert "handoff" in outcomes and outcomes[-1] == "completed"
+    assert gauge.calls == {f"s{i}": 1 for i in range(12)}
+    assert gauge.most <= 3
