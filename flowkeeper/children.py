@@ -181,25 +181,33 @@ async def wait_for_children(
         else:
             expires = execution.db_time() + limit if limit is not None else None
         await execution._before_new_work()
-        time_up = expires is not None and execution.db_time() >= expires
-        try:
-            outcome = await execution.store.wait_children(
-                execution.run_id,
-                execution.token,
-                key=key,
-                position=position,
-                name=name,
-                child_ids=ids,
-                expires=expires,
-                started=execution.db_time(),
-                time_up=time_up,
-            )
-        except Exception as exc:
-            raise execution._database_failure(exc) from exc
-        if outcome == "lost":
-            raise _Suspend(await execution._lost())
-        if outcome == "waiting":
-            raise _Suspend(execution._segment(Outcome.WAITING, due_at=expires))
+        while True:
+            # Inside parallel branches the wait is registered without suspending;
+            # the branch parks, and the run suspends once every branch waits.
+            branch = bool(execution._branches)
+            time_up = expires is not None and execution.db_time() >= expires
+            try:
+                outcome = await execution.store.wait_children(
+                    execution.run_id,
+                    execution.token,
+                    key=key,
+                    position=position,
+                    name=name,
+                    child_ids=ids,
+                    expires=expires,
+                    started=execution.db_time(),
+                    time_up=time_up,
+                    suspend=not branch,
+                )
+            except Exception as exc:
+                raise execution._database_failure(exc) from exc
+            if outcome == "lost":
+                raise _Suspend(await execution._lost())
+            if outcome == "waiting":
+                raise _Suspend(execution._segment(Outcome.WAITING, due_at=expires))
+            if outcome != "pending":
+                break
+            await execution._park(key, "children", expires)
         try:
             rows = {str(r["id"]): r for r in await execution.store.children_results(ids)}
         except Exception as exc:

@@ -241,10 +241,10 @@ class Context:
         The parent is suspended durably while the child works, and resumes
         with the child's output (typed by the child's return annotation), or
         raises :class:`ChildFailedError` / :class:`ChildTimeoutError`.  To run
-        several at once, start them with :meth:`start_child` and await
-        :meth:`wait_for_children`.
+        several at once, gather invokes (each branch resumes when its child
+        is done), or start them with :meth:`start_child` and await
+        :meth:`wait_for_children` (one wait for all: cheapest for many).
         """
-        self._exec.refuse_in_branches(f"ctx.invoke({name!r}, ...)")
         handle = await self.start_child(
             name, workflow, input, cancel_with_parent=cancel_with_parent
         )

@@ -127,9 +127,18 @@ class _Region:
 class _Park:
     """A branch waiting: for a retry's backoff, a sleep, or the run's hand-off."""
 
-    kind: str  # "retry" | "sleep" | "handoff"
+    kind: str  # "retry" | "sleep" | "handoff" | "children"
     due: datetime | None
     woken: asyncio.Future[None]
+    key: str = ""
+
+
+class _Resolved(Exception):
+    """Waits for children resolved before the run could suspend: their branches go on."""
+
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(", ".join(keys))
+        self.keys = set(keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -914,7 +923,7 @@ class Execution:
         raises the run's suspension when every operation in flight is parked.
         """
         loop = asyncio.get_running_loop()
-        park = _Park(kind, due, loop.create_future())
+        park = _Park(kind, due, loop.create_future(), key)
         self._parked[id(park)] = park
         self._active -= 1
         timer = None
@@ -949,6 +958,11 @@ class Execution:
                 suspension = await self._suspend_parked(parks)
             except (_Suspend, _Abort) as exc:
                 suspension = exc
+            except _Resolved as resolved:  # waits for children resolved meanwhile: go on
+                for park in parks:
+                    if park.kind == "children" and park.key in resolved.keys:
+                        _wake(park.woken)
+                return
             for park in list(self._parked.values()):
                 if not park.woken.done():
                     park.woken.set_exception(suspension)
@@ -963,13 +977,30 @@ class Execution:
                 new_token=uuid.uuid4(),
                 due_in=self.engine.dispatch_lease,
             )
-        due = min(p.due for p in parks if p.due is not None)
+        dues = [p.due for p in parks if p.due is not None]
+        if any(p.kind == "children" for p in parks):
+            return await self._suspend_for_children(parks, min(dues) if dues else None)
+        due = min(dues)
         retrying = any(p.kind == "retry" and p.due == due for p in parks)
         return await self._suspend(
             Outcome.RETRYING if retrying else Outcome.SLEEPING,
             status="retrying" if retrying else "sleeping",
             due_at=due,
         )
+
+    async def _suspend_for_children(self, parks: list[_Park], due: datetime | None) -> _Suspend:
+        """Branches wait for children (and maybe retries, sleeps): suspend until the first."""
+        await self._flush()
+        keys = sorted({p.key for p in parks if p.kind == "children"})
+        try:
+            done = await self.store.suspend_for_children(self.run_id, self.token, keys, due)
+        except Exception as exc:
+            raise self._database_failure(exc) from exc
+        if done is None:
+            return _Suspend(await self._lost())
+        if done:
+            raise _Resolved(done)
+        return _Suspend(self._segment(Outcome.WAITING, due_at=due))
 
     async def _settle(self) -> None:
         """The workflow function has ended: stop the branches it left running.
@@ -1007,14 +1038,12 @@ class Execution:
                     f"ctx.map({name!r}, fn, items), which keys each item by its index."
                 )
             )
-        if kind in ("wait", "children"):
+        if kind == "wait":
             raise self._break(
                 StepUsageError(
                     f"Run {self.run_id}: wait {name!r} is inside concurrent branches "
-                    "(asyncio.gather, ctx.parallel or ctx.map). Waiting for an event, a "
-                    "token or children suspends the whole run; await it before or after the "
-                    "branches (start children in branches with ctx.start_child, then await "
-                    "ctx.wait_for_children(handles) once)."
+                    "(asyncio.gather, ctx.parallel or ctx.map). Waiting for an event or a "
+                    "token suspends the whole run; await it before or after the branches."
                 )
             )
         entry = self._by_key.get(key)
@@ -1764,19 +1793,6 @@ class Execution:
         return await children.wait_for_children(
             self, handles, name=name, timeout=timeout, return_exceptions=return_exceptions
         )
-
-    def refuse_in_branches(self, what: str) -> None:
-        """Refuse an operation that suspends the run from inside concurrent branches."""
-        task = asyncio.current_task()
-        if self._branches or (task is not None and task is not self._task):
-            raise self._break(
-                StepUsageError(
-                    f"Run {self.run_id}: {what} is inside concurrent branches (asyncio.gather, "
-                    "ctx.parallel or ctx.map); it suspends the whole run. Start the children "
-                    "with ctx.start_child (in branches if you like), then await "
-                    "ctx.wait_for_children(handles) once, outside the branches."
-                )
-            )
 
     # sleeps --------------------------------------------------------------
     async def sleep(

@@ -750,8 +750,9 @@ class Store:
         expires: datetime | None,
         started: datetime,
         time_up: bool,
+        suspend: bool = True,
     ) -> str:
-        """'lost' | 'resolved' | 'timed_out' | 'waiting' (the parent is suspended)."""
+        """'lost' | 'resolved' | 'timed_out' | 'waiting' (suspended) | 'pending' (not asked to)."""
         return str(
             await self._call(
                 "fetchval",
@@ -765,8 +766,18 @@ class Store:
                 expires,
                 started,
                 time_up,
+                suspend,
             )
         )
+
+    async def suspend_for_children(
+        self, run_id: str, token: uuid.UUID, keys: Sequence[str], due: datetime | None
+    ) -> list[str] | None:
+        """Suspend unless one of the waits ``keys`` is resolved (those keys); None: lost."""
+        done = await self._call(
+            "fetchval", "suspend_for_children", uuid.UUID(run_id), token, list(keys), due
+        )
+        return None if done is None else [str(k) for k in done]
 
     async def children_results(self, child_ids: Sequence[str]) -> list[asyncpg.Record]:
         rows: list[asyncpg.Record] = await self._call(

@@ -8,7 +8,11 @@ FROM {schema}.start_child($1, $2, $3, $4, $5::json, $6, $7, $8, $9, $10::interva
 -- name: wait_children
 -- Register or re-check a parent's wait for its children; suspends it unless
 -- they have all finished (see migration 0010).
-SELECT {schema}.wait_children($1, $2, $3, $4, $5, $6::uuid[], $7, $8, $9) AS outcome;
+SELECT {schema}.wait_children($1, $2, $3, $4, $5, $6::uuid[], $7, $8, $9, $10) AS outcome;
+
+-- name: suspend_for_children
+-- Suspend a parent whose parallel branches all wait (some for children).
+SELECT {schema}.suspend_for_children($1, $2, $3::text[], $4) AS done;
 
 -- name: children_results
 -- The awaited children's outcomes, read only when the parent's replay needs them.

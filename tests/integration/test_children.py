@@ -240,3 +240,43 @@ async def test_resuming_a_cancelled_parent_resumes_the_children_cancelled_with_i
         assert (await drive(fk, [handle.run_id]))[handle.run_id] == "completed"
     assert (await fk.get_run(handle.run_id)).output == ["late", "late"]
     assert await fk.store.count_children(handle.run_id) == 2  # resumed, not started again
+
+
+async def test_gathered_invokes_each_resume_when_their_child_is_done(fk: FlowKeeper) -> None:
+    calls: Counter[str] = Counter()
+    register_children(fk, calls)
+
+    async def local() -> str:
+        return "local"
+
+    @fk.workflow("gathered")
+    async def gathered(ctx: Context) -> list[Any]:
+        slow, *scores = await asyncio.gather(
+            ctx.invoke("slow", "slow-child"),
+            *(ctx.invoke(f"s:{i}", "score-customer", i) for i in range(3)),
+        )
+        mine = await ctx.step("local", local)
+        return [slow, *(s.points for s in scores), mine]
+
+    @fk.workflow("gathered-failure")
+    async def gathered_failure(ctx: Context) -> str:
+        try:
+            await asyncio.gather(
+                ctx.invoke("ok", "score-customer", 1), ctx.invoke("bad", "score-customer", -1)
+            )
+        except ChildFailedError as exc:
+            return f"{exc.step}: {exc.error_type}"
+        return "no error"
+
+    async with serve(fk):
+        a = await fk.trigger("gathered")
+        b = await fk.trigger("gathered-failure")
+        assert await drive(fk, [a.run_id, b.run_id]) == {
+            a.run_id: "completed",
+            b.run_id: "completed",
+        }
+    info = await fk.get_run(a.run_id)
+    assert info.output == ["late", 0.0, 1.5, 3.0, "local"]
+    assert calls == {"score:0": 1, "score:1": 2, "score:2": 1, "score:-1": 1}
+    assert await fk.store.count_children(a.run_id) == 4
+    assert (await fk.get_run(b.run_id)).output == "bad:wait: ValueError"

@@ -100,7 +100,8 @@ $$;
 -- 'waiting' (suspended: the last child, or the timeout, makes it due).
 CREATE FUNCTION {schema}.wait_children(
     p_parent uuid, p_token uuid, p_key text, p_position integer, p_name text,
-    p_ids uuid[], p_expires timestamptz, p_started timestamptz, p_time_up boolean)
+    p_ids uuid[], p_expires timestamptz, p_started timestamptz, p_time_up boolean,
+    p_suspend boolean)
 RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -163,6 +164,9 @@ BEGIN
     IF p_time_up THEN
         RETURN 'timed_out';
     END IF;
+    IF NOT p_suspend THEN  -- a wait inside parallel branches (see suspend_for_children)
+        RETURN 'pending';
+    END IF;
     UPDATE {schema}.runs
     SET status = 'waiting', lease_token = NULL, due_at = p_expires, executing = false,
         lost_attempts = 0, step_key = NULL, step_attempt = 0,
@@ -172,6 +176,43 @@ BEGIN
         RETURN 'lost';
     END IF;
     RETURN 'waiting';
+END
+$$;
+
+-- Parallel branches each waiting for their children (registered with
+-- p_suspend = false): suspend the parent unless one of those waits is
+-- resolved already; then return their keys (the branches go on).  NULL: the
+-- lease is lost.  The first of the waits to resolve makes the parent due.
+CREATE FUNCTION {schema}.suspend_for_children(
+    p_parent uuid, p_token uuid, p_keys text[], p_due timestamptz)
+RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done text[];
+BEGIN
+    PERFORM 1 FROM {schema}.runs
+    WHERE id = p_parent AND lease_token = p_token
+      AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting');
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM 1 FROM {schema}.child_waits
+    WHERE parent_id = p_parent AND key = ANY (p_keys) ORDER BY key FOR UPDATE;
+    SELECT coalesce(array_agg(key ORDER BY key), '{}') INTO v_done
+    FROM {schema}.child_waits
+    WHERE parent_id = p_parent AND key = ANY (p_keys) AND remaining <= 0;
+    IF cardinality(v_done) > 0 THEN
+        RETURN v_done;
+    END IF;
+    UPDATE {schema}.runs
+    SET status = 'waiting', lease_token = NULL, due_at = p_due, executing = false,
+        lost_attempts = 0, step_key = NULL, step_attempt = 0,
+        updated_at = {schema}.clock_now()
+    WHERE id = p_parent AND lease_token = p_token;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN '{}';
 END
 $$;
 
