@@ -123,6 +123,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
     a rolling deploy) defers the run instead of failing it; it fails only once
     endpoints have not known its workflow for this long (see flowkeeper.deploys).
 
+    ``group_commit`` (on by default): when several runs of this process write
+    at the same moment, their writes share one Postgres transaction (see
+    :mod:`flowkeeper.groupcommit`); a lone write goes at once, as without it.
+
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
     more than whitespace).  ``allow_weak_secrets=True`` turns the check off,
@@ -146,6 +150,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         cron_secret: str | None = None,
         auto_migrate: bool = True,
         record_step_inputs: bool = True,
+        group_commit: bool = True,
         ack_timeout: float = 10.0,
         dashboard_password: str | None = None,
         dashboard_path: str | None = "/ui",
@@ -189,7 +194,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.cron_secret = cron_secret or os.environ.get("CRON_SECRET") or None
         self.registry = Registry()
         self.db = Database(url, max_size=pool_size, pooled=pooled)
-        self.store = Store(self.db, self.schema, auto_migrate=auto_migrate)
+        self.store = Store(
+            self.db,
+            self.schema,
+            auto_migrate=auto_migrate,
+            group_commit=group_commit,
+        )
         self.engine = Engine(
             self.store,
             self.registry,

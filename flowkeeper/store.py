@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import migrations
 from .db import Database
 from .errors import DatabaseError, DatabaseRefusedError, MigrationError
+from .groupcommit import BatchRefused, GroupCommit
 from .serialization import display_json
 from .sql import load_queries
 
@@ -161,6 +163,29 @@ def _refused(name: str, exc: BaseException) -> DatabaseRefusedError | None:
     return None
 
 
+def _conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a transaction rollback (SQLSTATE class 40: deadlock, serialization)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, _postgres_error()) and state.startswith("40")
+
+
+def _raise_mapped(name: str, exc: Exception) -> None:
+    """Raise the flowkeeper error ``exc`` from query ``name`` stands for, if any."""
+    refused = _refused(name, exc)
+    if refused is not None:
+        raise refused from exc
+    if isinstance(exc, _connection_errors()):
+        raise DatabaseError(
+            f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(exc, _postgres_error()):
+        raise DatabaseError(
+            f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
+            "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
+            "behind a transaction pooler, make sure it is detected (pooled=True)."
+        ) from exc
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
@@ -177,11 +202,23 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 class Store:
     """Typed access to the flowkeeper schema."""
 
-    def __init__(self, db: Database, schema: str, *, auto_migrate: bool = True) -> None:
+    def __init__(
+        self,
+        db: Database,
+        schema: str,
+        *,
+        auto_migrate: bool = True,
+        group_commit: bool = True,
+    ) -> None:
         self.db = db
         self.schema = schema
         self.q = load_queries(schema)
         self.auto_migrate = auto_migrate
+        #: Whether concurrent writes share transactions (flowkeeper.groupcommit).
+        self.group_commit = group_commit
+        self._groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._ready = False
         self._ready_lock: asyncio.Lock | None = None
 
@@ -206,20 +243,61 @@ class Store:
             self.db.put(own)
             return result
         except Exception as exc:
-            refused = _refused(name, exc)
-            if refused is not None:
-                raise refused from exc
-            if isinstance(exc, _connection_errors()):
-                raise DatabaseError(
-                    f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
-                ) from exc
-            if isinstance(exc, _postgres_error()):
-                raise DatabaseError(
-                    f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
-                    "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
-                    "behind a transaction pooler, make sure it is detected (pooled=True)."
-                ) from exc
+            _raise_mapped(name, exc)
             raise
+
+    async def _call_many(self, writes: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Run each (statement, arguments), in order, in one transaction.
+
+        Raises :class:`BatchRefused` (nothing committed) when Postgres refuses
+        one of them permanently or rolls the transaction back (a deadlock), so
+        that the caller can send each again alone.
+        """
+        import asyncpg
+
+        if not self._ready:
+            await self.ensure_schema()
+        name = writes[0][0]
+        try:
+            own = await self.db.get()
+            try:
+                rows = []
+                async with own.transaction():
+                    for name, args in writes:
+                        rows.append(await own.fetchrow(self.q[name], *args))
+            except BaseException as exc:
+                # After a refusal the transaction was rolled back: reusable.
+                refusal = isinstance(exc, _postgres_error() | asyncpg.DataError | UnicodeError)
+                self.db.put(own, reusable=refusal)
+                raise
+            self.db.put(own)
+            return rows
+        except Exception as exc:
+            # A refusal, or a deadlock / serialization failure between two
+            # batches (duplicate triggers crossing each other): rolled back,
+            # nothing committed; each write is sent again alone.
+            if _refused(name, exc) is not None or _conflict(exc):
+                raise BatchRefused(name) from exc
+            _raise_mapped(name, exc)
+            raise
+
+    def _group(self) -> GroupCommit[Any]:
+        """This event loop's group commit."""
+        loop = asyncio.get_running_loop()
+        group = self._groups.get(loop)
+        if group is None:
+            group = self._groups[loop] = GroupCommit(
+                lambda write: self._call("fetchrow", write[0], *write[1]),
+                self._call_many,
+                max_inflight=self.db.max_size,
+            )
+        return group
+
+    async def _write(self, name: str, *args: Any) -> Any:
+        """One fenced write, combined with concurrent ones when group commit is on."""
+        if not self.group_commit:
+            return await self._call("fetchrow", name, *args)
+        return await self._group().submit(name, args)
 
     async def ensure_schema(self) -> None:
         """Check the schema version once per process; migrate if allowed and needed."""
@@ -271,17 +349,11 @@ class Store:
         """Insert a run; on an idempotency-key hit return the existing id."""
         if conn is not None and not self._ready:
             await self.ensure_schema()
-        row = await self._call(
-            "fetchrow",
-            "insert_run",
-            uuid.UUID(run_id),
-            workflow,
-            input_json,
-            idempotency_key,
-            lease_token,
-            lease,
-            conn=conn,
-        )
+        args = (uuid.UUID(run_id), workflow, input_json, idempotency_key, lease_token, lease)
+        if conn is not None:
+            row = await self._call("fetchrow", "insert_run", *args, conn=conn)
+        else:
+            row = await self._write("insert_run", *args)
         if row is not None:
             return str(row["id"]), True
         return await self._existing(run_id, workflow, idempotency_key, conn=conn)
@@ -318,8 +390,7 @@ class Store:
         On a conflict returns what :meth:`insert_run` would: the existing run's
         id and whether it is this run (created earlier under the same id).
         """
-        row = await self._call(
-            "fetchrow",
+        row = await self._write(
             "create_claimed_run",
             uuid.UUID(run_id),
             workflow,
@@ -338,7 +409,7 @@ class Store:
     async def claim(
         self, run_id: str, token: uuid.UUID | None, new_token: uuid.UUID, lease: timedelta
     ) -> ClaimedRun | None:
-        row = await self._call("fetchrow", "claim_run", uuid.UUID(run_id), token, new_token, lease)
+        row = await self._write("claim_run", uuid.UUID(run_id), token, new_token, lease)
         if row is None:
             return None
         history = [
@@ -383,8 +454,7 @@ class Store:
 
         ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
         """
-        row = await self._call(
-            "fetchrow",
+        row = await self._write(
             "commit",
             uuid.UUID(run_id),
             token,
