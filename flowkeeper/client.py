@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import stepinputs
 from .alerts import AlertSender
 from .db import Database
 from .dispatch import Dispatcher
@@ -490,6 +492,14 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             if ev.kind in ("attempt_failed", "attempt_lost") and ev.step_key:
                 failures.setdefault(ev.step_key, []).append(_attempt_error(ev))
         steps = [_step_info(r, now, failures.get(r["key"], [])) for r in step_rows]
+        run_input = json_or_none(run["input"])
+        outputs = {s.key: s.output for s in steps if s.kind == "step"}
+        steps = [
+            dataclasses.replace(s, input=stepinputs.resolve(s.input, outputs, run_input))
+            if isinstance(s.input, dict) and "$refs" in s.input
+            else s
+            for s in steps
+        ]
         if (
             run["status"] == "retrying"
             and run["step_key"]
@@ -513,7 +523,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             id=str(run["id"]),
             workflow=run["workflow"],
             status=RunStatus(run["status"]),
-            input=json_or_none(run["input"]),
+            input=run_input,
             output=json_or_none(run["output"]),
             error=json_or_none(run["error"]),
             idempotency_key=run["idempotency_key"],

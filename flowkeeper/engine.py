@@ -51,6 +51,7 @@ from .events import EventBus, check_event_name
 from .executor import StepExecutor
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .serialization import clean_text
+from .stepinputs import InputRecorder
 from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
 from .streams import Publisher, check_topic
 from .tokens import Token, TokenSigner
@@ -340,6 +341,7 @@ class Execution:
         self._position = 0
         self._occurrences: dict[str, int] = {}
         self._pending_steps: list[StepRecord] = []
+        self._inputs = InputRecorder(enabled=engine.record_step_inputs)
         self._pending_events: list[EventRecord] = []
         self._executed = 0
         # The ctx operation in progress: taken before any await, so a second
@@ -494,6 +496,7 @@ class Execution:
             if self.workflow.takes_input:
                 try:
                     args = (ctx, self.workflow.load_input(self.claimed.input))
+                    self._inputs.produced(args[1], "$input")
                 except (SerializationError, InvalidInputError) as exc:
                     raise WorkflowError(
                         f"The stored input of run {self.run_id} no longer matches the input "
@@ -757,9 +760,11 @@ class Execution:
         hint = serialization.return_hint(fn)
         if entry is not None:
             if entry.status == "completed":
-                return serialization.loads(
+                value = serialization.loads(
                     entry.output, hint, entry.output_type, what=f"The result of step {key!r}"
                 )
+                self._inputs.produced(value, key)
+                return value
             error = entry.error or {}
             raise StepFailedError(
                 key,
@@ -805,7 +810,12 @@ class Execution:
             value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
             output = serialization.dumps(value, what=f"The result of step {key!r}")
             tag = serialization.type_tag(value) if hint is None else None
-            restored = serialization.loads(output, hint, tag, what=f"The result of step {key!r}")
+            if type(value) is str and hint in (None, str):
+                restored = value  # immutable, and JSON gives it back unchanged: no parse
+            else:
+                restored = serialization.loads(
+                    output, hint, tag, what=f"The result of step {key!r}"
+                )
         except asyncio.CancelledError:
             self._step_now = None
             reason, self._interrupted = self._interrupted, None
@@ -875,6 +885,7 @@ class Execution:
                 finished_at=self.db_time(),
             )
         )
+        self._inputs.produced(restored, key)
         return restored
 
     def _charge_lost(self, key: str, prior: int, lost: int, policy: RetryPolicy) -> None:
@@ -965,9 +976,7 @@ class Execution:
         return EventRecord("attempt_failed", step_key=key, attempt=attempt, detail=detail)
 
     def _input_json(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        if not self.engine.record_step_inputs or (not args and not kwargs):
-            return None
-        return serialization.dumps_best_effort({"args": args, "kwargs": kwargs})
+        return self._inputs.record(args, kwargs)
 
     async def _invoke(
         self,
