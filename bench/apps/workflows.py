@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 from flowkeeper import Context, define_workflow
+
+# Text that compresses about as well as prose (about 2.5x), made once.
+_WORDS = [f"w{i:x}{'abcdefgh'[i % 8] * (i % 7)}" for i in range(4000)]
+CORPUS = " ".join(random.Random(7).choices(_WORDS, k=120_000))[:500_000]
 
 
 async def noop(i: int) -> int:
@@ -36,9 +42,41 @@ async def waiter(ctx: Context, n: int) -> int:
     return await ctx.step("after", noop, event["n"])
 
 
+async def make_text(size: int) -> str:
+    return CORPUS[:size] if size <= len(CORPUS) else (CORPUS * (size // len(CORPUS) + 1))[:size]
+
+
+async def rewrite(text: str) -> str:
+    return text.swapcase()  # a new value of the same size, as a real step makes
+
+
+async def payload(ctx: Context, size: int) -> int:
+    """Three steps returning (and passing on) ``size`` characters of text."""
+    a = await ctx.step("one", make_text, size)
+    b = await ctx.step("two", rewrite, a)
+    c = await ctx.step("three", rewrite, b)
+    return len(c)
+
+
+async def big(ctx: Context, size: int) -> int:
+    """One step whose result is ``size`` characters (the endpoint's peak memory)."""
+    text = await ctx.step("make", make_text, size)
+    return len(text)
+
+
+async def many(ctx: Context, n: int) -> int:
+    """``n`` trivial steps in one run."""
+    for i in range(n):
+        await ctx.step("s", noop, i)
+    return n
+
+
 WORKFLOWS = {
     "three": define_workflow("three", three),
     "five": define_workflow("five", five),
     "five-with-sleep": define_workflow("five-with-sleep", five_with_sleep),
     "waiter": define_workflow("waiter", waiter),
+    "payload": define_workflow("payload", payload),
+    "big": define_workflow("big", big),
+    "many": define_workflow("many", many),
 }
