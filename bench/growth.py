@@ -307,7 +307,7 @@ async def memory(admin_url: str, args: argparse.Namespace) -> list[list[str]]:
             await run_many(url, ep, "big", [mb * 1_000_000], 1, limit=300)
             peak = _rss_peak(pid)
         rows.append(
-            [f"memory: endpoint peak RSS, one {mb} MB step result (target <= 3.5x + const)",
+            [f"memory: endpoint peak RSS, one {mb} MB step result (target: 700 MB at 200 MB)",
              f"{peak / 1e6:.0f} MB ({peak / (mb * 1e6):.1f}x; {before / 1e6:.0f} MB before)"]
         )  # fmt: skip
     return rows

@@ -808,7 +808,7 @@ class Execution:
         self._step_now = (key, attempt)
         try:
             value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
-            output = serialization.dumps(value, what=f"The result of step {key!r}")
+            output = serialization.dumps_for_storage(value, what=f"The result of step {key!r}")
             tag = serialization.type_tag(value) if hint is None else None
             if type(value) is str and hint in (None, str):
                 restored = value  # immutable, and JSON gives it back unchanged: no parse

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import migrations
+from . import migrations, serialization
 from .db import Database
 from .errors import DatabaseError, DatabaseRefusedError, MigrationError
 from .groupcommit import BatchRefused, GroupCommit
@@ -74,7 +74,7 @@ class StepRecord:
     kind: str
     status: str
     input: str | None
-    output: str | None
+    output: str | bytes | None  # bytes: a large value, as serialization.dumps_for_storage
     output_type: str | None
     error: dict[str, Any] | None
     attempts: int
@@ -91,7 +91,17 @@ class EventRecord:
     detail: dict[str, Any] | None = None
 
 
-def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
+#: Step outputs longer than this (bytes or characters of JSON) are sent ahead in chunks.
+STAGE_ABOVE = serialization.LARGE_JSON
+#: The size of one chunk (bytes; characters for an output given as text).
+CHUNK = 2_000_000
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _step_columns(steps: Sequence[StepRecord], staged: Sequence[int]) -> list[list[Any]]:
     """The commit query takes one array per column (unnest): no JSON to build or parse."""
     return [
         [s.key for s in steps],
@@ -100,7 +110,7 @@ def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
         [s.kind for s in steps],
         [s.status for s in steps],
         [s.input for s in steps],
-        [s.output for s in steps],
+        [None if n else _text(s.output) for s, n in zip(steps, staged, strict=True)],
         [s.output_type for s in steps],
         [display_json(s.error) if s.error is not None else None for s in steps],
         [s.attempts for s in steps],
@@ -454,26 +464,48 @@ class Store:
 
         ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
         """
-        row = await self._write(
-            "commit",
-            uuid.UUID(run_id),
-            token,
-            status,
-            new_token,
-            due_in,
-            due_at,
-            output,
-            display_json(error) if error is not None else None,
-            step_key,
-            step_attempt,
-            *_step_columns(steps),
-            *_event_columns(events),
-            keep_due,
-        )
+        run_uuid = uuid.UUID(run_id)
+        staged = [0] * len(steps)
+        for i, step in enumerate(steps):
+            if step.output is not None and len(step.output) > STAGE_ABOVE:
+                staged[i] = await self._stage(run_uuid, token, step.key, step.output)
+        try:
+            row = await self._write(
+                "commit",
+                run_uuid,
+                token,
+                status,
+                new_token,
+                due_in,
+                due_at,
+                output,
+                display_json(error) if error is not None else None,
+                step_key,
+                step_attempt,
+                *_step_columns(steps, staged),
+                *_event_columns(events),
+                keep_due,
+                staged,
+            )
+        finally:
+            if any(staged):
+                try:
+                    await self._call("execute", "clear_staged", run_uuid)
+                except Exception as exc:  # the next large commit of this run clears them
+                    logger.debug("could not clear staged chunks of run %s: %s", run_id, exc)
         if row is None:
             return False
         due: datetime | None = row["due_at"]
         return due
+
+    async def _stage(self, run_id: uuid.UUID, token: uuid.UUID, key: str, text: str | bytes) -> int:
+        """Send a large output ahead, a chunk (bytes) per statement; returns how many."""
+        count = 0
+        for count, start in enumerate(range(0, len(text), CHUNK), start=1):
+            piece = text[start : start + CHUNK]
+            data = piece.encode() if isinstance(piece, str) else piece
+            await self._call("execute", "stage_chunk", run_id, key, token, count, data)
+        return count
 
     async def heartbeat(self, run_id: str, token: uuid.UUID, lease: timedelta) -> str | None:
         """Extend the lease; the run's status while it is held, None once it is lost."""

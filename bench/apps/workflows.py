@@ -43,7 +43,9 @@ async def waiter(ctx: Context, n: int) -> int:
 
 
 async def make_text(size: int) -> str:
-    return CORPUS[:size] if size <= len(CORPUS) else (CORPUS * (size // len(CORPUS) + 1))[:size]
+    # Exactly ``size`` characters in one allocation (no larger string to cut down).
+    whole, part = divmod(size, len(CORPUS))
+    return "".join([CORPUS] * whole + [CORPUS[:part]])
 
 
 async def rewrite(text: str) -> str:

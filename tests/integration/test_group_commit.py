@@ -218,6 +218,7 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
     from flowkeeper.groupcommit import BatchRefused
 
     fk = FlowKeeper(database_url, signing_key=KEY, pool_size=2)
+    other = await asyncpg.connect(database_url)
     try:
         store = fk.store
         await store.ensure_schema()
@@ -225,14 +226,24 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
         def insert(key: str) -> tuple[str, tuple[Any, ...]]:
             return ("insert_run", (uuid.uuid4(), "w", "1", key, None, timedelta(0)))
 
-        a = [insert("k0"), insert("k1")]
-        b = [insert("k1"), insert("k0")]
-        results = await asyncio.gather(
-            store._call_many(a), store._call_many(b), return_exceptions=True
+        # Another transaction holds k1 and then wants k0, which the batch holds
+        # while it waits for k1: a deadlock, of which the batch (waiting first,
+        # and with the shorter deadlock_timeout) is the victim.
+        await other.execute("SET deadlock_timeout = '10s'")
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(store.q["insert_run"], uuid.uuid4(), "w", "1", "k1", None, timedelta(0))
+        batch = asyncio.create_task(store._call_many([insert("k0"), insert("k1")]))
+        await asyncio.sleep(0.3)
+        blocked = asyncio.create_task(
+            other.execute(store.q["insert_run"], uuid.uuid4(), "w", "1", "k0", None, timedelta(0))
         )
-        refused = [r for r in results if isinstance(r, BatchRefused)]
-        assert len(refused) == 1, results  # the deadlock victim, rolled back whole
+        with pytest.raises(BatchRefused):
+            await batch
+        await blocked
+        await tx.commit()
         async with fk.db.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM flowkeeper.runs") == 2
     finally:
+        await other.close()
         await fk.aclose()
