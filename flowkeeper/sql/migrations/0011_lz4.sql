@@ -1,4 +1,4 @@
--- flowkeeper schema, version 9: payloads compressed with lz4 where the server has it.
+-- flowkeeper schema, version 11: payloads compressed with lz4 where the server has it.
 --
 -- Step results, inputs and run outputs are TOASTed when large.  Postgres's
 -- default compression (pglz) is several times slower than lz4 at both ends;

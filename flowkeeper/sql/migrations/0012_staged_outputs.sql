@@ -1,4 +1,4 @@
--- flowkeeper schema, version 10: large step outputs sent ahead in chunks.
+-- flowkeeper schema, version 12: large step outputs sent ahead in chunks.
 --
 -- A step output of hundreds of megabytes, sent as one statement parameter,
 -- costs the sending process several copies of it in its driver's buffers.
