@@ -54,6 +54,10 @@ def durable_cluster(**settings: str) -> Iterator[PostgresCluster]:
         cluster.stop()
 
 
+#: The process id of each endpoint served_app is serving (for memory figures).
+SERVED_PIDS: dict[str, int] = {}
+
+
 @contextmanager
 def served_app(
     database_url: str, *, module: str = "bench.apps.bench_app", pool_size: int = 5
@@ -100,8 +104,10 @@ def served_app(
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("benchmark app did not start") from None
                 time.sleep(0.05)
+        SERVED_PIDS[endpoint] = proc.pid
         yield endpoint
     finally:
+        SERVED_PIDS.pop(endpoint, None)
         proc.terminate()
         proc.wait(timeout=20)
 

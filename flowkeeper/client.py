@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import stepinputs
 from .alerts import AlertSender
 from .db import Database
 from .dispatch import Dispatcher
@@ -130,6 +132,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
     a rolling deploy) defers the run instead of failing it; it fails only once
     endpoints have not known its workflow for this long (see flowkeeper.deploys).
 
+    ``group_commit`` (on by default): when several runs of this process write
+    at the same moment, their writes share one Postgres transaction (see
+    :mod:`flowkeeper.groupcommit`); a lone write goes at once, as without it.
+
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
     more than whitespace).  ``allow_weak_secrets=True`` turns the check off,
@@ -153,6 +159,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         cron_secret: str | None = None,
         auto_migrate: bool = True,
         record_step_inputs: bool = True,
+        group_commit: bool = True,
         ack_timeout: float = 10.0,
         dashboard_password: str | None = None,
         dashboard_path: str | None = "/ui",
@@ -198,7 +205,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.cron_secret = cron_secret or os.environ.get("CRON_SECRET") or None
         self.registry = Registry()
         self.db = Database(url, max_size=pool_size, pooled=pooled)
-        self.store = Store(self.db, self.schema, auto_migrate=auto_migrate)
+        self.store = Store(
+            self.db,
+            self.schema,
+            auto_migrate=auto_migrate,
+            group_commit=group_commit,
+        )
         self.engine = Engine(
             self.store,
             self.registry,
@@ -512,6 +524,14 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             if ev.kind in ("attempt_failed", "attempt_lost") and ev.step_key:
                 failures.setdefault(ev.step_key, []).append(_attempt_error(ev))
         steps = [_step_info(r, now, failures.get(r["key"], [])) for r in step_rows]
+        run_input = json_or_none(run["input"])
+        outputs = {s.key: s.output for s in steps if s.kind == "step"}
+        steps = [
+            dataclasses.replace(s, input=stepinputs.resolve(s.input, outputs, run_input))
+            if isinstance(s.input, dict) and "$refs" in s.input
+            else s
+            for s in steps
+        ]
         if (
             run["status"] == "retrying"
             and run["step_key"]
@@ -535,7 +555,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             id=str(run["id"]),
             workflow=run["workflow"],
             status=RunStatus(run["status"]),
-            input=json_or_none(run["input"]),
+            input=run_input,
             output=json_or_none(run["output"]),
             error=json_or_none(run["error"]),
             idempotency_key=run["idempotency_key"],

@@ -52,6 +52,7 @@ from .events import EventBus, check_event_name
 from .executor import StepExecutor
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .serialization import clean_text
+from .stepinputs import InputRecorder
 from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
 from .streams import Publisher, check_topic
 from .tokens import Token, TokenSigner
@@ -415,6 +416,7 @@ class Execution:
         self._position = 0
         self._occurrences: dict[str, int] = {}
         self._pending_steps: list[StepRecord] = []
+        self._inputs = InputRecorder(enabled=engine.record_step_inputs)
         self._pending_events: list[EventRecord] = []
         self._executed = 0
         # Parallel branches (asyncio.gather, ctx.parallel, ctx.map): see "branches" below.
@@ -597,6 +599,7 @@ class Execution:
             if self.workflow.takes_input:
                 try:
                     args = (ctx, self.workflow.load_input(self.claimed.input))
+                    self._inputs.produced(args[1], "$input")
                 except (SerializationError, InvalidInputError) as exc:
                     raise WorkflowError(
                         f"The stored input of run {self.run_id} no longer matches the input "
@@ -1173,9 +1176,11 @@ class Execution:
         prior = self.claimed.step_attempt if self.claimed.step_key == key else 0
         if entry is not None:
             if entry.status == "completed":
-                return serialization.loads(
+                value = serialization.loads(
                     entry.output, hint, entry.output_type, what=f"The result of step {key!r}"
                 )
+                self._inputs.produced(value, key)
+                return value
             if entry.status == "retrying":
                 # A parallel branch's step between attempts (migration 0009).
                 prior = entry.attempts
@@ -1297,9 +1302,14 @@ class Execution:
         started = self.db_time()
         try:
             value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
-            output = serialization.dumps(value, what=f"The result of step {key!r}")
+            output = serialization.dumps_for_storage(value, what=f"The result of step {key!r}")
             tag = serialization.type_tag(value) if hint is None else None
-            restored = serialization.loads(output, hint, tag, what=f"The result of step {key!r}")
+            if type(value) is str and hint in (None, str):
+                restored = value  # immutable, and JSON gives it back unchanged: no parse
+            else:
+                restored = serialization.loads(
+                    output, hint, tag, what=f"The result of step {key!r}"
+                )
         except asyncio.CancelledError:
             reason = self._interrupted
             if reason is None or reason == "settle" or self._ended is not None:
@@ -1374,6 +1384,7 @@ class Execution:
                 finished_at=self.db_time(),
             )
         )
+        self._inputs.produced(restored, key)
         await self._flush_if_branch()
         return restored
 
@@ -1492,9 +1503,7 @@ class Execution:
         return EventRecord("attempt_failed", step_key=key, attempt=attempt, detail=detail)
 
     def _input_json(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
-        if not self.engine.record_step_inputs or (not args and not kwargs):
-            return None
-        return serialization.dumps_best_effort({"args": args, "kwargs": kwargs})
+        return self._inputs.record(args, kwargs)
 
     async def _invoke(
         self,

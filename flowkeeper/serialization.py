@@ -20,7 +20,7 @@ import re
 import typing
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import pydantic
 import pydantic_core
@@ -35,16 +35,22 @@ _hint_cache: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKe
 
 # A JSON-escaped NUL (\u0000) not itself escaped: an odd run of backslashes before it.
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_NUL_ESCAPE_BYTES = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _NONFINITE = ("NaN", "Infinity")
+_NONFINITE_BYTES = (b"NaN", b"Infinity")
 
 
 def _reject_constant(token: str) -> Any:
     raise ValueError(token)
 
 
-def has_nonfinite(text: str) -> bool:
+def has_nonfinite(text: str | bytes) -> bool:
     """Whether JSON text holds a bare NaN/Infinity (not merely the word inside a string)."""
-    if not any(token in text for token in _NONFINITE):  # the fast path: a C substring scan
+    # The fast path: a C substring scan.
+    if isinstance(text, bytes):
+        if not any(token in text for token in _NONFINITE_BYTES):
+            return False
+    elif not any(token in text for token in _NONFINITE):
         return False
     try:
         json.loads(text, parse_constant=_reject_constant)
@@ -64,8 +70,26 @@ def dumps(value: Any, *, what: str) -> str:
     Refuses, with a message saying why, everything Postgres cannot store or JSON
     cannot represent: NaN and infinities, NUL characters and lone surrogates.
     """
+    return _checked_json(value, what).decode()
+
+
+#: JSON longer than this (bytes) is kept as bytes by :func:`dumps_for_storage`.
+LARGE_JSON: Final = 8_000_000
+
+
+def dumps_for_storage(value: Any, *, what: str) -> str | bytes:
+    """As :func:`dumps`, but a large value stays UTF-8 bytes (no second copy as str).
+
+    The store sends such a value ahead in chunks (see Store.commit); everything
+    that reads it back (``loads``) takes bytes as well as text.
+    """
+    data = _checked_json(value, what)
+    return data if len(data) > LARGE_JSON else data.decode()
+
+
+def _checked_json(value: Any, what: str) -> bytes:
     try:
-        text = pydantic_core.to_json(value).decode()
+        data = pydantic_core.to_json(value)
     except (pydantic_core.PydanticSerializationError, TypeError, ValueError) as exc:
         if "surrogates not allowed" in str(exc):
             raise SerializationError(
@@ -79,17 +103,17 @@ def dumps(value: Any, *, what: str) -> str:
             "Return JSON-compatible data (dict, list, str, int, float, bool, None) "
             "or a pydantic model."
         ) from exc
-    if has_nul(text):
+    if b"\\u0000" in data and _NUL_ESCAPE_BYTES.search(data) is not None:
         raise SerializationError(
             f"{what} contains a NUL character (\\u0000), which Postgres cannot store in JSON. "
             "Strip NUL characters or encode binary data (e.g. base64)."
         )
-    if has_nonfinite(text):
+    if has_nonfinite(data):
         raise SerializationError(
             f"{what} contains NaN or an infinity, which JSON cannot represent. Replace it "
             "with None or a string, or round it to a finite number, before returning it."
         )
-    return text
+    return data
 
 
 def json_or_none(text: str | None) -> Any:
@@ -201,7 +225,7 @@ def _resolve_tag(tag: str) -> Any:
     return obj
 
 
-def loads(text: str | None, hint: Any = None, tag: str | None = None, *, what: str) -> Any:
+def loads(text: str | bytes | None, hint: Any = None, tag: str | None = None, *, what: str) -> Any:
     """Restore a stored JSON value as ``hint`` (or the tagged model class)."""
     if text is None:
         return None

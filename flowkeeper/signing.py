@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -77,9 +78,25 @@ class _FixedTimeSigner(TimestampSigner):
     def get_timestamp(self) -> int:
         return self._timestamp if self._timestamp is not None else int(time.time())
 
+    def derive_key(self, secret_key: str | bytes | None = None) -> bytes:
+        # itsdangerous derives the key again on every sign and verify; the
+        # derivation depends on the secret alone, so it is done once per key.
+        raw = self.secret_keys[-1] if secret_key is None else secret_key
+        return _derived(raw if isinstance(raw, bytes) else raw.encode())
+
+
+@functools.lru_cache(maxsize=32)
+def _derived(key: bytes) -> bytes:
+    return hmac.new(key, SALT, hashlib.sha256).digest()
+
 
 @functools.lru_cache(maxsize=32)
 def _verifier(key: bytes) -> _FixedTimeSigner:
+    return _FixedTimeSigner(key, None)
+
+
+@functools.lru_cache(maxsize=32)
+def _signer(key: bytes) -> _FixedTimeSigner:
     return _FixedTimeSigner(key, None)
 
 
@@ -87,7 +104,10 @@ def canonical_message(method: str, path: str, body: bytes) -> bytes:
     """The value that gets signed for a request (without the timestamp)."""
     if "\n" in method or "\n" in path:
         raise ValueError("method and path must not contain newlines")
-    digest = hashlib.sha256(body).hexdigest()
+    return _message(method, path, hashlib.sha256(body).hexdigest())
+
+
+def _message(method: str, path: str, digest: str) -> bytes:
     return f"v1\n{method.upper()}\n{path}\n{digest}".encode()
 
 
@@ -172,7 +192,7 @@ def sign_request(
     defaults to now; pass one only to reproduce a known signature.
     """
     key = normalize_keys(keys)[0]
-    signer = _FixedTimeSigner(key, timestamp)
+    signer = _signer(key) if timestamp is None else _FixedTimeSigner(key, timestamp)
     signed = signer.sign(canonical_message(method, path, body)).decode("ascii")
     # signed = "<message>.<ts>.<sig>": the message is rebuilt by the verifier.
     ts, sig = signed.rsplit(".", 2)[1:]
@@ -219,8 +239,11 @@ def verify_request(
 
     key_list = normalize_keys(keys)
     matched = False
+    digest = hashlib.sha256(body).hexdigest()
     for path in dict.fromkeys(paths):
-        message = canonical_message(method, path, body)
+        if "\n" in method or "\n" in path:
+            raise ValueError("method and path must not contain newlines")
+        message = _message(method, path, digest)
         token = message + b"." + f"{ts_text}.{sig_text}".encode("ascii")
         for key in key_list:
             try:

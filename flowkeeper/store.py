@@ -10,14 +10,16 @@ import asyncio
 import json
 import logging
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from . import migrations
+from . import migrations, serialization
 from .db import Database
 from .errors import DatabaseError, DatabaseRefusedError, MigrationError
+from .groupcommit import BatchRefused, GroupCommit
 from .serialization import display_json
 from .sql import load_queries
 
@@ -73,7 +75,7 @@ class StepRecord:
     kind: str
     status: str
     input: str | None
-    output: str | None
+    output: str | bytes | None  # bytes: a large value, as serialization.dumps_for_storage
     output_type: str | None
     error: dict[str, Any] | None
     attempts: int
@@ -90,7 +92,17 @@ class EventRecord:
     detail: dict[str, Any] | None = None
 
 
-def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
+#: Step outputs longer than this (bytes or characters of JSON) are sent ahead in chunks.
+STAGE_ABOVE = serialization.LARGE_JSON
+#: The size of one chunk (bytes; characters for an output given as text).
+CHUNK = 2_000_000
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _step_columns(steps: Sequence[StepRecord], staged: Sequence[int]) -> list[list[Any]]:
     """The commit query takes one array per column (unnest): no JSON to build or parse."""
     return [
         [s.key for s in steps],
@@ -99,7 +111,7 @@ def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
         [s.kind for s in steps],
         [s.status for s in steps],
         [s.input for s in steps],
-        [s.output for s in steps],
+        [None if n else _text(s.output) for s, n in zip(steps, staged, strict=True)],
         [s.output_type for s in steps],
         [display_json(s.error) if s.error is not None else None for s in steps],
         [s.attempts for s in steps],
@@ -163,6 +175,29 @@ def _refused(name: str, exc: BaseException) -> DatabaseRefusedError | None:
     return None
 
 
+def _conflict(exc: BaseException) -> bool:
+    """Whether ``exc`` is a transaction rollback (SQLSTATE class 40: deadlock, serialization)."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return isinstance(exc, _postgres_error()) and state.startswith("40")
+
+
+def _raise_mapped(name: str, exc: Exception) -> None:
+    """Raise the flowkeeper error ``exc`` from query ``name`` stands for, if any."""
+    refused = _refused(name, exc)
+    if refused is not None:
+        raise refused from exc
+    if isinstance(exc, _connection_errors()):
+        raise DatabaseError(
+            f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
+        ) from exc
+    if isinstance(exc, _postgres_error()):
+        raise DatabaseError(
+            f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
+            "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
+            "behind a transaction pooler, make sure it is detected (pooled=True)."
+        ) from exc
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
@@ -179,11 +214,23 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 class Store:
     """Typed access to the flowkeeper schema."""
 
-    def __init__(self, db: Database, schema: str, *, auto_migrate: bool = True) -> None:
+    def __init__(
+        self,
+        db: Database,
+        schema: str,
+        *,
+        auto_migrate: bool = True,
+        group_commit: bool = True,
+    ) -> None:
         self.db = db
         self.schema = schema
         self.q = load_queries(schema)
         self.auto_migrate = auto_migrate
+        #: Whether concurrent writes share transactions (flowkeeper.groupcommit).
+        self.group_commit = group_commit
+        self._groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         self._ready = False
         self._ready_lock: asyncio.Lock | None = None
 
@@ -208,20 +255,61 @@ class Store:
             self.db.put(own)
             return result
         except Exception as exc:
-            refused = _refused(name, exc)
-            if refused is not None:
-                raise refused from exc
-            if isinstance(exc, _connection_errors()):
-                raise DatabaseError(
-                    f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
-                ) from exc
-            if isinstance(exc, _postgres_error()):
-                raise DatabaseError(
-                    f"Postgres refused flowkeeper's {name} query: {type(exc).__name__}: {exc}. "
-                    "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
-                    "behind a transaction pooler, make sure it is detected (pooled=True)."
-                ) from exc
+            _raise_mapped(name, exc)
             raise
+
+    async def _call_many(self, writes: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Run each (statement, arguments), in order, in one transaction.
+
+        Raises :class:`BatchRefused` (nothing committed) when Postgres refuses
+        one of them permanently or rolls the transaction back (a deadlock), so
+        that the caller can send each again alone.
+        """
+        import asyncpg
+
+        if not self._ready:
+            await self.ensure_schema()
+        name = writes[0][0]
+        try:
+            own = await self.db.get()
+            try:
+                rows = []
+                async with own.transaction():
+                    for name, args in writes:
+                        rows.append(await own.fetchrow(self.q[name], *args))
+            except BaseException as exc:
+                # After a refusal the transaction was rolled back: reusable.
+                refusal = isinstance(exc, _postgres_error() | asyncpg.DataError | UnicodeError)
+                self.db.put(own, reusable=refusal)
+                raise
+            self.db.put(own)
+            return rows
+        except Exception as exc:
+            # A refusal, or a deadlock / serialization failure between two
+            # batches (duplicate triggers crossing each other): rolled back,
+            # nothing committed; each write is sent again alone.
+            if _refused(name, exc) is not None or _conflict(exc):
+                raise BatchRefused(name) from exc
+            _raise_mapped(name, exc)
+            raise
+
+    def _group(self) -> GroupCommit[Any]:
+        """This event loop's group commit."""
+        loop = asyncio.get_running_loop()
+        group = self._groups.get(loop)
+        if group is None:
+            group = self._groups[loop] = GroupCommit(
+                lambda write: self._call("fetchrow", write[0], *write[1]),
+                self._call_many,
+                max_inflight=self.db.max_size,
+            )
+        return group
+
+    async def _write(self, name: str, *args: Any) -> Any:
+        """One fenced write, combined with concurrent ones when group commit is on."""
+        if not self.group_commit:
+            return await self._call("fetchrow", name, *args)
+        return await self._group().submit(name, args)
 
     async def ensure_schema(self) -> None:
         """Check the schema version once per process; migrate if allowed and needed."""
@@ -273,17 +361,11 @@ class Store:
         """Insert a run; on an idempotency-key hit return the existing id."""
         if conn is not None and not self._ready:
             await self.ensure_schema()
-        row = await self._call(
-            "fetchrow",
-            "insert_run",
-            uuid.UUID(run_id),
-            workflow,
-            input_json,
-            idempotency_key,
-            lease_token,
-            lease,
-            conn=conn,
-        )
+        args = (uuid.UUID(run_id), workflow, input_json, idempotency_key, lease_token, lease)
+        if conn is not None:
+            row = await self._call("fetchrow", "insert_run", *args, conn=conn)
+        else:
+            row = await self._write("insert_run", *args)
         if row is not None:
             return str(row["id"]), True
         return await self._existing(run_id, workflow, idempotency_key, conn=conn)
@@ -320,8 +402,7 @@ class Store:
         On a conflict returns what :meth:`insert_run` would: the existing run's
         id and whether it is this run (created earlier under the same id).
         """
-        row = await self._call(
-            "fetchrow",
+        row = await self._write(
             "create_claimed_run",
             uuid.UUID(run_id),
             workflow,
@@ -340,7 +421,7 @@ class Store:
     async def claim(
         self, run_id: str, token: uuid.UUID | None, new_token: uuid.UUID, lease: timedelta
     ) -> ClaimedRun | None:
-        row = await self._call("fetchrow", "claim_run", uuid.UUID(run_id), token, new_token, lease)
+        row = await self._write("claim_run", uuid.UUID(run_id), token, new_token, lease)
         if row is None:
             return None
         history = [
@@ -385,27 +466,48 @@ class Store:
 
         ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
         """
-        row = await self._call(
-            "fetchrow",
-            "commit",
-            uuid.UUID(run_id),
-            token,
-            status,
-            new_token,
-            due_in,
-            due_at,
-            output,
-            display_json(error) if error is not None else None,
-            step_key,
-            step_attempt,
-            *_step_columns(steps),
-            *_event_columns(events),
-            keep_due,
-        )
+        run_uuid = uuid.UUID(run_id)
+        staged = [0] * len(steps)
+        for i, step in enumerate(steps):
+            if step.output is not None and len(step.output) > STAGE_ABOVE:
+                staged[i] = await self._stage(run_uuid, token, step.key, step.output)
+        try:
+            row = await self._write(
+                "commit",
+                run_uuid,
+                token,
+                status,
+                new_token,
+                due_in,
+                due_at,
+                output,
+                display_json(error) if error is not None else None,
+                step_key,
+                step_attempt,
+                *_step_columns(steps, staged),
+                *_event_columns(events),
+                keep_due,
+                staged,
+            )
+        finally:
+            if any(staged):
+                try:
+                    await self._call("execute", "clear_staged", run_uuid)
+                except Exception as exc:  # the next large commit of this run clears them
+                    logger.debug("could not clear staged chunks of run %s: %s", run_id, exc)
         if row is None:
             return False
         due: datetime | None = row["due_at"]
         return due
+
+    async def _stage(self, run_id: uuid.UUID, token: uuid.UUID, key: str, text: str | bytes) -> int:
+        """Send a large output ahead, a chunk (bytes) per statement; returns how many."""
+        count = 0
+        for count, start in enumerate(range(0, len(text), CHUNK), start=1):
+            piece = text[start : start + CHUNK]
+            data = piece.encode() if isinstance(piece, str) else piece
+            await self._call("execute", "stage_chunk", run_id, key, token, count, data)
+        return count
 
     async def heartbeat(self, run_id: str, token: uuid.UUID, lease: timedelta) -> str | None:
         """Extend the lease; the run's status while it is held, None once it is lost."""

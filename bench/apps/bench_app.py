@@ -8,7 +8,10 @@ from flowkeeper import FlowKeeper
 
 from .workflows import WORKFLOWS
 
-fk = FlowKeeper(pool_size=int(os.environ.get("FLOWKEEPER_POOL_SIZE", "5")))
+fk = FlowKeeper(
+    pool_size=int(os.environ.get("FLOWKEEPER_POOL_SIZE", "5")),
+    group_commit=os.environ.get("FLOWKEEPER_GROUP_COMMIT", "1") != "0",
+)
 for wf in WORKFLOWS.values():
     fk.register(wf)
 

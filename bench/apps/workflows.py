@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from flowkeeper import Context, define_workflow
+
+# Text that compresses about as well as prose (about 2.5x), made once.
+_WORDS = [f"w{i:x}{'abcdefgh'[i % 8] * (i % 7)}" for i in range(4000)]
+CORPUS = " ".join(random.Random(7).choices(_WORDS, k=120_000))[:500_000]
 
 
 async def noop(i: int) -> int:
@@ -66,6 +71,37 @@ async def fanout(ctx: Context, n: int) -> int:
     return sum(await ctx.wait_for_children(handles))
 
 
+async def make_text(size: int) -> str:
+    # Exactly ``size`` characters in one allocation (no larger string to cut down).
+    whole, part = divmod(size, len(CORPUS))
+    return "".join([CORPUS] * whole + [CORPUS[:part]])
+
+
+async def rewrite(text: str) -> str:
+    return text.swapcase()  # a new value of the same size, as a real step makes
+
+
+async def payload(ctx: Context, size: int) -> int:
+    """Three steps returning (and passing on) ``size`` characters of text."""
+    a = await ctx.step("one", make_text, size)
+    b = await ctx.step("two", rewrite, a)
+    c = await ctx.step("three", rewrite, b)
+    return len(c)
+
+
+async def big(ctx: Context, size: int) -> int:
+    """One step whose result is ``size`` characters (the endpoint's peak memory)."""
+    text = await ctx.step("make", make_text, size)
+    return len(text)
+
+
+async def many(ctx: Context, n: int) -> int:
+    """``n`` trivial steps in one run."""
+    for i in range(n):
+        await ctx.step("s", noop, i)
+    return n
+
+
 WORKFLOWS = {
     "three": define_workflow("three", three),
     "five": define_workflow("five", five),
@@ -75,4 +111,7 @@ WORKFLOWS = {
     "gather20": define_workflow("gather20", gather20),
     "leaf": define_workflow("leaf", leaf),
     "fanout": define_workflow("fanout", fanout),
+    "payload": define_workflow("payload", payload),
+    "big": define_workflow("big", big),
+    "many": define_workflow("many", many),
 }

@@ -90,7 +90,8 @@ FROM {schema}.runs WHERE id = $1;
 
 -- name: commit
 -- The one write an invocation makes under its lease: new run state, the
--- step records it has not written yet ($11-$23, one array per column), and
+-- step records it has not written yet ($11-$23, one array per column; $29:
+-- how many chunks of each one's output were staged ahead, 0 if none), and
 -- events ($24-$27).  Refused (no row) when the lease token is no longer
 -- current or the run was cancelled meanwhile (fencing).  Due time: unchanged
 -- when $28 (a mid-run flush: no indexed column changes, so the update can be
@@ -121,14 +122,18 @@ WITH r AS (
 ), s AS (
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
                                 output_type, error, attempts, started_at, finished_at, wake_at)
-    SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, x.output,
+    SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, o.output,
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
            CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) ELSE x.wake_at END
     FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
                    $16::json[], $17::json[], $18::text[], $19::jsonb[], $20::integer[],
-                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
-         AS x(key, position, name, kind, status, input, output, output_type, error,
-              attempts, started_at, finished_at, wake_at)
+                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[], $29::integer[])
+         AS x(key, position, name, kind, status, input, output_text, output_type, error,
+              attempts, started_at, finished_at, wake_at, staged),
+         -- A large output was sent ahead in chunks (stage_chunk): put together here.
+         LATERAL (SELECT CASE WHEN x.staged > 0
+                              THEN {schema}.staged_output(r.id, x.key, $2, x.staged)
+                              ELSE x.output_text END AS output) AS o
     -- A parallel branch's retry state (status 'retrying', migration 0009) is
     -- replaced by the step's next record; nothing else is ever overwritten.
     ON CONFLICT (run_id, key) DO UPDATE
@@ -493,3 +498,13 @@ SELECT extract(epoch FROM min(due_at))::float8 AS due,
        extract(epoch FROM {schema}.clock_now())::float8 AS now
 FROM {schema}.runs
 WHERE due_at IS NOT NULL;
+
+-- name: stage_chunk
+-- One piece of a large step output, sent ahead of the commit that records the
+-- step (so that no single message holds the whole value in memory).
+INSERT INTO {schema}.step_chunks (run_id, key, token, seq, chunk)
+VALUES ($1, $2, $3, $4, $5);
+
+-- name: clear_staged
+-- After the commit that used them (or could not): a run's staged chunks.
+DELETE FROM {schema}.step_chunks WHERE run_id = $1;

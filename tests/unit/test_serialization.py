@@ -73,3 +73,39 @@ def test_return_hint_sees_through_partials() -> None:
         return {}
 
     assert return_hint(functools.partial(f, 1)) == dict[str, Any]
+
+
+# -- dumps_for_storage: a large value stays bytes, refused exactly as dumps refuses --
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["x" * 100, float("nan")],
+        {"k": "x" * 100, "v": float("-inf")},
+        ["x" * 100, "a\x00b"],
+        ["x" * 100, "\ud800"],
+    ],
+)
+def test_a_large_value_is_refused_like_a_small_one(
+    bad: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flowkeeper import serialization
+
+    monkeypatch.setattr(serialization, "LARGE_JSON", 10)
+    with pytest.raises(SerializationError) as large:
+        serialization.dumps_for_storage(bad, what="The result")
+    with pytest.raises(SerializationError) as small:
+        serialization.dumps(bad, what="The result")
+    assert str(large.value) == str(small.value)
+
+
+def test_a_large_value_stays_bytes_and_reads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowkeeper import serialization
+
+    monkeypatch.setattr(serialization, "LARGE_JSON", 10)
+    value = {"b": ["é" * 20, 1e16, -0.0, "NaN", "Infinity \\u0000"], "a": None}
+    data = serialization.dumps_for_storage(value, what="x")
+    assert isinstance(data, bytes)
+    assert data.decode() == serialization.dumps(value, what="x")
+    back = serialization.loads(data, None, None, what="x")
+    assert back == value and list(back) == ["b", "a"]
+    assert isinstance(serialization.dumps_for_storage([1], what="x"), str)

@@ -1,0 +1,158 @@
+"""Large payloads are stored compressed with lz4 (where the server has it), and read back exact."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from flowkeeper import Context, DatabaseError, FlowKeeper
+from flowkeeper import store as store_module
+from flowkeeper.serialization import dumps
+from flowkeeper.store import StepRecord
+
+from ..helpers import KEY
+from .test_replay_values import finish
+
+
+@pytest.fixture
+async def fk(database_url: str) -> AsyncIterator[FlowKeeper]:
+    instance = FlowKeeper(database_url, signing_key=KEY)
+    try:
+        yield instance
+    finally:
+        await instance.aclose()
+
+
+async def test_a_large_step_result_is_stored_with_lz4_and_read_back_exact(fk: FlowKeeper) -> None:
+    async with fk.db.acquire() as conn:
+        has_lz4 = await conn.fetchval(
+            "SELECT 'lz4' = ANY (enumvals) FROM pg_settings "
+            "WHERE name = 'default_toast_compression'"
+        )
+    if not has_lz4:  # pragma: no cover - every packaged server here has it
+        pytest.fail("this PostgreSQL has no lz4: the migration's other branch is untested")
+    words = " ".join(f"word{i % 997}" for i in range(200_000))
+
+    @fk.workflow("big")
+    async def big(ctx: Context) -> int:
+        text = await ctx.step("make", lambda: {"text": words, "n": 1e16})
+        return len(text["text"])
+
+    handle = await fk.trigger("big")
+    await finish(fk, handle.run_id)
+    async with fk.db.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT pg_column_compression(output) AS how, pg_column_size(output) AS stored, "
+            "octet_length(output::text) AS size, output::text AS text "
+            "FROM flowkeeper.steps WHERE run_id = $1 AND key = 'make'",
+            uuid.UUID(handle.run_id),
+        )
+    assert row["how"] == "lz4"
+    assert row["stored"] < row["size"] / 3
+    assert row["text"] == dumps({"text": words, "n": 1e16}, what="x")
+    assert (await fk.get_run(handle.run_id)).output == len(words)
+
+
+@pytest.fixture
+def small_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The staged path with small sizes: outputs over 300 KB, in 64 K-character chunks.
+    monkeypatch.setattr(store_module, "STAGE_ABOVE", 300_000)
+    monkeypatch.setattr(store_module, "CHUNK", 65_536)
+
+
+async def test_a_staged_output_is_put_together_exact(fk: FlowKeeper, small_stages: None) -> None:
+    # Multi-byte characters on every chunk boundary, and a key needing quotes.
+    text = ('é€\U0001f600\u2028"\\' * 70_000)[:400_000]
+
+    @fk.workflow("staged")
+    async def staged(ctx: Context) -> int:
+        value = await ctx.step("make 'it'", lambda: {"t": text, "n": [1e16, -0.0]})
+        return len(value["t"])
+
+    handle = await fk.trigger("staged")
+    await finish(fk, handle.run_id)
+    info = await fk.get_run(handle.run_id)
+    assert info.output == len(text)
+    assert info.steps[0].output == {"t": text, "n": [1e16, -0.0]}
+    async with fk.db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_chunks") == 0
+
+
+async def test_lost_chunks_never_record_a_partial_value(
+    fk: FlowKeeper, small_stages: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    text = "x" * 500_000
+    real_stage = store_module.Store._stage
+
+    async def stage_then_lose_one(self: Any, run_id: Any, token: Any, key: str, t: str) -> int:
+        count = await real_stage(self, run_id, token, key, t)
+        if calls["n"] == 0:  # as a server crash would: the unlogged table loses rows
+            async with fk.db.acquire() as conn:
+                await conn.execute("DELETE FROM flowkeeper.step_chunks WHERE seq = 2")
+        calls["n"] += 1
+        return count
+
+    monkeypatch.setattr(store_module.Store, "_stage", stage_then_lose_one)
+    bodies = {"n": 0}
+
+    @fk.workflow("lossy")
+    async def lossy(ctx: Context) -> int:
+        def make() -> str:
+            bodies["n"] += 1
+            return text
+
+        return len(await ctx.step("make", make))
+
+    handle = await fk.trigger("lossy")
+    with pytest.raises(DatabaseError, match="staged chunks"):
+        await fk.advance(handle.run_id)
+    async with fk.db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM flowkeeper.steps") == 0
+        # The lease is given up as by a dead invocation: let it expire now.
+        await conn.execute("UPDATE flowkeeper.runs SET due_at = now() - interval '1 s'")
+    await finish(fk, handle.run_id)
+    info = await fk.get_run(handle.run_id)
+    assert info.output == len(text)
+    assert info.steps[0].output == text
+    assert bodies["n"] == 2  # the step ran again: its record had never been written
+
+
+async def test_a_stale_lease_records_nothing_and_leaves_no_chunks(
+    fk: FlowKeeper, small_stages: None
+) -> None:
+    store = fk.store
+    await store.ensure_schema()
+    run_id, token = str(uuid.uuid4()), uuid.uuid4()
+    await store.create_claimed(
+        run_id=run_id,
+        workflow="w",
+        input_json="null",
+        idempotency_key=None,
+        lease_token=token,
+        lease=timedelta(seconds=30),
+    )
+    big = StepRecord(
+        key="s",
+        position=0,
+        name="s",
+        kind="step",
+        status="completed",
+        input=None,
+        output='"' + "y" * 400_000 + '"',
+        output_type=None,
+        error=None,
+        attempts=1,
+        started_at=datetime.now(UTC),
+        finished_at=datetime.now(UTC),
+    )
+    assert await store.commit(run_id, uuid.uuid4(), status="running", steps=[big]) is False
+    assert await store.commit(run_id, token, status="completed", steps=[big]) is not False
+    async with fk.db.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_chunks") == 0
+        stored = await conn.fetchval("SELECT output::text FROM flowkeeper.steps")
+    assert stored == big.output
