@@ -133,7 +133,9 @@ def test_sample_project_of_the_document_runs(doc: Path, tmp_path: Path) -> None:
             timeout=300,
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        assert re.search(rf"\b{len(_test_functions(files, tests))} passed\b", out.stdout), out.stdout
+        assert re.search(rf"\b{len(_test_functions(files, tests))} passed\b", out.stdout), (
+            out.stdout
+        )
 
 
 def _test_functions(files: dict[str, str], tests: list[str]) -> list[str]:
