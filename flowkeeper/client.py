@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import foreign
 from .alerts import AlertSender
 from .db import Database
 from .dispatch import Dispatcher
@@ -54,6 +55,8 @@ from .workflow import FailureHook, Registry, Workflow, WorkflowFunction, define_
 if TYPE_CHECKING:
     import asyncpg
     from starlette.applications import Starlette
+
+    from .sync import SyncFlowKeeper
 
 logger = logging.getLogger("flowkeeper")
 
@@ -156,6 +159,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
     ) -> None:
+        # What a twin of this object on another event loop is built from (fk.sync).
+        settings = {k: v for k, v in locals().items() if k != "self"}
         url = (
             database_url
             or os.environ.get("FLOWKEEPER_DATABASE_URL")
@@ -175,6 +180,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             )
         endpoint = endpoint if endpoint is not None else os.environ.get("FLOWKEEPER_ENDPOINT")
         self.schema = validate_schema(schema)
+        settings.update(database_url=url, signing_key=keys, endpoint=endpoint or "")
+        self._settings = settings
+        self._sync: SyncFlowKeeper | None = None
         check_signing_keys(keys, allow_weak=allow_weak_secrets)
         self.signer = RequestSigner(keys)
         self.time_budget = _duration(time_budget, "time_budget")
@@ -238,6 +246,21 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             webhook=alert_webhook or os.environ.get("FLOWKEEPER_ALERT_WEBHOOK") or None,
             run_url=run_url,
         )
+
+    @property
+    def sync(self) -> SyncFlowKeeper:
+        """Blocking calls for sync code (Django, Flask, scripts), safe from any thread:
+        ``fk.sync.trigger(...)``, ``get_run``, ``cancel``, ``result``, ``send_event``
+        (see :mod:`flowkeeper.sync`)."""
+        if self._sync is None:
+            from .sync import SyncFlowKeeper
+
+            self._sync = SyncFlowKeeper(self)
+        return self._sync
+
+    def _copy_for_another_loop(self) -> FlowKeeper:
+        """A FlowKeeper with this one's settings (its own pool and client), workflows apart."""
+        return FlowKeeper(**self._settings)
 
     # registration ---------------------------------------------------------------
     def register(self, wf: Workflow) -> Workflow:
@@ -305,9 +328,11 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         the endpoint cannot be reached, the run is inserted here, due for the
         scheduler.  A second trigger with the same ``idempotency_key`` returns
         the first run (``handle.created`` is False).  With ``connection=`` (an
-        asyncpg connection) the run is inserted in that connection's
-        transaction and exists only if it commits; it is pushed once the
-        transaction ends.
+        asyncpg connection, a SQLAlchemy ``AsyncConnection``/``AsyncSession``
+        on asyncpg, or a psycopg 3 async connection) the run is inserted in that
+        connection's transaction and exists only if it commits; on asyncpg it is
+        pushed once the transaction ends, on psycopg the scheduler starts it
+        (see :mod:`flowkeeper.foreign`).
         """
         wf = self._workflow(workflow)
         input_json = wf.dump_input(input)
@@ -348,6 +373,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 lease=timedelta(0),
             )
             return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+        if connection is not None:  # SQLAlchemy, psycopg: see flowkeeper.foreign
+            connection = await foreign.unwrap(connection)
+            if foreign.kind(connection) != "asyncpg":
+                return await self._trigger_foreign(
+                    connection, wf.name, run_id, input_json, idempotency_key
+                )
         in_transaction = connection is not None and connection.is_in_transaction()
         push_now = self.dispatcher is not None and not in_transaction
         token = uuid.uuid4() if push_now else None
@@ -369,6 +400,21 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         elif in_transaction and self.dispatcher is not None and connection is not None:
             self._spawn(self._push_after_commit(connection, run_id))
         return handle
+
+    async def _trigger_foreign(
+        self, connection: Any, workflow: str, run_id: str, input_json: str, key: str | None
+    ) -> RunHandle:
+        """Insert a run on a psycopg async connection; the scheduler starts it after commit."""
+        if foreign.kind(connection) != "psycopg_async":
+            raise ConfigurationError(
+                f"{type(connection).__name__} is a sync connection: trigger with "
+                "fk.sync.trigger(..., connection=conn) from sync code."
+            )
+        await self.store.ensure_schema()
+        run_id, created = await foreign.insert_run_psycopg_async(
+            self.store.q, connection, run_id, workflow, input_json, key
+        )
+        return RunHandle(run_id=run_id, workflow=workflow, created=created, _fk=self)
 
     async def _push(self, run_id: str, token: uuid.UUID) -> None:
         assert self.dispatcher is not None
@@ -574,6 +620,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         from .endpoint import create_app
 
         return create_app(self, **options)
+
+    def wsgi(self, **options: Any) -> Any:
+        """The endpoint as a WSGI app, for Flask/Django (a2wsgi; see :mod:`flowkeeper.wsgi`)."""
+        from .wsgi import wsgi_app
+
+        return wsgi_app(self, **options)
 
     async def aclose(self) -> None:
         """Close the pool and the HTTP client (waits for pending pushes).
