@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -194,10 +195,8 @@ class SyncFlowKeeper:
             return
         if twin is not None:
             done = asyncio.run_coroutine_threadsafe(twin.aclose(), loop)
-            try:
+            with contextlib.suppress(Exception):  # best effort: the process may be going away
                 done.result(10)
-            except Exception:  # closing is best effort: the process is going away
-                pass
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         if not thread.is_alive():
