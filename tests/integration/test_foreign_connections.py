@@ -50,7 +50,7 @@ async def test_sqlalchemy_async_connection_and_session(database_url: str) -> Non
     await _rows(fk)
     engine = create_async_engine(database_url.replace("postgresql://", "postgresql+asyncpg://"))
     try:
-        with pytest.raises(Boom):
+        with pytest.raises(Boom):  # noqa: PT012 (the rollback is the point)
             async with engine.begin() as conn:
                 # The trigger comes first: SQLAlchemy's transaction must begin for it.
                 await fk.trigger("noop", 1, connection=conn)
@@ -77,7 +77,7 @@ async def test_psycopg_async_connection(database_url: str) -> None:
     await _rows(fk)
     try:
         async with await psycopg.AsyncConnection.connect(database_url) as conn:
-            with pytest.raises(Boom):
+            with pytest.raises(Boom):  # noqa: PT012 (the rollback is the point)
                 async with conn.transaction():
                     await fk.trigger("noop", 1, connection=conn)
                     await conn.execute("INSERT INTO things VALUES (1)")
@@ -105,7 +105,7 @@ def test_sync_psycopg_connection_through_fk_sync(database_url: str) -> None:
     asyncio.run(prepare())
     try:
         with psycopg.connect(database_url) as conn:
-            with pytest.raises(Boom), conn.transaction():
+            with pytest.raises(Boom), conn.transaction():  # noqa: PT012
                 fk.sync.trigger("noop", 1, connection=conn)
                 raise Boom
             with conn.transaction():
