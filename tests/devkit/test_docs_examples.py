@@ -4,7 +4,8 @@ A block whose first line names a file (``# shop/workflows.py``) is part of
 that document's sample project: the files are written to a folder, every
 module is imported, and the test files among them are run by pytest as a user
 would run them (the flowkeeper plugin from the installed entry point). Any
-other block must follow ``<!-- not-run: reason -->``.
+other block must follow ``<!-- not-run: reason -->``. A document that tests
+another's sample project says so: ``<!-- project: ../getting-started.md -->``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```", re.M | re.S)
 NOT_RUN = re.compile(r"<!--\s*not-run:\s*(\S.*?)-->\s*$", re.S)
+PROJECT = re.compile(r"<!--\s*project:\s*(\S+)\s*-->")
 FILE_LINE = re.compile(r"^#\s*([\w./-]+\.(?:py|toml))\s*$")
 
 
@@ -85,7 +87,8 @@ def _projects() -> list[Path]:
 @pytest.mark.parametrize("doc", _projects(), ids=lambda d: str(d.relative_to(ROOT)))
 def test_sample_project_of_the_document_runs(doc: Path, tmp_path: Path) -> None:
     files: dict[str, str] = {}
-    for b in blocks(doc):
+    sources = [(doc.parent / m).resolve() for m in PROJECT.findall(doc.read_text())] + [doc]
+    for b in [b for source in sources for b in blocks(source)]:
         if b.file and b.not_run is None:
             # Several blocks for one file (a later section adds to it) are joined.
             files[b.file] = files.get(b.file, "") + b.code
