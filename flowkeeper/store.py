@@ -457,6 +457,11 @@ class Store:
         return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
+    async def run_ids_like(self, low: uuid.UUID, high: uuid.UUID, pattern: str) -> list[str]:
+        """Up to three run ids in [low, high] matching the LIKE ``pattern`` (short ids)."""
+        rows = await self._call("fetch", "run_ids_like", low, high, pattern)
+        return [str(r["id"]) for r in rows]
+
     async def run_status(self, run_id: str) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_status", uuid.UUID(run_id))
         return row

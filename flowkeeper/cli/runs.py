@@ -24,6 +24,7 @@ from ..errors import ConfigurationError
 from ..eventops import WaitInfo, match_text
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
+from ..shortids import resolve_run_id
 from .common import add_connection_options, flowkeeper_for_actions
 
 _COLOURS = {
@@ -265,7 +266,7 @@ def _lane_note(lane: Lane) -> str:
 async def run_show(args: argparse.Namespace) -> int:
     fk = _connect(args)
     try:
-        info = await fk.get_run(args.run_id)
+        info = await fk.get_run(await resolve_run_id(fk.store, args.run_id))
         now = await fk.store.clock_now()
         waits = await fk.run_waits(info.id)
     finally:
@@ -416,6 +417,7 @@ async def run_replay(args: argparse.Namespace) -> int:
         raise ConfigurationError("Name the run to replay (or --failed --workflow NAME).")
     fk = _connect(args)
     try:
+        args.run_id = await resolve_run_id(fk.store, args.run_id)
         where = f"from step {args.from_step!r}" if args.from_step else "from its failed step"
         if not _confirm(args, f"Replay run {args.run_id} {where}?"):
             print("nothing done")
@@ -432,6 +434,7 @@ async def run_replay(args: argparse.Namespace) -> int:
 async def run_retry(args: argparse.Namespace) -> int:
     fk = _connect(args)
     try:
+        args.run_id = await resolve_run_id(fk.store, args.run_id)
         if not _confirm(args, f"Retry run {args.run_id} now?"):
             print("nothing done")
             return 1
@@ -445,6 +448,7 @@ async def run_retry(args: argparse.Namespace) -> int:
 async def run_cancel(args: argparse.Namespace) -> int:
     fk = _connect(args)
     try:
+        args.run_id = await resolve_run_id(fk.store, args.run_id)
         if not _confirm(args, f"Cancel run {args.run_id}?"):
             print("nothing done")
             return 1

@@ -475,3 +475,12 @@ SELECT extract(epoch FROM min(due_at))::float8 AS due,
        extract(epoch FROM {schema}.clock_now())::float8 AS now
 FROM {schema}.runs
 WHERE due_at IS NOT NULL;
+
+-- name: run_ids_like
+-- The runs whose id lies in [$1, $2] (a prefix's range, so the primary key
+-- index narrows it) and matches the LIKE pattern $3 (prefix…suffix as the
+-- dashboard shows it).  Three at most: one is a match, two say "ambiguous".
+SELECT id FROM {schema}.runs
+WHERE id BETWEEN $1 AND $2 AND id::text LIKE $3
+ORDER BY id
+LIMIT 3;
