@@ -25,7 +25,7 @@ from ..eventops import WaitInfo, match_text
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
 from ..shortids import resolve_run_id
-from .common import add_connection_options, flowkeeper_for_actions
+from .common import add_connection_options, flowkeeper_for_actions, plural
 
 _COLOURS = {
     "queued": "37",
@@ -197,7 +197,7 @@ async def run_list(args: argparse.Namespace) -> int:
         )
         return 0
     counts = "  ".join(f"{_colour(s)} {n}" for s, n in sorted(page.counts.items()))
-    print(f"{page.total} runs in range   {counts}".rstrip())
+    print(f"{plural(page.total, 'run')} in range   {counts}".rstrip())
     if not page.runs:
         print("no runs match")
         return 0
@@ -409,7 +409,7 @@ async def run_replay(args: argparse.Namespace) -> int:
             )
         finally:
             await fk.aclose()
-        print(f"replaying {len(ids)} failed run(s) of {args.workflow}")
+        print(f"replaying {plural(len(ids), 'failed run')} of {args.workflow}")
         for rid in ids:
             print(f"  {rid}")
         return 0

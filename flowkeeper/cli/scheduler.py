@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..scheduler import CHANNEL, SchedulerLoop
-from .common import add_connection_options, flowkeeper_from_args
+from .common import add_connection_options, flowkeeper_from_args, plural
 
 
 def register(sub: Any) -> None:
@@ -69,7 +69,7 @@ async def run(args: argparse.Namespace) -> int:
         await fk.aclose()
     print(
         f"flowkeeper scheduler: stopped after {time.monotonic() - started:.0f}s, "
-        f"{loop.ticks} ticks, {loop.dispatched} runs dispatched",
+        f"{plural(loop.ticks, 'tick')}, {plural(loop.dispatched, 'run')} dispatched",
         flush=True,
     )
     return 0

@@ -432,7 +432,7 @@
           el("td", { class: "mono" }, el("span", { class: "caret", text: open.has(step.key) ? "▾" : "▸" }), " ", step.key,
             step.kind !== "step" ? el("span", { class: "tag", text: step.kind }) : null),
           el("td", {}, badge(step.status)),
-          el("td", { class: "num", title: failures ? `${failures} failed attempt(s)` : "" ,
+          el("td", { class: "num", title: failures ? `${failures} failed attempt${failures === 1 ? "" : "s"}` : "" ,
             text: step.kind === "step" ? String(step.attempts) : "–" }),
           el("td", { class: "num", text: step.kind === "sleep"
             ? (step.wake_at && step.started_at ? duration(ms(step.wake_at) - ms(step.started_at)) : "–")
