@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import foreign
 from .alerts import AlertSender
-from .db import Database
+from .db import Database, describe
 from .dispatch import Dispatcher
 from .engine import ClaimRefused, Engine, Outcome, SegmentResult
 from .errors import (
     ConfigurationError,
+    DatabaseError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
@@ -338,6 +339,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         input_json = wf.dump_input(input)
         idempotency_key = check_idempotency_key(idempotency_key, wf.name)
         run_id = new_run_id()
+        await self._check_own_database()
         if (
             connection is None
             and self.dispatcher is not None
@@ -350,12 +352,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             delivery = await self.dispatcher.create(run_id, wf.name, input_json, idempotency_key)
             if delivery.delivered and delivery.body is not None:
                 existing = str(delivery.body["run_id"])
-                return RunHandle(
-                    run_id=existing,
-                    workflow=wf.name,
-                    created=bool(delivery.body.get("created", existing == run_id)),
-                    _fk=self,
-                )
+                created = bool(delivery.body.get("created", existing == run_id))
+                if not created:
+                    await self._idempotency_hit(existing, wf.name, idempotency_key, input_json)
+                return RunHandle(run_id=existing, workflow=wf.name, created=created, _fk=self)
             logger.warning(
                 "could not hand run %s to %s (%s); inserting it here, due for the scheduler",
                 run_id,
@@ -372,6 +372,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 lease_token=None,
                 lease=timedelta(0),
             )
+            if not created:
+                await self._idempotency_hit(run_id, wf.name, idempotency_key, input_json)
             return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if connection is not None:  # SQLAlchemy, psycopg: see flowkeeper.foreign
             connection = await foreign.unwrap(connection)
@@ -394,6 +396,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:
             logger.debug("trigger %s: idempotency key hit, run %s", wf.name, run_id)
+            await self._idempotency_hit(
+                run_id, wf.name, idempotency_key, input_json, conn=connection
+            )
             return handle
         if push_now and token is not None:
             await self._push(run_id, token)
@@ -415,6 +420,51 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             self.store.q, connection, run_id, workflow, input_json, key
         )
         return RunHandle(run_id=run_id, workflow=workflow, created=created, _fk=self)
+
+    async def _idempotency_hit(
+        self,
+        run_id: str,
+        workflow: str,
+        key: str | None,
+        input_json: str,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> None:
+        """A trigger hit an existing run: say so if it came with another input.
+
+        The documented behaviour: the first run stands (``created=False``), its
+        input unchanged; a different input is almost always a bug in the
+        caller's choice of key, so it is logged as a warning, once per trigger.
+        """
+        if key is None:
+            return  # the same run id handed over twice: the same input
+        stored = await self.store.run_input_text(run_id, conn=conn)
+        if stored is not None and stored != input_json:
+            logger.warning(
+                "idempotency key %r of workflow %r was used by run %s with a different input; "
+                "returning that run (created=False) with its original input. Use a key that "
+                "names the input (an order id, a webhook event id) to trigger new work.",
+                key,
+                workflow,
+                run_id,
+            )
+
+    async def _check_own_database(self) -> None:
+        """Once per process, at the first trigger: this process's own database works.
+
+        The endpoint creates the runs handed to it, so a wrong DATABASE_URL here
+        would go unnoticed until get_run() or result() fail, or until the
+        endpoint is down and the fallback insert fails.  After the first success
+        this costs nothing (the schema check is cached).
+        """
+        try:
+            await self.store.ensure_schema()
+        except DatabaseError as exc:
+            raise DatabaseError(
+                f"This process cannot use its own database ({describe(self.db.url)}): {exc} "
+                "-- trigger() needs it to read runs back and to store them when the endpoint "
+                "cannot be reached; check DATABASE_URL (or database_url=) in this process."
+            ) from exc
 
     async def _push(self, run_id: str, token: uuid.UUID) -> None:
         assert self.dispatcher is not None

@@ -457,6 +457,15 @@ class Store:
         return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
+    async def run_input_text(
+        self, run_id: str, *, conn: asyncpg.Connection | None = None
+    ) -> str | None:
+        """The run's input as stored (exact JSON text), or None without such a run."""
+        value: str | None = await self._call(
+            "fetchval", "run_input_text", uuid.UUID(run_id), conn=conn
+        )
+        return value
+
     async def run_ids_like(self, low: uuid.UUID, high: uuid.UUID, pattern: str) -> list[str]:
         """Up to three run ids in [low, high] matching the LIKE ``pattern`` (short ids)."""
         rows = await self._call("fetch", "run_ids_like", low, high, pattern)

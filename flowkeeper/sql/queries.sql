@@ -484,3 +484,7 @@ SELECT id FROM {schema}.runs
 WHERE id BETWEEN $1 AND $2 AND id::text LIKE $3
 ORDER BY id
 LIMIT 3;
+
+-- name: run_input_text
+-- A run's input as the exact text stored (an idempotency-key hit compares it).
+SELECT input::text AS input FROM {schema}.runs WHERE id = $1;
