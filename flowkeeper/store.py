@@ -161,6 +161,21 @@ def _refused(name: str, exc: BaseException) -> DatabaseRefusedError | None:
     return None
 
 
+def privilege_hint(schema: str, role: str | None, exc: BaseException) -> DatabaseError | None:
+    """A missing grant (SQLSTATE 42501) as an error naming the grants to run, else None."""
+    if getattr(exc, "sqlstate", None) != "42501":
+        return None
+    who = role or "<your app's role>"
+    return DatabaseError(
+        f"The database role {who!r} lacks a right on flowkeeper's schema {schema!r} ({exc}). "
+        f"As the schema's owner run: GRANT USAGE ON SCHEMA {schema} TO {who}; "
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {who}; "
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {who}; "
+        f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {who}; "
+        "or run `flowkeeper migrate` as that role once so that it owns the schema."
+    )
+
+
 def _connection_errors() -> tuple[type[BaseException], ...]:
     import asyncpg
 
@@ -209,6 +224,9 @@ class Store:
             refused = _refused(name, exc)
             if refused is not None:
                 raise refused from exc
+            hint = privilege_hint(self.schema, self.db.role, exc)
+            if hint is not None:
+                raise hint from exc
             if isinstance(exc, _connection_errors()):
                 raise DatabaseError(
                     f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
@@ -235,6 +253,11 @@ class Store:
                     version = await migrations.current_version(conn, self.schema)
                 except _connection_errors() as exc:
                     raise DatabaseError(f"Lost the connection to Postgres: {exc}") from exc
+                except _postgres_error() as exc:
+                    hint = privilege_hint(self.schema, self.db.role, exc)
+                    if hint is not None:
+                        raise hint from exc
+                    raise
                 latest = migrations.latest_version()
                 if version < latest:
                     if not self.auto_migrate:

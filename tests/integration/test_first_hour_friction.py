@@ -74,3 +74,30 @@ async def test_idempotency_key_reused_with_another_input_warns_and_returns_the_f
         assert "order-1" in warnings[0].getMessage() and first.run_id in warnings[0].getMessage()
     finally:
         await fk.aclose()
+
+
+async def test_a_role_without_rights_gets_the_grants_to_run(database_url: str) -> None:
+    role = f"lowly_{free_port()}"
+    conn = await asyncpg.connect(database_url)
+    await conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        url = database_url.replace("postgresql://postgres@", f"postgresql://{role}@")
+        fk = FlowKeeper(url, signing_key=KEY)
+        _register(fk)
+        try:
+            with pytest.raises(DatabaseError) as err:
+                await fk.trigger("echo", 1)
+            text = str(err.value)
+            assert f"GRANT USAGE ON SCHEMA flowkeeper TO {role}" in text
+            assert "InsufficientPrivilege" not in text.split("(")[0]
+            # Running the grants it names is enough.
+            for grant in text.split("run: ", 1)[1].split("; or ")[0].split("; "):
+                await conn.execute(grant.rstrip(";"))
+            handle = await fk.trigger("echo", 2)
+            assert (await fk.get_run(handle.run_id)).status == "queued"
+        finally:
+            await fk.aclose()
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+        await conn.close()
