@@ -59,10 +59,20 @@ async def run(args: argparse.Namespace) -> int:
             running.add_signal_handler(sig, loop.stop)
         assert fk.dispatcher is not None
         print(
-            f"flowkeeper scheduler: schema {fk.schema}, dispatching to {fk.dispatcher.endpoint}, "
-            f"listening on {CHANNEL} (stop with SIGTERM or Ctrl-C)",
+            f"flowkeeper scheduler: schema {fk.schema}, dispatching to {fk.dispatcher.endpoint} "
+            "(stop with SIGTERM or Ctrl-C)",
             flush=True,
         )
+        said = False
+
+        def listening() -> None:
+            # Said once connected, and once: a reconnect after an outage is logged instead.
+            nonlocal said
+            if not said:
+                said = True
+                print(f"flowkeeper scheduler: listening on {CHANNEL}", flush=True)
+
+        loop.on_listening = listening
         started = time.monotonic()
         await loop.run()
     finally:

@@ -101,3 +101,39 @@ async def test_a_role_without_rights_gets_the_grants_to_run(database_url: str) -
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
         await conn.close()
+
+
+async def test_scheduler_says_listening_only_once_connected_and_logs_an_outage_once() -> None:
+    import asyncio
+    import os
+    import signal
+    import sys
+
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWKEEPER_")}
+    env |= {
+        "DATABASE_URL": dead,
+        "FLOWKEEPER_SIGNING_KEY": KEY,
+        "FLOWKEEPER_ENDPOINT": f"http://127.0.0.1:{free_port()}/api/flowkeeper",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys; from flowkeeper.cli import main; sys.exit(main())",
+        "scheduler",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(4)  # several retries' worth of backoff
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    out, err = stdout.decode(), stderr.decode()
+    assert "listening" not in out, out
+    assert err.count("cannot LISTEN") == 1, err
+    assert err.count("retrying until it answers") == 1, err
