@@ -389,10 +389,15 @@
 
     function renderError() {
       if (!run.error) { errorBox.replaceChildren(); errorBox.className = ""; return; }
-      errorBox.className = "card error-card";
+      // A retrying run keeps its last attempt's error: it has not failed (yet).
+      const retrying = run.status === "retrying";
+      errorBox.className = retrying ? "card error-card retrying-card" : "card error-card";
       const e = run.error;
+      const title = retrying ? "Retrying" : "Failed";
+      const where = retrying ? " after a failed attempt at step " : " at step ";
       errorBox.replaceChildren(
-        el("h2", {}, "Failed", e.step ? el("span", { class: "muted" }, " at step ", el("code", { text: e.step })) : null),
+        el("h2", {}, title, e.step ? el("span", { class: "muted" }, where, el("code", { text: e.step })) : null,
+          retrying && run.due_at ? el("span", { class: "muted" }, " · next attempt ", timeCell(run.due_at)) : null),
         el("p", { class: "err-line" }, el("b", { text: shortType(e.type) }), `: ${e.message || ""}`),
         e.traceback ? el("details", {}, el("summary", { text: "Traceback" }), el("pre", { class: "tb", text: e.traceback })) : null,
       );
