@@ -211,3 +211,17 @@ async def test_a_retrying_run_is_not_shown_as_failed(
         assert banner.startswith("Retrying") and "Failed" not in banner
         assert "call-provider" in banner and "next attempt" in banner
         assert "provider timed out" in await page.inner_text("#run-error")
+        # The timeline's axis labels never overlap (the start, the offsets, "now").
+        await page.wait_for_selector(".tl-axis .tick.now")
+        overlaps = await page.evaluate(
+            """() => {
+              const r = [...document.querySelectorAll('.tl-axis .tick')]
+                .filter((t) => getComputedStyle(t).visibility !== 'hidden')
+                .map((t) => t.getBoundingClientRect());
+              let n = 0;
+              for (let i = 0; i < r.length; i++) for (let j = i + 1; j < r.length; j++)
+                if (r[i].left < r[j].right && r[j].left < r[i].right) n++;
+              return [n, r.length];
+            }"""
+        )
+        assert overlaps[0] == 0 and overlaps[1] >= 2, overlaps

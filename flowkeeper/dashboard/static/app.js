@@ -674,7 +674,10 @@
       const ticks = [];
       const step = niceStep(span / 6);
       for (let t = 0; t <= span + 1; t += step) {
-        ticks.push(el("span", { class: "tick", text: t === 0 ? stamp(model.start) : `+${duration(t)}` }));
+        // The start as a short time (the full date is its tooltip): a long label overlaps the next.
+        ticks.push(el("span", t === 0
+          ? { class: "tick", title: stamp(model.start), text: new Date(model.start).toLocaleTimeString() }
+          : { class: "tick", text: `+${duration(t)}` }));
         ticks[ticks.length - 1].style.left = `${x(t0 + t)}%`;
       }
       const markers = model.markers.map((m) => {
@@ -689,6 +692,20 @@
         track.append(n);
       }
       axis.replaceChildren(el("div", { class: "tl-label" }), track);
+      declutter(track);
+    }
+
+    // Hide axis labels that would overlap a label already shown ("now" first, then left to right).
+    function declutter(track) {
+      const all = [...track.querySelectorAll(".tick")];
+      const order = [...all.filter((t) => t.classList.contains("now")), ...all.filter((t) => !t.classList.contains("now"))];
+      const shown = [];
+      for (const tick of order) {
+        tick.style.visibility = "";
+        const r = tick.getBoundingClientRect();
+        if (shown.some((o) => r.left < o.right + 4 && o.left < r.right + 4)) tick.style.visibility = "hidden";
+        else shown.push(r);
+      }
     }
 
     function paint(now) {
