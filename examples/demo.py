@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -194,19 +195,26 @@ async def demo(database_url: str, where: str, *, serve_after: bool = False) -> i
 
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)
+    # SIGTERM unwinds like Ctrl-C, through every ``finally``: the server, the
+    # scheduler and the embedded PostgreSQL are all stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve_after = "--serve" in sys.argv[1:]
     url = os.environ.get("DATABASE_URL")
     if url:
         return _run(demo(url, f"DATABASE_URL ({url.split('@')[-1]})", serve_after=serve_after))
-    data_dir = ROOT / ".flowkeeper" / "pg"
-    say(f"{DIM}starting an embedded PostgreSQL in {data_dir.relative_to(ROOT)} ...{RESET}")
+    data_dir = Path(os.environ.get("FLOWKEEPER_DEMO_DIR") or ROOT / ".flowkeeper") / "pg"
+    say(f"{DIM}starting an embedded PostgreSQL in {data_dir} ...{RESET}")
     cluster = PostgresCluster(data_dir)
-    url = cluster.start()
     try:
+        url = cluster.start()
         where = f"embedded PostgreSQL at {url.split('@')[-1]}"
         return _run(demo(url, where, serve_after=serve_after))
+    except KeyboardInterrupt:
+        return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut this short
         cluster.stop()
+        say(f"{DIM}embedded PostgreSQL stopped{RESET}")
 
 
 def _run(coro: Any) -> int:

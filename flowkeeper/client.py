@@ -14,9 +14,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import stepinputs
+from . import foreign, stepinputs
 from .alerts import AlertSender
-from .db import Database
+from .db import Database, describe
 from .dispatch import Dispatcher
 from .engine import ClaimRefused, Engine, Outcome, SegmentResult
 from .errors import (
@@ -58,6 +58,8 @@ from .workflow import FailureHook, Registry, Workflow, WorkflowFunction, define_
 if TYPE_CHECKING:
     import asyncpg
     from starlette.applications import Starlette
+
+    from .sync import SyncFlowKeeper
 
 # A child's segment that ends it: its parent may have become due.
 _ENDED = (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED)
@@ -172,6 +174,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
     ) -> None:
+        # What a twin of this object on another event loop is built from (fk.sync).
+        settings = {k: v for k, v in locals().items() if k != "self"}
         url = (
             database_url
             or os.environ.get("FLOWKEEPER_DATABASE_URL")
@@ -191,6 +195,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             )
         endpoint = endpoint if endpoint is not None else os.environ.get("FLOWKEEPER_ENDPOINT")
         self.schema = validate_schema(schema)
+        settings.update(database_url=url, signing_key=keys, endpoint=endpoint or "")
+        self._settings = settings
+        self._sync: SyncFlowKeeper | None = None
         check_signing_keys(keys, allow_weak=allow_weak_secrets)
         self.signer = RequestSigner(keys)
         self.time_budget = _duration(time_budget, "time_budget")
@@ -264,6 +271,21 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             run_url=run_url,
         )
 
+    @property
+    def sync(self) -> SyncFlowKeeper:
+        """Blocking calls for sync code (Django, Flask, scripts), safe from any thread:
+        ``fk.sync.trigger(...)``, ``get_run``, ``cancel``, ``result``, ``send_event``
+        (see :mod:`flowkeeper.sync`)."""
+        if self._sync is None:
+            from .sync import SyncFlowKeeper
+
+            self._sync = SyncFlowKeeper(self)
+        return self._sync
+
+    def _copy_for_another_loop(self) -> FlowKeeper:
+        """A FlowKeeper with this one's settings (its own pool and client), workflows apart."""
+        return FlowKeeper(**self._settings)
+
     # registration ---------------------------------------------------------------
     def register(self, wf: Workflow) -> Workflow:
         """Register a workflow made with :func:`define_workflow`."""
@@ -330,14 +352,17 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         the endpoint cannot be reached, the run is inserted here, due for the
         scheduler.  A second trigger with the same ``idempotency_key`` returns
         the first run (``handle.created`` is False).  With ``connection=`` (an
-        asyncpg connection) the run is inserted in that connection's
-        transaction and exists only if it commits; it is pushed once the
-        transaction ends.
+        asyncpg connection, a SQLAlchemy ``AsyncConnection``/``AsyncSession``
+        on asyncpg, or a psycopg 3 async connection) the run is inserted in that
+        connection's transaction and exists only if it commits; on asyncpg it is
+        pushed once the transaction ends, on psycopg the scheduler starts it
+        (see :mod:`flowkeeper.foreign`).
         """
         wf = self._workflow(workflow)
         input_json = wf.dump_input(input)
         idempotency_key = check_idempotency_key(idempotency_key, wf.name)
         run_id = new_run_id()
+        await self._check_own_database()
         if (
             connection is None
             and self.dispatcher is not None
@@ -350,12 +375,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             delivery = await self.dispatcher.create(run_id, wf.name, input_json, idempotency_key)
             if delivery.delivered and delivery.body is not None:
                 existing = str(delivery.body["run_id"])
-                return RunHandle(
-                    run_id=existing,
-                    workflow=wf.name,
-                    created=bool(delivery.body.get("created", existing == run_id)),
-                    _fk=self,
-                )
+                created = bool(delivery.body.get("created", existing == run_id))
+                if not created:
+                    await self._idempotency_hit(existing, wf.name, idempotency_key, input_json)
+                return RunHandle(run_id=existing, workflow=wf.name, created=created, _fk=self)
             logger.warning(
                 "could not hand run %s to %s (%s); inserting it here, due for the scheduler",
                 run_id,
@@ -372,7 +395,15 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 lease_token=None,
                 lease=timedelta(0),
             )
+            if not created:
+                await self._idempotency_hit(run_id, wf.name, idempotency_key, input_json)
             return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+        if connection is not None:  # SQLAlchemy, psycopg: see flowkeeper.foreign
+            connection = await foreign.unwrap(connection)
+            if foreign.kind(connection) != "asyncpg":
+                return await self._trigger_foreign(
+                    connection, wf.name, run_id, input_json, idempotency_key
+                )
         in_transaction = connection is not None and connection.is_in_transaction()
         push_now = self.dispatcher is not None and not in_transaction
         token = uuid.uuid4() if push_now else None
@@ -388,6 +419,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:
             logger.debug("trigger %s: idempotency key hit, run %s", wf.name, run_id)
+            await self._idempotency_hit(
+                run_id, wf.name, idempotency_key, input_json, conn=connection
+            )
             return handle
         if push_now and token is not None:
             await self._push(run_id, token)
@@ -411,6 +445,66 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             return
         if parent is not None:
             await self._push(parent, token)
+
+    async def _trigger_foreign(
+        self, connection: Any, workflow: str, run_id: str, input_json: str, key: str | None
+    ) -> RunHandle:
+        """Insert a run on a psycopg async connection; the scheduler starts it after commit."""
+        if foreign.kind(connection) != "psycopg_async":
+            raise ConfigurationError(
+                f"{type(connection).__name__} is a sync connection: trigger with "
+                "fk.sync.trigger(..., connection=conn) from sync code."
+            )
+        await self.store.ensure_schema()
+        run_id, created = await foreign.insert_run_psycopg_async(
+            self.store.q, connection, run_id, workflow, input_json, key
+        )
+        return RunHandle(run_id=run_id, workflow=workflow, created=created, _fk=self)
+
+    async def _idempotency_hit(
+        self,
+        run_id: str,
+        workflow: str,
+        key: str | None,
+        input_json: str,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> None:
+        """A trigger hit an existing run: say so if it came with another input.
+
+        The documented behaviour: the first run stands (``created=False``), its
+        input unchanged; a different input is almost always a bug in the
+        caller's choice of key, so it is logged as a warning, once per trigger.
+        """
+        if key is None:
+            return  # the same run id handed over twice: the same input
+        stored = await self.store.run_input_text(run_id, conn=conn)
+        if stored is not None and stored != input_json:
+            logger.warning(
+                "idempotency key %r of workflow %r was used by run %s with a different input; "
+                "returning that run (created=False) with its original input. Use a key that "
+                "names the input (an order id, a webhook event id) to trigger new work.",
+                key,
+                workflow,
+                run_id,
+            )
+
+    async def _check_own_database(self) -> None:
+        """Once per process, at the first trigger: this process's own database works.
+
+        The endpoint creates the runs handed to it, so a wrong DATABASE_URL here
+        would go unnoticed until get_run() or result() fail, or until the
+        endpoint is down and the fallback insert fails.  After the first success
+        this costs nothing (the schema check is cached).
+        """
+        try:
+            await self.store.ensure_schema()
+        except DatabaseError as exc:
+            raise DatabaseError(
+                f"This process cannot use its own database ({describe(self.db.url)}): {exc} "
+                "-- trigger() needs it to read runs back and to store them when the endpoint "
+                "cannot be reached; check DATABASE_URL (or database_url=) in this process."
+            ) from exc
 
     async def _push(self, run_id: str, token: uuid.UUID) -> None:
         assert self.dispatcher is not None
@@ -626,6 +720,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         from .endpoint import create_app
 
         return create_app(self, **options)
+
+    def wsgi(self, **options: Any) -> Any:
+        """The endpoint as a WSGI app, for Flask/Django (a2wsgi; see :mod:`flowkeeper.wsgi`)."""
+        from .wsgi import wsgi_app
+
+        return wsgi_app(self, **options)
 
     async def aclose(self) -> None:
         """Close the pool and the HTTP client (waits for pending pushes).

@@ -116,6 +116,11 @@ class Database:
         self._expiry: asyncio.TimerHandle | None = None
         self._closing: set[asyncio.Task[None]] = set()
 
+    @property
+    def role(self) -> str | None:
+        """The user name in the URL (for messages), if it has one."""
+        return urlsplit(self.url).username
+
     def connect_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"timeout": self.connect_timeout}
         if self.command_timeout:

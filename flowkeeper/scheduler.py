@@ -36,6 +36,7 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -301,6 +302,9 @@ class SchedulerLoop:
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._listening = False
+        #: Called each time the LISTEN connection is up (the CLI says "listening" then).
+        self.on_listening: Callable[[], None] | None = None
+        self._db_failing = False  # an outage is logged once, and its end once
         self._wake_at = 0.0
         self._not_before = 0.0
         self._notified = math.inf  # earliest due time announced since the last query
@@ -358,14 +362,19 @@ class SchedulerLoop:
     async def _listen(self) -> None:
         """Keep a LISTEN connection open; reconnect with backoff when it drops."""
         backoff = 0.5
+        failing = False
         while not self._stopping.is_set():
             try:
                 conn = await self.listen_db.connect()
             except DatabaseError as exc:
-                logger.warning("scheduler: cannot LISTEN (%s); polling every %ss", exc, backoff)
+                # Once per outage: a retry loop must not fill the log with one line a second.
+                log = logger.debug if failing else logger.warning
+                log("scheduler: cannot LISTEN (%s); polling until it can", exc)
+                failing = True
                 await self._pause(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
+            failing = False
             try:
                 await self._hold(conn)
                 backoff = 0.5
@@ -385,6 +394,8 @@ class SchedulerLoop:
         self._wake_at = 0.0
         self._wakeup.set()
         logger.info("scheduler: listening on %s for schema %s", CHANNEL, self.schema)
+        if self.on_listening is not None:
+            self.on_listening()
         while not lost.is_set() and not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(lost.wait(), self.max_idle)
@@ -448,6 +459,9 @@ class SchedulerLoop:
             logger.error("scheduler: tick failed", exc_info=exc)
             return
         result = task.result()
+        if self._db_failing:
+            self._db_failing = False
+            logger.warning("scheduler: the database answers again")
         self.ticks += 1
         self.dispatched += result.dispatched
         self._db_backoff = 0.0
@@ -461,7 +475,9 @@ class SchedulerLoop:
 
     def _database_failed(self, exc: DatabaseError) -> None:
         self._db_backoff = min(max(self._db_backoff * 2, 0.5), 30.0)
-        logger.error("scheduler: %s; retrying in %.1fs", exc, self._db_backoff)
+        log = logger.debug if self._db_failing else logger.error
+        log("scheduler: %s; retrying until it answers (every %.1fs at most)", exc, self._db_backoff)
+        self._db_failing = True
         self._not_before = asyncio.get_running_loop().time() + self._db_backoff
 
     async def _sleep(self) -> None:

@@ -181,11 +181,16 @@ def _conflict(exc: BaseException) -> bool:
     return isinstance(exc, _postgres_error()) and state.startswith("40")
 
 
-def _raise_mapped(name: str, exc: Exception) -> None:
-    """Raise the flowkeeper error ``exc`` from query ``name`` stands for, if any."""
+def _raise_mapped(name: str, exc: Exception, hint: DatabaseError | None = None) -> None:
+    """Raise the flowkeeper error ``exc`` from query ``name`` stands for, if any.
+
+    ``hint``: a more helpful error for this one (a missing grant), raised instead.
+    """
     refused = _refused(name, exc)
     if refused is not None:
         raise refused from exc
+    if hint is not None:
+        raise hint from exc
     if isinstance(exc, _connection_errors()):
         raise DatabaseError(
             f"Lost the connection to Postgres during {name}: {type(exc).__name__}: {exc}"
@@ -196,6 +201,21 @@ def _raise_mapped(name: str, exc: Exception) -> None:
             "If the flowkeeper schema was changed by hand, run `flowkeeper migrate`; "
             "behind a transaction pooler, make sure it is detected (pooled=True)."
         ) from exc
+
+
+def privilege_hint(schema: str, role: str | None, exc: BaseException) -> DatabaseError | None:
+    """A missing grant (SQLSTATE 42501) as an error naming the grants to run, else None."""
+    if getattr(exc, "sqlstate", None) != "42501":
+        return None
+    who = role or "<your app's role>"
+    return DatabaseError(
+        f"The database role {who!r} lacks a right on flowkeeper's schema {schema!r} ({exc}). "
+        f"As the schema's owner run: GRANT USAGE ON SCHEMA {schema} TO {who}; "
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {who}; "
+        f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schema} TO {who}; "
+        f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA {schema} TO {who}; "
+        "or run `flowkeeper migrate` as that role once so that it owns the schema."
+    )
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -255,7 +275,7 @@ class Store:
             self.db.put(own)
             return result
         except Exception as exc:
-            _raise_mapped(name, exc)
+            _raise_mapped(name, exc, privilege_hint(self.schema, self.db.role, exc))
             raise
 
     async def _call_many(self, writes: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
@@ -290,7 +310,7 @@ class Store:
             # nothing committed; each write is sent again alone.
             if _refused(name, exc) is not None or _conflict(exc):
                 raise BatchRefused(name) from exc
-            _raise_mapped(name, exc)
+            _raise_mapped(name, exc, privilege_hint(self.schema, self.db.role, exc))
             raise
 
     def _group(self) -> GroupCommit[Any]:
@@ -325,6 +345,11 @@ class Store:
                     version = await migrations.current_version(conn, self.schema)
                 except _connection_errors() as exc:
                     raise DatabaseError(f"Lost the connection to Postgres: {exc}") from exc
+                except _postgres_error() as exc:
+                    hint = privilege_hint(self.schema, self.db.role, exc)
+                    if hint is not None:
+                        raise hint from exc
+                    raise
                 latest = migrations.latest_version()
                 if version < latest:
                     if not self.auto_migrate:
@@ -561,6 +586,20 @@ class Store:
         return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
+    async def run_input_text(
+        self, run_id: str, *, conn: asyncpg.Connection | None = None
+    ) -> str | None:
+        """The run's input as stored (exact JSON text), or None without such a run."""
+        value: str | None = await self._call(
+            "fetchval", "run_input_text", uuid.UUID(run_id), conn=conn
+        )
+        return value
+
+    async def run_ids_like(self, low: uuid.UUID, high: uuid.UUID, pattern: str) -> list[str]:
+        """Up to three run ids in [low, high] matching the LIKE ``pattern`` (short ids)."""
+        rows = await self._call("fetch", "run_ids_like", low, high, pattern)
+        return [str(r["id"]) for r in rows]
+
     async def run_status(self, run_id: str) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_status", uuid.UUID(run_id))
         return row

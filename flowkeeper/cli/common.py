@@ -12,6 +12,11 @@ from ..client import FlowKeeper
 from ..errors import ConfigurationError
 
 
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs`` (``many`` for irregular words)."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
+
+
 def add_connection_options(parser: argparse.ArgumentParser, *, endpoint: bool = True) -> None:
     group = parser.add_argument_group("connection (default: environment variables)")
     group.add_argument(

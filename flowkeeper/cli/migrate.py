@@ -24,7 +24,8 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         await fk.aclose()
     if applied:
-        print(f"schema {fk.schema}: applied migration(s) {', '.join(map(str, applied))}")
+        word = "migration" if len(applied) == 1 else "migrations"
+        print(f"schema {fk.schema}: applied {word} {', '.join(map(str, applied))}")
     else:
         print(f"schema {fk.schema}: up to date (version {latest_version()})")
     return 0

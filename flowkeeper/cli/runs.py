@@ -24,7 +24,8 @@ from ..errors import ConfigurationError
 from ..eventops import WaitInfo, match_text
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
-from .common import add_connection_options, flowkeeper_for_actions
+from ..shortids import resolve_run_id
+from .common import add_connection_options, flowkeeper_for_actions, plural
 
 _COLOURS = {
     "queued": "37",
@@ -196,7 +197,7 @@ async def run_list(args: argparse.Namespace) -> int:
         )
         return 0
     counts = "  ".join(f"{_colour(s)} {n}" for s, n in sorted(page.counts.items()))
-    print(f"{page.total} runs in range   {counts}".rstrip())
+    print(f"{plural(page.total, 'run')} in range   {counts}".rstrip())
     if not page.runs:
         print("no runs match")
         return 0
@@ -265,7 +266,7 @@ def _lane_note(lane: Lane) -> str:
 async def run_show(args: argparse.Namespace) -> int:
     fk = _connect(args)
     try:
-        info = await fk.get_run(args.run_id)
+        info = await fk.get_run(await resolve_run_id(fk.store, args.run_id))
         now = await fk.store.clock_now()
         waits = await fk.run_waits(info.id)
         parent = await fk.store.run_parent(info.id)
@@ -435,7 +436,7 @@ async def run_replay(args: argparse.Namespace) -> int:
             )
         finally:
             await fk.aclose()
-        print(f"replaying {len(ids)} failed run(s) of {args.workflow}")
+        print(f"replaying {plural(len(ids), 'failed run')} of {args.workflow}")
         for rid in ids:
             print(f"  {rid}")
         return 0
@@ -443,6 +444,7 @@ async def run_replay(args: argparse.Namespace) -> int:
         raise ConfigurationError("Name the run to replay (or --failed --workflow NAME).")
     fk = _connect(args)
     try:
+        args.run_id = await resolve_run_id(fk.store, args.run_id)
         where = f"from step {args.from_step!r}" if args.from_step else "from its failed step"
         if not _confirm(args, f"Replay run {args.run_id} {where}?"):
             print("nothing done")
@@ -459,6 +461,7 @@ async def run_replay(args: argparse.Namespace) -> int:
 async def run_retry(args: argparse.Namespace) -> int:
     fk = _connect(args)
     try:
+        args.run_id = await resolve_run_id(fk.store, args.run_id)
         if not _confirm(args, f"Retry run {args.run_id} now?"):
             print("nothing done")
             return 1
@@ -472,6 +475,7 @@ async def run_retry(args: argparse.Namespace) -> int:
 async def run_cancel(args: argparse.Namespace) -> int:
     fk = _connect(args)
     try:
+        args.run_id = await resolve_run_id(fk.store, args.run_id)
         if not _confirm(args, f"Cancel run {args.run_id}?"):
             print("nothing done")
             return 1

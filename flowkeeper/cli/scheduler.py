@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from ..scheduler import CHANNEL, SchedulerLoop
-from .common import add_connection_options, flowkeeper_from_args
+from .common import add_connection_options, flowkeeper_from_args, plural
 
 
 def register(sub: Any) -> None:
@@ -59,17 +59,27 @@ async def run(args: argparse.Namespace) -> int:
             running.add_signal_handler(sig, loop.stop)
         assert fk.dispatcher is not None
         print(
-            f"flowkeeper scheduler: schema {fk.schema}, dispatching to {fk.dispatcher.endpoint}, "
-            f"listening on {CHANNEL} (stop with SIGTERM or Ctrl-C)",
+            f"flowkeeper scheduler: schema {fk.schema}, dispatching to {fk.dispatcher.endpoint} "
+            "(stop with SIGTERM or Ctrl-C)",
             flush=True,
         )
+        said = False
+
+        def listening() -> None:
+            # Said once connected, and once: a reconnect after an outage is logged instead.
+            nonlocal said
+            if not said:
+                said = True
+                print(f"flowkeeper scheduler: listening on {CHANNEL}", flush=True)
+
+        loop.on_listening = listening
         started = time.monotonic()
         await loop.run()
     finally:
         await fk.aclose()
     print(
         f"flowkeeper scheduler: stopped after {time.monotonic() - started:.0f}s, "
-        f"{loop.ticks} ticks, {loop.dispatched} runs dispatched",
+        f"{plural(loop.ticks, 'tick')}, {plural(loop.dispatched, 'run')} dispatched",
         flush=True,
     )
     return 0

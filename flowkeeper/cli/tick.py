@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..scheduler import Scheduler
-from .common import add_connection_options, flowkeeper_from_args
+from .common import add_connection_options, flowkeeper_from_args, plural
 
 #: Exit status when invocations could not be delivered.
 EXIT_UNDELIVERED = 3
@@ -72,7 +72,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"claimed {result.claimed}, dispatched {result.dispatched}, failed {result.failed}")
     if result.failed:
         print(
-            f"flowkeeper: {result.failed} invocation(s) could not be delivered to {endpoint}; "
+            f"flowkeeper: {plural(result.failed, 'invocation')} could not be delivered to "
+            f"{endpoint}; "
             "those runs stay due and are retried with backoff:",
             file=sys.stderr,
         )

@@ -508,3 +508,16 @@ VALUES ($1, $2, $3, $4, $5);
 -- name: clear_staged
 -- After the commit that used them (or could not): a run's staged chunks.
 DELETE FROM {schema}.step_chunks WHERE run_id = $1;
+
+-- name: run_ids_like
+-- The runs whose id lies in [$1, $2] (a prefix's range, so the primary key
+-- index narrows it) and matches the LIKE pattern $3 (prefix…suffix as the
+-- dashboard shows it).  Three at most: one is a match, two say "ambiguous".
+SELECT id FROM {schema}.runs
+WHERE id BETWEEN $1 AND $2 AND id::text LIKE $3
+ORDER BY id
+LIMIT 3;
+
+-- name: run_input_text
+-- A run's input as the exact text stored (an idempotency-key hit compares it).
+SELECT input::text AS input FROM {schema}.runs WHERE id = $1;

@@ -186,3 +186,42 @@ async def test_refuses_without_login_forged_cookie_and_missing_csrf(
         await page.click("#cancel")
         await page.click("#confirm-yes")
         await page.wait_for_selector("#run-status .badge.s-cancelled")
+
+
+@pytest.mark.slow
+async def test_a_retrying_run_is_not_shown_as_failed(
+    database_url: str, browser_context: Any
+) -> None:
+    async with running_app(database_url) as (fk, _shop, base):
+
+        def flaky() -> None:
+            raise ConnectionError("provider timed out")
+
+        @fk.workflow("flaky", retry=RetryPolicy(max_attempts=3, initial_delay=3600))
+        async def flaky_wf(ctx: Context) -> None:
+            await ctx.step("call-provider", flaky)
+
+        run_id = (await fk.trigger("flaky")).run_id
+        await wait_for(lambda: _status(fk, run_id, "retrying"))
+        page = await browser_context.new_page()
+        await _log_in(page, base)
+        await page.goto(f"{base}{UI}/runs/{run_id}")
+        await page.wait_for_selector("#run-status .badge.s-retrying")
+        banner = await page.inner_text("#run-error h2")
+        assert banner.startswith("Retrying") and "Failed" not in banner
+        assert "call-provider" in banner and "next attempt" in banner
+        assert "provider timed out" in await page.inner_text("#run-error")
+        # The timeline's axis labels never overlap (the start, the offsets, "now").
+        await page.wait_for_selector(".tl-axis .tick.now")
+        overlaps = await page.evaluate(
+            """() => {
+              const r = [...document.querySelectorAll('.tl-axis .tick')]
+                .filter((t) => getComputedStyle(t).visibility !== 'hidden')
+                .map((t) => t.getBoundingClientRect());
+              let n = 0;
+              for (let i = 0; i < r.length; i++) for (let j = i + 1; j < r.length; j++)
+                if (r[i].left < r[j].right && r[j].left < r[i].right) n++;
+              return [n, r.length];
+            }"""
+        )
+        assert overlaps[0] == 0 and overlaps[1] >= 2, overlaps

@@ -128,7 +128,7 @@ async def test_bulk_replay_pushes_with_the_signing_key(
             code, out, _ = await _cli(
                 capsys, database_url, "runs", "replay", "--failed", "--workflow", "shop", "--yes"
             )
-            assert code == 0 and "replaying 2 failed run(s) of shop" in out
+            assert code == 0 and "replaying 2 failed runs of shop" in out
             # Pushed: they finish without any tick.
             for rid in ids:
                 assert await fk.result(rid, timeout=10) in (0, 1)

@@ -122,6 +122,6 @@ async def test_cli_migrate(empty_database_url: str, capsys: pytest.CaptureFixtur
     from flowkeeper.cli import main
 
     assert await asyncio.to_thread(main, ["migrate", "--database-url", empty_database_url]) == 0
-    assert "applied migration(s) 1" in capsys.readouterr().out
+    assert "applied migrations 1, 2," in capsys.readouterr().out
     assert await asyncio.to_thread(main, ["migrate", "--database-url", empty_database_url]) == 0
     assert "up to date" in capsys.readouterr().out

@@ -423,10 +423,15 @@
 
     function renderError() {
       if (!run.error) { errorBox.replaceChildren(); errorBox.className = ""; return; }
-      errorBox.className = "card error-card";
+      // A retrying run keeps its last attempt's error: it has not failed (yet).
+      const retrying = run.status === "retrying";
+      errorBox.className = retrying ? "card error-card retrying-card" : "card error-card";
       const e = run.error;
+      const title = retrying ? "Retrying" : "Failed";
+      const where = retrying ? " after a failed attempt at step " : " at step ";
       errorBox.replaceChildren(
-        el("h2", {}, "Failed", e.step ? el("span", { class: "muted" }, " at step ", el("code", { text: e.step })) : null),
+        el("h2", {}, title, e.step ? el("span", { class: "muted" }, where, el("code", { text: e.step })) : null,
+          retrying && run.due_at ? el("span", { class: "muted" }, " · next attempt ", timeCell(run.due_at)) : null),
         el("p", { class: "err-line" }, el("b", { text: shortType(e.type) }), `: ${e.message || ""}`),
         e.traceback ? el("details", {}, el("summary", { text: "Traceback" }), el("pre", { class: "tb", text: e.traceback })) : null,
       );
@@ -466,7 +471,7 @@
           el("td", { class: "mono" }, el("span", { class: "caret", text: open.has(step.key) ? "▾" : "▸" }), " ", step.key,
             step.kind !== "step" ? el("span", { class: "tag", text: step.kind }) : null),
           el("td", {}, badge(step.status)),
-          el("td", { class: "num", title: failures ? `${failures} failed attempt(s)` : "" ,
+          el("td", { class: "num", title: failures ? `${failures} failed attempt${failures === 1 ? "" : "s"}` : "" ,
             text: step.kind === "step" ? String(step.attempts) : "–" }),
           el("td", { class: "num", text: step.kind === "sleep"
             ? (step.wake_at && step.started_at ? duration(ms(step.wake_at) - ms(step.started_at)) : "–")
@@ -703,7 +708,10 @@
       const ticks = [];
       const step = niceStep(span / 6);
       for (let t = 0; t <= span + 1; t += step) {
-        ticks.push(el("span", { class: "tick", text: t === 0 ? stamp(model.start) : `+${duration(t)}` }));
+        // The start as a short time (the full date is its tooltip): a long label overlaps the next.
+        ticks.push(el("span", t === 0
+          ? { class: "tick", title: stamp(model.start), text: new Date(model.start).toLocaleTimeString() }
+          : { class: "tick", text: `+${duration(t)}` }));
         ticks[ticks.length - 1].style.left = `${x(t0 + t)}%`;
       }
       const markers = model.markers.map((m) => {
@@ -718,6 +726,20 @@
         track.append(n);
       }
       axis.replaceChildren(el("div", { class: "tl-label" }), track);
+      declutter(track);
+    }
+
+    // Hide axis labels that would overlap a label already shown ("now" first, then left to right).
+    function declutter(track) {
+      const all = [...track.querySelectorAll(".tick")];
+      const order = [...all.filter((t) => t.classList.contains("now")), ...all.filter((t) => !t.classList.contains("now"))];
+      const shown = [];
+      for (const tick of order) {
+        tick.style.visibility = "";
+        const r = tick.getBoundingClientRect();
+        if (shown.some((o) => r.left < o.right + 4 && o.left < r.right + 4)) tick.style.visibility = "hidden";
+        else shown.push(r);
+      }
     }
 
     function paint(now) {
