@@ -50,6 +50,7 @@ from .events import CancelOn, SentEvent
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
+from .stepctx import StepContext, current_step
 from .tokens import Token
 from .workflow import Workflow, define_workflow
 
@@ -92,6 +93,7 @@ __all__ = [
     "SentEvent",
     "SerializationError",
     "SignatureError",
+    "StepContext",
     "StepFailedError",
     "StepInfo",
     "StepTimeoutError",
@@ -107,5 +109,6 @@ __all__ = [
     "Workflow",
     "WorkflowError",
     "__version__",
+    "current_step",
     "define_workflow",
 ]

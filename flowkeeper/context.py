@@ -10,6 +10,7 @@ from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from .engine import Execution
+    from .stepctx import StepContext
     from .tokens import Token
 
 T = TypeVar("T")
@@ -42,6 +43,33 @@ class Context:
     def invocation(self) -> int:
         """How many invocations this run has had, this one included (1-based)."""
         return self._exec.claimed.invocations
+
+    @property
+    def idempotency_key(self) -> str:
+        """Inside a step's function: a stable key for this (run, step), e.g. for Stripe.
+
+        The same on every attempt, after a crash and on every replay, and
+        different for each loop occurrence of a step name (``charge``,
+        ``charge#2``...) and for each run: pass it as the provider's
+        ``Idempotency-Key`` (or dedup id) so a charge whose answer was lost is
+        not made twice.  Raises :class:`StepUsageError` outside a step.
+        """
+        return self.step_context.idempotency_key
+
+    @property
+    def step_context(self) -> StepContext:
+        """Inside a step's function: the running step (run id, step key, attempt)."""
+        from .stepctx import current_step
+
+        step = current_step()
+        if step.run_id != self.run_id:  # pragma: no cover - a ctx captured by another run
+            from .errors import StepUsageError
+
+            raise StepUsageError(
+                f"This ctx belongs to run {self.run_id}, but the step running here belongs "
+                f"to run {step.run_id}: use that run's own ctx."
+            )
+        return step
 
     @overload
     async def step(

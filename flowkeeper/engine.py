@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import deploys, serialization
+from . import deploys, serialization, stepctx
 from .context import Context
 from .errors import (
     AttemptLostError,
@@ -980,6 +980,7 @@ class Execution:
     ) -> Any:
         seconds = _seconds(timeout) if timeout is not None else None
         self._in_body = True
+        step_token = stepctx.enter(self.run_id, key, attempt)  # ctx.idempotency_key (stepctx)
         try:
             if inspect.iscoroutinefunction(fn):
                 return await self._invoke_async(fn, args, kwargs, seconds)
@@ -995,6 +996,7 @@ class Execution:
                 result = await result
             return result
         finally:
+            stepctx.leave(step_token)
             self._in_body = False
 
     @staticmethod

@@ -66,6 +66,8 @@ def test_public_api_is_exactly_this() -> None:
         "WorkflowError",
         "__version__",
         "define_workflow",
+        "StepContext",
+        "current_step",
     }
     assert set(flowkeeper.__all__) == expected
 
