@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .retry import RetryPolicy
 
@@ -117,6 +117,38 @@ class Context:
         is numbered automatically (``name``, ``name#2``...).
         """
         return await self._exec.step(name, fn, args, kwargs, retry=retry, timeout=timeout)
+
+    async def transaction(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        isolation: Literal["read_committed", "repeatable_read", "serializable"] = (
+            "read_committed"
+        ),
+        pool: Any = None,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``await fn(conn, *args, **kwargs)`` exactly once, in a database transaction.
+
+        ``conn`` is an asyncpg connection inside a transaction on flowkeeper's
+        database; the step's result is recorded in that same transaction, so
+        your writes and the record commit together or not at all: whatever
+        happens to the process, the step's effect on your tables happens once.
+        Do not commit, roll back or swallow database errors in ``fn``
+        (:class:`TransactionUsageError`).  A failure rolls back and is retried
+        with ``retry`` like a step (serialization failures and deadlocks too).
+        ``pool``: an ``asyncpg.Pool`` of your own, which must reach the same
+        database (else :class:`TransactionDatabaseError`); by default
+        flowkeeper's own connections are used (fine behind PgBouncer).
+        """
+        value: T = await self._exec.transaction(
+            name, fn, args, kwargs, retry=retry, timeout=timeout, isolation=isolation, pool=pool
+        )
+        return value
 
     async def sleep(self, name: str, duration: timedelta | float) -> None:
         """Pause the run durably for ``duration`` (a timedelta, or seconds).

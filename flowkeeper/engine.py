@@ -742,6 +742,34 @@ class Execution:
         finally:
             self._busy = None
 
+    async def transaction(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retry: RetryPolicy | None,
+        timeout: float | timedelta | None,
+        isolation: str,
+        pool: Any,
+    ) -> Any:
+        """ctx.transaction: a step whose record commits with the user's writes (transactions)."""
+        from . import transactions
+
+        level = transactions.check_call(name, fn, isolation)
+        key, position, entry = self._next(name, transactions.KIND)
+        body = transactions.body(
+            self, fn, args, kwargs, position=position, name=name, isolation=level, pool=pool
+        )
+        try:
+            return await self._step(
+                key, position, name, entry, body, (), {}, retry, timeout,
+                kind=transactions.KIND, record_args=(args, kwargs),
+            )  # fmt: skip
+        finally:
+            self._busy = None
+
     async def _step(
         self,
         key: str,
@@ -753,7 +781,12 @@ class Execution:
         kwargs: dict[str, Any],
         retry: RetryPolicy | None,
         timeout: float | timedelta | None,
+        *,
+        kind: str = "step",  # the history kind recorded (ctx.transaction: "transaction")
+        record_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     ) -> Any:
+        # The arguments a failure record shows (a transaction's body takes none itself).
+        shown_args, shown_kwargs = record_args or (args, kwargs)
         hint = serialization.return_hint(fn)
         if entry is not None:
             if entry.status == "completed":
@@ -784,8 +817,8 @@ class Execution:
                     "again. Look for what ends the process during this step."
                 )
                 self._record_failure(
-                    key, position, name, attempt - 1, self.db_time(), exc, args, kwargs,
-                    attempt_event=False,
+                    key, position, name, attempt - 1, self.db_time(), exc, shown_args,
+                    shown_kwargs, attempt_event=False, kind=kind,
                 )  # fmt: skip
                 error = error_info(exc, step=key)
                 error["traceback"] = None
@@ -824,7 +857,9 @@ class Execution:
             # Deterministic: retrying would fail the same way.
             self._step_now = None
             self._executed += 1
-            self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            self._record_failure(
+                key, position, name, attempt, started, exc, shown_args, shown_kwargs, kind=kind
+            )
             raise StepFailedError(key, "SerializationError", str(exc), None, attempt) from exc
         except Exception as exc:
             self._step_now = None
@@ -852,13 +887,17 @@ class Execution:
                     step_key=key,
                     step_attempt=attempt,
                 ) from None
-            self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            self._record_failure(
+                key, position, name, attempt, started, exc, shown_args, shown_kwargs, kind=kind
+            )
             error = error_info(exc, step=key)
             raise StepFailedError(
                 key, error["type"], error["message"], error["traceback"], attempt
             ) from exc
         self._step_now = None
         self._executed += 1
+        if kind != "step":  # ctx.transaction wrote its record in its own transaction
+            return restored
         self._pending_steps.append(
             StepRecord(
                 key=key,
@@ -918,6 +957,7 @@ class Execution:
         kwargs: dict[str, Any],
         *,
         attempt_event: bool = True,
+        kind: str = "step",
     ) -> None:
         error = error_info(exc, step=key)
         logger.warning(
@@ -935,7 +975,7 @@ class Execution:
                 key=key,
                 position=position,
                 name=name,
-                kind="step",
+                kind=kind,
                 status="failed",
                 input=self._input_json(args, kwargs),
                 output=None,

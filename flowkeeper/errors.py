@@ -20,6 +20,9 @@ and what to do about it.
     ├── StepTimeoutError          a step ran longer than its timeout (also a TimeoutError)
     ├── AttemptLostError          a step's invocation died during the step, too often
     ├── NonRetriableError         raise it from a step to fail it at once
+    │   └── TransactionError      ctx.transaction used the wrong way (never retried)
+    │       ├── TransactionDatabaseError  its connection does not reach flowkeeper's schema
+    │       └── TransactionUsageError     its function misbehaved (sync, or left the transaction)
     ├── RetryAfterError           raise it from a step to ask for a specific retry delay
     ├── InvalidEventError         an event or a wait's match that cannot be sent or matched
     ├── TokenError                completing an approval token failed
@@ -182,6 +185,21 @@ class AttemptLostError(FlowKeeperError):
 
 class NonRetriableError(FlowKeeperError):
     """Raise from a step to fail it immediately, without further retries."""
+
+
+class TransactionError(NonRetriableError):
+    """``ctx.transaction`` was used in a way no retry can fix; the step fails at once."""
+
+
+class TransactionDatabaseError(TransactionError):
+    """The connection ``ctx.transaction`` got does not reach the database holding
+    flowkeeper's schema and this run: the step's record could not commit with the
+    user's writes."""
+
+
+class TransactionUsageError(TransactionError):
+    """The function given to ``ctx.transaction`` is not an async function of an asyncpg
+    connection, or it ended, committed or broke the transaction it was given."""
 
 
 class RetryAfterError(FlowKeeperError):

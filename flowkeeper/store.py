@@ -378,10 +378,13 @@ class Store:
         steps: Sequence[StepRecord] = (),
         events: Sequence[EventRecord] = (),
         keep_due: bool = False,
+        conn: asyncpg.Connection | None = None,
     ) -> datetime | bool | None:
         """Write under the lease.  Returns False if the lease was lost, else the new due_at.
 
         ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
+        ``conn``: write on this connection, inside its open transaction
+        (ctx.transaction records its step with the user's own writes).
         """
         row = await self._call(
             "fetchrow",
@@ -399,6 +402,7 @@ class Store:
             *_step_columns(steps),
             *_event_columns(events),
             keep_due,
+            conn=conn,
         )
         if row is None:
             return False

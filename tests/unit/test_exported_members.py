@@ -68,6 +68,9 @@ def test_public_api_is_exactly_this() -> None:
         "define_workflow",
         "StepContext",
         "current_step",
+        "TransactionDatabaseError",
+        "TransactionError",
+        "TransactionUsageError",
     }
     assert set(flowkeeper.__all__) == expected
 
