@@ -150,6 +150,25 @@ class Context:
         )
         return value
 
+    def patched(self, patch_id: str) -> bool:
+        """Whether this run takes the new branch of code change ``patch_id``.
+
+        True for runs that reach this point on the new code (new runs, and old
+        ones whose recorded history ends before it); False for runs whose
+        history was recorded past this point by the old code, which must
+        replay the old branch.  Recorded once per run (history kind
+        ``patch``); every replay answers the same.  See :mod:`flowkeeper.patches`.
+        """
+        return self._exec.patched(patch_id)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Retire ``patch_id`` once no live run is on its old branch (the ``if`` is gone).
+
+        A run that had taken the old branch fails with a :class:`DeterminismError`
+        saying so instead of replaying the new code over an old history.
+        """
+        self._exec.deprecate_patch(patch_id)
+
     async def sleep(self, name: str, duration: timedelta | float) -> None:
         """Pause the run durably for ``duration`` (a timedelta, or seconds).
 

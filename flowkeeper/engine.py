@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import deploys, serialization, stepctx
+from . import deploys, patches, serialization, stepctx
 from .context import Context
 from .errors import (
     AttemptLostError,
@@ -336,7 +336,9 @@ class Execution:
         self.workflow = workflow
         self.deadline = deadline
         self._t0 = time.monotonic()
-        self._history = claimed.history
+        # Patch markers take no position (flowkeeper.patches): kept aside.
+        self._history, markers = patches.split(claimed.history)
+        self._patches = patches.PatchState(markers)
         self._position = 0
         self._occurrences: dict[str, int] = {}
         self._pending_steps: list[StepRecord] = []
@@ -527,7 +529,9 @@ class Execution:
                     f"Run {self.run_id}: the workflow returned, but its history records "
                     f"{entry.kind} {entry.key!r} at position {entry.position} that the code "
                     "no longer reaches (a recorded step was removed). Restore the step, or "
-                    "let this run fail and trigger a new one.",
+                    "let this run fail and trigger a new one; to remove steps under live "
+                    "runs, keep them behind `if not ctx.patched('<change-id>'):` "
+                    "(README: Versioning).",
                     step=entry.key,
                     position=entry.position,
                 )
@@ -668,7 +672,8 @@ class Execution:
                 f"{key!r}, but the recorded history has {entry.kind} {entry.key!r} there "
                 "(a recorded step was renamed, removed or moved). Nothing recorded was run "
                 "again. Restore the previous order of steps, or let this run fail and trigger "
-                "a new one.",
+                "a new one; to change steps under live runs, put the change behind "
+                "`if ctx.patched('<change-id>'):` (README: Versioning).",
                 step=key,
                 position=position,
             )
@@ -1266,6 +1271,13 @@ class Execution:
         # The step's return annotation (Token) restores it on replay as well.
         assert isinstance(value, Token)
         return value
+
+    # versioning (flowkeeper.patches) ------------------------------------------
+    def patched(self, patch_id: str) -> bool:
+        return patches.patched(self, patch_id)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        patches.deprecate_patch(self, patch_id)
 
     # sleeps --------------------------------------------------------------
     async def sleep(

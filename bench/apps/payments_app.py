@@ -1,0 +1,16 @@
+"""The app bench/payments.py serves: ``uvicorn bench.apps.payments_app:app``."""
+
+from __future__ import annotations
+
+import os
+
+from flowkeeper import FlowKeeper
+
+from .payments_workflows import PAYMENT_WORKFLOWS
+from .workflows import WORKFLOWS
+
+fk = FlowKeeper(pool_size=int(os.environ.get("FLOWKEEPER_POOL_SIZE", "5")))
+for wf in (*WORKFLOWS.values(), *PAYMENT_WORKFLOWS.values()):
+    fk.register(wf)
+
+app = fk.asgi()
