@@ -51,6 +51,7 @@ from .eventlist import EventFilter, EventPage
 from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
+from .patches import PatchBranches, source_hash
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
 from .stepctx import StepContext, current_step
@@ -79,6 +80,7 @@ __all__ = [
     "InvalidInputError",
     "MigrationError",
     "NonRetriableError",
+    "PatchBranches",
     "RetryAfterError",
     "RetryPolicy",
     "RunCancelledError",
@@ -117,4 +119,5 @@ __all__ = [
     "__version__",
     "current_step",
     "define_workflow",
+    "source_hash",
 ]

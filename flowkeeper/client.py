@@ -252,6 +252,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         on_failure: FailureHook | None = None,
         on_event: str | None = None,
         cancel_on: Sequence[CancelOn] = (),
+        version: str | Callable[[Any], str] | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
@@ -270,6 +271,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     on_failure=on_failure,
                     on_event=on_event,
                     cancel_on=cancel_on,
+                    version=version,
                 )
             )
             return fn
@@ -346,6 +348,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 idempotency_key=idempotency_key,
                 lease_token=None,
                 lease=timedelta(0),
+                code_version=wf.version,
             )
             return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         in_transaction = connection is not None and connection.is_in_transaction()
@@ -359,6 +362,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             lease_token=token,
             lease=self.dispatch_lease if push_now else timedelta(0),
             conn=connection,
+            code_version=wf.version,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:
@@ -515,6 +519,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             invocations=run["invocations"],
             steps=steps,
             events=events,
+            code_version=run["code_version"],
         )
 
     async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:

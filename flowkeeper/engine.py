@@ -245,6 +245,7 @@ class Engine:
             idempotency_key=idempotency_key,
             lease_token=uuid.uuid4(),
             lease=self.lease,
+            code_version=self.registry.get(workflow).version if workflow in self.registry else None,
         )
         if isinstance(result, ClaimedRun):
             return result

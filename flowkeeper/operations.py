@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .errors import RunNotFoundError, RunStateError
 from .ids import check_run_id
 from .models import RunHandle, RunStatus
+from .patches import PatchBranches, check_id, key_of, live_branches
 from .runlist import RunFilter, RunPage, RunSummary
 from .serialization import json_or_none
 
@@ -65,6 +66,20 @@ class RunOperations:
         count_low, count_high = dataclasses.replace(f, before=None).id_range()
         counts = await self.store.count_runs(count_low, count_high, workflow=f.workflow)
         return RunPage(runs=runs, counts=counts, next_before=str(ids[-1]) if more else None)
+
+    async def patch_branches(self, patch: str | None = None) -> list[PatchBranches]:
+        """How many live runs took each branch of each ``ctx.patched`` id (or of ``patch``).
+
+        When ``old`` is 0 for a patch, no live run needs the old branch any
+        more: replace the ``if`` with ``ctx.deprecate_patch``.  For one
+        ``patch``, ``unreached`` counts live runs not at the check yet.
+        """
+        return await live_branches(self.store, patch)
+
+    async def patch_runs(self, patch: str, *, old: bool = True, limit: int = 50) -> list[str]:
+        """Ids of live runs on the old (or new) branch of ``patch``, newest first."""
+        rows = await self.store.patch_runs(key_of(check_id(patch)), not old, max(1, limit))
+        return [str(r["id"]) for r in rows]
 
     async def list_workflows(self) -> list[str]:
         """Workflow names that have runs, and those registered in this process."""

@@ -30,11 +30,15 @@ branch, with a message saying so, rather than replaying it wrongly.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from .errors import DeterminismError, StepUsageError
-from .store import HistoryEntry, StepRecord
+from .errors import DeterminismError, StepUsageError, WorkflowError
+from .store import HistoryEntry, StepRecord, Store
 
 if TYPE_CHECKING:
     from .engine import Execution
@@ -163,3 +167,79 @@ def _record(execution: Execution, state: PatchState, patch_id: str, value: bool)
         attempts=1,
         wake_at=None,
     )
+
+
+# code versions ------------------------------------------------------------------------------
+_VERSION_RE = re.compile(r"^[\x21-\x7e]{1,100}$")
+
+
+def source_hash(fn: Callable[..., Any]) -> str:
+    """A short hash of ``fn``'s source code: ``define_workflow(..., version=source_hash)``.
+
+    It changes whenever the workflow function's text changes (not when a
+    step function it calls does: set ``version="..."`` yourself for that).
+    """
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError) as exc:
+        raise WorkflowError(
+            f"version=source_hash needs the source of {fn!r} ({exc}); set version='...' instead."
+        ) from None
+    return "src-" + hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def code_version(
+    name: str, fn: Callable[..., Any], version: str | Callable[[Any], str] | None
+) -> str | None:
+    """The version recorded on each run of workflow ``name`` (checked at definition)."""
+    if version is None:
+        return None
+    value = version(fn) if callable(version) else version
+    if not isinstance(value, str) or not _VERSION_RE.match(value):
+        raise WorkflowError(
+            f"Workflow {name!r}: version must be 1-100 printable ASCII characters without "
+            f"spaces (e.g. '2026-12-01' or a git sha), got {value!r}."
+        )
+    return value
+
+
+# live runs per branch (CLI and dashboard) --------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PatchBranches:
+    """How many live runs of each workflow took each branch of a patch."""
+
+    patch: str
+    workflow: str
+    old: int  # took the old branch: the old code is still needed for them
+    new: int
+    unreached: int = 0  # live, not at the patch yet (only filled for one patch's report)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "patch": self.patch,
+            "workflow": self.workflow,
+            "old": self.old,
+            "new": self.new,
+            "unreached": self.unreached,
+        }
+
+
+async def live_branches(store: Store, patch_id: str | None = None) -> list[PatchBranches]:
+    """Live runs per (patch, workflow) and branch; for one patch, also those not there yet."""
+    if patch_id is not None:
+        check_id(patch_id)
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for row in await store.patch_counts():
+        if patch_id is not None and row["patch"] != patch_id:
+            continue
+        slot = counts.setdefault((row["patch"], row["workflow"]), {"old": 0, "new": 0})
+        slot["new" if row["new_branch"] else "old"] += int(row["n"])
+    unreached: dict[str, int] = {}
+    if patch_id is not None and counts:
+        workflows = sorted({w for _, w in counts})
+        for row in await store.patch_unreached(key_of(patch_id), workflows):
+            unreached[row["workflow"]] = int(row["n"])
+    return [
+        PatchBranches(p, w, c["old"], c["new"], unreached.get(w, 0))
+        for (p, w), c in sorted(counts.items())
+    ]

@@ -267,6 +267,7 @@ class Store:
         lease_token: uuid.UUID | None,
         lease: timedelta,
         conn: asyncpg.Connection | None = None,
+        code_version: str | None = None,
     ) -> tuple[str, bool]:
         """Insert a run; on an idempotency-key hit return the existing id."""
         if conn is not None and not self._ready:
@@ -280,6 +281,7 @@ class Store:
             idempotency_key,
             lease_token,
             lease,
+            code_version,
             conn=conn,
         )
         if row is not None:
@@ -312,6 +314,7 @@ class Store:
         idempotency_key: str | None,
         lease_token: uuid.UUID,
         lease: timedelta,
+        code_version: str | None = None,
     ) -> ClaimedRun | tuple[str, bool]:
         """Create a run already leased to the caller (the endpoint), in one statement.
 
@@ -327,6 +330,7 @@ class Store:
             idempotency_key,
             lease_token,
             lease,
+            code_version,
         )
         if row is None:
             return await self._existing(run_id, workflow, idempotency_key)
@@ -839,3 +843,18 @@ class Store:
     async def stream_run_status(self, run_id: str) -> str | None:
         status: str | None = await self._call("fetchval", "stream_run_status", uuid.UUID(run_id))
         return status
+
+    # versioning: live runs per patch branch (sql/patches.sql) --------------------------------
+    async def patch_counts(self) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "patch_counts")
+        return rows
+
+    async def patch_unreached(self, key: str, workflows: Sequence[str]) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "patch_unreached", key, list(workflows)
+        )
+        return rows
+
+    async def patch_runs(self, key: str, new_branch: bool, limit: int) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "patch_runs", key, new_branch, limit)
+        return rows

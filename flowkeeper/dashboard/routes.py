@@ -357,6 +357,11 @@ class Dashboard:
     async def api_runs(self, request: Request, session: Session) -> Response:
         return JSONResponse(await self._runs_data(request))
 
+    async def api_patches(self, request: Request, session: Session) -> Response:
+        """Live runs per branch of each ctx.patched id (loaded once by the runs page)."""
+        branches = await self.fk.patch_branches()
+        return JSONResponse({"patches": [b.as_json() for b in branches]})
+
     async def api_run(self, request: Request, session: Session) -> Response:
         run_id = check_run_id(request.path_params["run_id"])
         version = await self.fk.run_version(run_id)
@@ -475,6 +480,7 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
         Route("/login", d.login, methods=["POST"]),
         Route("/logout", d.logout, methods=["POST"]),
         Route("/api/runs", d.api(d.api_runs), methods=["GET"]),
+        Route("/api/patches", d.api(d.api_patches), methods=["GET"]),
         Route("/api/runs/{run_id}", d.api(d.api_run), methods=["GET"]),
         Route("/api/events", d.api(d.api_events), methods=["GET"]),
         Route("/api/events/{number}", d.api(d.api_event), methods=["GET"]),

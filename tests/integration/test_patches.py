@@ -7,11 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from flowkeeper import Context, FlowKeeper
+from flowkeeper.cli import main
 
 from ..helpers import drive, make_fk, serve, wait_for
+
+PASSWORD = "correct horse battery staple"
 
 
 def step(name: str) -> Callable[[], str]:
@@ -122,7 +126,7 @@ async def w1(ctx: Context) -> list[str]:
     out = [await ctx.step("a", step("a")), await ctx.step("b", step("b"))]
     await ctx.sleep("pause", 0.3)
     out.append(await ctx.step("c", step("c")))
-    await ctx.sleep("pause2", 0.5)
+    await ctx.sleep("pause2", 1.5)
     return out
 
 
@@ -134,7 +138,7 @@ async def w2(ctx: Context) -> list[str]:
         out.append(await ctx.step("b", step("b")))
     await ctx.sleep("pause", 0.3)
     out.append(await ctx.step("c", step("c")))
-    await ctx.sleep("pause2", 0.5)
+    await ctx.sleep("pause2", 1.5)
     return out
 
 
@@ -144,16 +148,16 @@ async def w3(ctx: Context) -> list[str]:
     out.append(await ctx.step("fraud-check", step("fraud")))
     await ctx.sleep("pause", 0.3)
     out.append(await ctx.step("c", step("c")))
-    await ctx.sleep("pause2", 0.5)
+    await ctx.sleep("pause2", 1.5)
     return out
 
 
 async def test_deprecate_patch_fails_only_runs_on_the_old_branch(
-    database_url: str, conn: asyncpg.Connection
+    database_url: str, conn: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    old, _ = await _sleeping_on(w1, database_url)
-    # v2: the old run meets the patch (old branch), a new run too (new branch); both sleep.
-    fk = make_fk(database_url)
+    old, other = await _sleeping_on(w1, database_url)
+    # v2: the old runs meets the patch (old branch), a new run too (new branch); both sleep.
+    fk = make_fk(database_url, dashboard_password=PASSWORD)
     fk.workflow("order")(w2)
     try:
         async with serve(fk):
@@ -164,6 +168,32 @@ async def test_deprecate_patch_fails_only_runs_on_the_old_branch(
                 return len(await markers(conn, old)) == 1 and len(await markers(conn, fresh)) == 1
 
             await wait_for(recorded)
+
+            async def both_old() -> bool:
+                await fk.tick()
+                return len(await markers(conn, other)) == 1
+
+            await wait_for(both_old)
+            # All live: two on the old branch, one on the new; the API, the CLI and the
+            # dashboard say so.
+            [branches] = await fk.patch_branches("fraud-check-v2")
+            assert (branches.workflow, branches.old, branches.new) == ("order", 2, 1)
+            assert set(await fk.patch_runs("fraud-check-v2")) == {old, other}
+            assert await fk.patch_runs("fraud-check-v2", old=False) == [fresh]
+            code = await asyncio.to_thread(
+                main, ["runs", "list", "--patch", "fraud-check-v2", "--database-url", database_url]
+            )
+            out = capsys.readouterr().out
+            assert code == 0
+            assert "2 live run(s) still on the old branch" in out and old in out
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fk.test_port}") as client:  # type: ignore[attr-defined]
+                await client.post(
+                    "/api/flowkeeper/ui/login", data={"password": PASSWORD, "next": "/"}
+                )
+                body = (await client.get("/api/flowkeeper/ui/api/patches")).json()
+            assert body["patches"] == [
+                {"patch": "fraud-check-v2", "workflow": "order", "old": 2, "new": 1, "unreached": 0}
+            ]
     finally:
         await fk.aclose()
     assert await markers(conn, old) == [("#patch:fraud-check-v2", "false")]

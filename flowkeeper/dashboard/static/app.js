@@ -167,8 +167,29 @@
     const table = el("table", { class: "runs", id: "runs" });
     const pager = el("nav", { class: "pager", id: "pager" });
     const problem = el("p", { class: "error", id: "list-error" });
+    const patches = el("div", { class: "card", id: "patches", hidden: true });
     app.replaceChildren(header, problem, counts, filters, bulk,
-      el("div", { class: "card flush" }, table), pager);
+      el("div", { class: "card flush" }, table), pager, patches);
+    loadPatches();
+
+    // Versioning: live runs per branch of each ctx.patched id (may the old code go?).
+    async function loadPatches() {
+      let body;
+      try { body = await api("/api/patches"); } catch { return; }
+      const rows = body.patches || [];
+      if (!rows.length) return;
+      const head = el("tr", {}, ...["Patch", "Workflow", "Old branch", "New branch", ""]
+        .map((h) => el("th", { text: h })));
+      const lines = rows.map((p) => el("tr", { dataset: { patch: p.patch } },
+        el("td", { class: "mono", text: p.patch }),
+        el("td", { text: p.workflow }),
+        el("td", { class: "num old", text: String(p.old) }),
+        el("td", { class: "num new", text: String(p.new) }),
+        el("td", { class: "dim", text: p.old ? "old code still needed" : "old branch can go: ctx.deprecate_patch" })));
+      patches.replaceChildren(el("h2", { text: "Patches in live runs" }),
+        el("table", { class: "runs" }, el("thead", {}, head), el("tbody", {}, ...lines)));
+      patches.hidden = false;
+    }
 
     function render() {
       header.replaceChildren(el("h1", { text: "Runs" }),
@@ -347,6 +368,7 @@
         ["Duration", el("span", { text: started ? duration(end - started) : "–" })],
         ["Invocations", el("span", { text: String(run.invocations) })],
       ];
+      if (run.code_version) facts.push(["Code version", el("span", { class: "mono", id: "code-version", text: run.code_version })]);
       if (run.status === "sleeping" || run.status === "retrying" || run.status === "queued") {
         facts.push([run.status === "retrying" ? "Retry at" : run.status === "sleeping" ? "Wakes at" : "Due",
           el("span", { title: stamp(run.due_at), text: run.due_at ? `${stamp(run.due_at)} (${ago(run.due_at)})` : "–" })]);

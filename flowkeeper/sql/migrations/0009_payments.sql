@@ -11,3 +11,7 @@
 ALTER TABLE {schema}.steps DROP CONSTRAINT steps_kind_check;
 ALTER TABLE {schema}.steps ADD CONSTRAINT steps_kind_check
     CHECK (kind IN ('step', 'sleep', 'wait', 'transaction', 'patch'));
+
+-- The workflow's code version (define_workflow(..., version=...)) of the
+-- process that started the run; NULL when none was set.
+ALTER TABLE {schema}.runs ADD COLUMN code_version text;
