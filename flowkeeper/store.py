@@ -244,11 +244,28 @@ class Store:
                         )
                     await migrations.migrate(conn, self.schema)
                 elif version > latest:
-                    raise MigrationError(
-                        f"Schema {self.schema!r} is at version {version}, newer than this "
-                        f"flowkeeper ({latest}) knows. Upgrade flowkeeper in this deployment."
-                    )
+                    await self._check_newer_schema(conn, version, latest)
             self._ready = True
+
+    async def _check_newer_schema(
+        self, conn: asyncpg.Connection, version: int, latest: int
+    ) -> None:
+        """A newer deploy migrated already (a rolling upgrade): go on if it is compatible."""
+        needed = await migrations.required_library(conn, self.schema, latest)
+        if needed > latest:
+            raise MigrationError(
+                f"Schema {self.schema!r} is at version {version}, which needs a flowkeeper that "
+                f"knows schema version {needed} or later; this flowkeeper knows up to version "
+                f"{latest}. Upgrade flowkeeper in this deployment (instances still on the old "
+                "version refuse to start until they are replaced)."
+            )
+        logger.info(
+            "schema %s is at version %d, newer than this flowkeeper's %d, and compatible with "
+            "it (a rolling upgrade in progress?); going on",
+            self.schema,
+            version,
+            latest,
+        )
 
     async def migrate(self) -> list[int]:
         async with self.db.acquire() as conn:
