@@ -124,6 +124,52 @@ class RunOperations:
             _fk=cast("FlowKeeper", self),
         )
 
+    async def fork(
+        self,
+        run_id: str,
+        from_step: str | None = None,
+        *,
+        reason: str | None = None,
+        actor: str = "api",
+    ) -> RunHandle:
+        """Start a new run that copies ``run_id``'s history before ``from_step``.
+
+        The original is left untouched (for audit); the new run executes
+        ``from_step`` and everything after it, with the same input.  Without
+        ``from_step``: a failed run forks from its failed step, a cancelled
+        one from the end of its history; a completed or live run needs the
+        step named.  Recorded as a ``forked`` event on the new run, which is
+        pushed at once when this process has the endpoint's URL.
+        """
+        from .fork import fork
+
+        rid = check_run_id(run_id)
+        push = self.dispatcher is not None
+        token = uuid.uuid4() if push else None
+        new_id, workflow, copied = await fork(
+            self.store,
+            self.registry,
+            rid,
+            from_step,
+            lease_token=token,
+            lease=self.dispatch_lease if push else timedelta(0),
+            reason=reason,
+            actor=actor,
+        )
+        logger.info(
+            "run %s forked from run %s at %s (%d record(s) copied) by %s",
+            new_id,
+            rid,
+            from_step or "its default point",
+            copied,
+            actor,
+        )
+        if token is not None:
+            await self._push(new_id, token)
+        return RunHandle(
+            run_id=new_id, workflow=workflow, created=True, _fk=cast("FlowKeeper", self)
+        )
+
     async def retry(self, run_id: str, *, reason: str | None = None, actor: str = "api") -> bool:
         """Retry now: a failed run runs again from its failed step; a run waiting for a
         step's retry stops waiting.  Recorded as a ``retried`` event.

@@ -875,3 +875,30 @@ class Store:
     async def patch_runs(self, key: str, new_branch: bool, limit: int) -> list[asyncpg.Record]:
         rows: list[asyncpg.Record] = await self._call("fetch", "patch_runs", key, new_branch, limit)
         return rows
+
+    # fk.fork: a new run from another's history (sql/fork.sql) -------------------------------
+    async def fork_run(
+        self,
+        new_id: str,
+        source_id: str,
+        position: int,
+        *,
+        detail: dict[str, Any],
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+        code_version: str | None,
+    ) -> tuple[str | None, int]:
+        """Create run ``new_id`` with the source's input and its steps before ``position``."""
+        row = await self._call(
+            "fetchrow",
+            "fork_run",
+            uuid.UUID(new_id),
+            uuid.UUID(source_id),
+            position,
+            lease_token,
+            lease,
+            display_json(detail),
+            code_version,
+        )
+        rid = str(row["id"]) if row["id"] is not None else None
+        return rid, int(row["copied"])

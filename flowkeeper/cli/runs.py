@@ -81,6 +81,16 @@ def register(sub: Any) -> None:
     _action_options(p)
     p.set_defaults(handler=run_replay)
 
+    p = actions.add_parser(
+        "fork", help="start a new run from a run's history before a step (the original is kept)"
+    )
+    p.add_argument("run_id")
+    p.add_argument(
+        "--from-step", metavar="KEY", help="default: the failed step, or the end of a cancelled run"
+    )
+    _action_options(p)
+    p.set_defaults(handler=run_fork)
+
     p = actions.add_parser("retry", help="retry a failed run, or a waiting step, now")
     p.add_argument("run_id")
     _action_options(p)
@@ -468,6 +478,25 @@ async def run_replay(args: argparse.Namespace) -> int:
         await fk.aclose()
     tail = "pushed to the endpoint" if pushed else "due for the next scheduler tick"
     print(f"run {args.run_id} replaying {where}; {tail}")
+    return 0
+
+
+async def run_fork(args: argparse.Namespace) -> int:
+    fk = _connect(args)
+    try:
+        where = f"from step {args.from_step!r}" if args.from_step else "from its failed step"
+        if not _confirm(args, f"Fork run {args.run_id} {where} into a new run?"):
+            print("nothing done")
+            return 1
+        handle = await fk.fork(
+            args.run_id, from_step=args.from_step, reason=args.reason, actor="cli"
+        )
+        pushed = fk.dispatcher is not None
+    finally:
+        await fk.aclose()
+    tail = "pushed to the endpoint" if pushed else "due for the next scheduler tick"
+    print(f"run {handle.run_id} forked from run {args.run_id} {where}; {tail}")
+    print(f"the original is unchanged: flowkeeper runs show {handle.run_id}")
     return 0
 
 

@@ -398,6 +398,19 @@ class Dashboard:
             await self.fk.replay(run_id, from_step=step, reason=reason, actor="dashboard")
             where = f"step {step!r}" if step else "where it stopped"
             message = f"Replaying from {where}."
+        elif action == "fork":
+            step = _text(body.get("from_step"), "from_step")
+            handle = await self.fk.fork(run_id, from_step=step, reason=reason, actor="dashboard")
+            where = f"step {step!r}" if step else "where it stopped"
+            logger.info("dashboard: fork of run %s into %s", run_id, handle.run_id)
+            return JSONResponse(
+                {
+                    "ok": True,
+                    "message": f"Forked from {where} into run {handle.run_id}.",
+                    "run_id": handle.run_id,
+                    "forked_from": run_id,
+                }
+            )
         elif action == "retry":
             retried = await self.fk.retry(run_id, reason=reason, actor="dashboard")
             message = "Retrying now." if retried else "Its retry is being dispatched already."
@@ -410,7 +423,10 @@ class Dashboard:
             message = "Cancelled."
         else:
             return _refuse(
-                request, 404, "unknown_action", f"No action {action!r}: replay, retry, cancel."
+                request,
+                404,
+                "unknown_action",
+                f"No action {action!r}: replay, fork, retry, cancel.",
             )
         logger.info("dashboard: %s of run %s", action, run_id)
         return JSONResponse({"ok": True, "message": message, "run_id": run_id})

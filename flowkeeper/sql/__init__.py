@@ -50,6 +50,7 @@ QUERY_FILES = (
     "streams.sql",
     "transactions.sql",
     "patches.sql",
+    "fork.sql",
 )
 
 

@@ -175,7 +175,11 @@
     // Versioning: live runs per branch of each ctx.patched id (may the old code go?).
     async function loadPatches() {
       let body;
-      try { body = await api("/api/patches"); } catch { return; }
+      try {
+        const response = await api("/api/patches");
+        if (!response.ok) return;
+        body = await response.json();
+      } catch { return; }
       const rows = body.patches || [];
       if (!rows.length) return;
       const head = el("tr", {}, ...["Patch", "Workflow", "Old branch", "New branch", ""]
@@ -465,6 +469,9 @@
           el("td", { class: "row-actions" }, finished ? el("button", {
             class: "small ghost replay-from", dataset: { key: step.key },
             onclick: () => replayFrom(step.key), text: "Replay from here",
+          }) : null, step.kind !== "patch" ? el("button", {
+            class: "small ghost fork-from", dataset: { key: step.key },
+            onclick: () => forkFrom(step.key), text: "Fork from here",
           }) : null));
           body.append(row);
           if (open.has(step.key)) body.append(el("tr", { class: "detail" }, el("td", { colspan: 7 }, stepDetail(step))));
@@ -585,6 +592,15 @@
       const answer = await confirmAction(key ? `Replay from “${key}”?` : "Resume this run?", text, key ? "Replay" : "Resume");
       if (!answer) return;
       if (await act(`/api/runs/${run.id}/replay`, { from_step: key, reason: answer.reason })) refresh();
+    }
+
+    // A new run with this run's history before the step; this run stays as it is.
+    async function forkFrom(key) {
+      const answer = await confirmAction(`Fork from “${key}”?`,
+        `A new run starts with the results recorded before “${key}”; it runs “${key}” and every later step. This run is not changed.`, "Fork");
+      if (!answer) return;
+      const body = await act(`/api/runs/${run.id}/fork`, { from_step: key, reason: answer.reason });
+      if (body && body.run_id) location.assign(`${BASE}/runs/${body.run_id}`);
     }
 
     async function retryNow() {
