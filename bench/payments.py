@@ -10,15 +10,23 @@ step would) and ``three-tx`` (the middle step inserts the same row with
 ``ctx.transaction``, its record in the same transaction).  Commits per run
 are read from pg_stat_database; the claim is that ``three-tx`` costs no more
 than ``three`` and one fewer than ``three-plain-write``.
+
+Then the codec's cost: ``three`` served by an app with
+``FlowKeeper(codec=AesGcmCodec([key]))`` (inputs, results and output sealed
+with AES-256-GCM) against the same app without, interleaved; the claim is a
+throughput cost of at most 15 %.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 import asyncpg
+
+from flowkeeper.codec import AesGcmCodec
 
 from .apps.payments_workflows import ORDERS_SQL, PAYMENT_WORKFLOWS
 from .apps.workflows import WORKFLOWS
@@ -49,6 +57,20 @@ async def main_async(args: argparse.Namespace) -> None:
                             url, endpoint, workflow, args.workflows, args.concurrency, settle=settle
                         )
                     )
+            os.environ["BENCH_CODEC_KEY"] = AesGcmCodec.generate_key()
+            try:
+                with served_app(url, module="bench.apps.payments_app") as sealed:
+                    os.environ.pop("BENCH_CODEC_KEY", None)
+                    await run_batch(url, sealed, "three", args.warmup, args.concurrency, settle=0)
+                    rates: dict[str, list[float]] = {"plain": [], "sealed": []}
+                    for _ in range(args.codec_rounds):
+                        for name, where in (("plain", endpoint), ("sealed", sealed)):
+                            batch = await run_batch(
+                                url, where, "three", args.workflows, args.concurrency, settle=0
+                            )
+                            rates[name].append(batch["per_second"])
+            finally:
+                os.environ.pop("BENCH_CODEC_KEY", None)
     rows = []
     figures: dict[str, tuple[float, float]] = {}
     for workflow in WORKLOADS:
@@ -66,6 +88,18 @@ async def main_async(args: argparse.Namespace) -> None:
     )
     fraction = figures["three-tx"][0] / figures["three"][0]
     print(f"transaction workflows/s as a fraction of plain: {fraction:.0%}")
+    plain_rate, sealed_rate = median(rates["plain"]), median(rates["sealed"])
+    print()
+    print(
+        table(
+            [
+                [f"{args.workflows} x three", f"{plain_rate:.0f}"],
+                [f"{args.workflows} x three, AES-GCM codec", f"{sealed_rate:.0f}"],
+            ],
+            ["workload", "workflows/s (median)"],
+        )
+    )
+    print(f"codec throughput cost on the 3-step workflow: {1 - sealed_rate / plain_rate:.1%}")
     command = " ".join([interpreter(), "-m", "bench.payments", *sys.argv[1:]])
     print(f"\ncommand: {command}")
 
@@ -77,10 +111,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--codec-rounds", type=int, default=None)
     args = parser.parse_args()
     args.workflows = args.workflows or (40 if args.quick else 500)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.warmup = args.warmup or (10 if args.quick else 100)
+    args.codec_rounds = args.codec_rounds or (1 if args.quick else 5)
     asyncio.run(main_async(args))
 
 

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .alerts import AlertSender
+from .codec import Codec
 from .db import Database
 from .dispatch import Dispatcher
 from .engine import ClaimRefused, Engine, Outcome, SegmentResult
@@ -155,6 +156,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
+        codec: Codec | None = None,
     ) -> None:
         url = (
             database_url
@@ -189,7 +191,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.cron_secret = cron_secret or os.environ.get("CRON_SECRET") or None
         self.registry = Registry()
         self.db = Database(url, max_size=pool_size, pooled=pooled)
-        self.store = Store(self.db, self.schema, auto_migrate=auto_migrate)
+        # Payloads sealed at rest when a codec is given (flowkeeper.codec).
+        self.store = Store(self.db, self.schema, auto_migrate=auto_migrate, codec=codec)
         self.engine = Engine(
             self.store,
             self.registry,

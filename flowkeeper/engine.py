@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import Any
 
 from . import deploys, patches, serialization, stepctx
+from .codec import DecryptionError
 from .context import Context
 from .errors import (
     AttemptLostError,
@@ -496,7 +497,11 @@ class Execution:
             args: tuple[Any, ...] = (ctx,)
             if self.workflow.takes_input:
                 try:
-                    args = (ctx, self.workflow.load_input(self.claimed.input))
+                    # flowkeeper.codec: a sealed input is opened here (a missing key fails the run).
+                    args = (
+                        ctx,
+                        self.workflow.load_input(self.store.sealer.open_json(self.claimed.input)),
+                    )
                 except (SerializationError, InvalidInputError) as exc:
                     raise WorkflowError(
                         f"The stored input of run {self.run_id} no longer matches the input "
@@ -795,11 +800,12 @@ class Execution:
         shown_args, shown_kwargs = record_args or (args, kwargs)
         hint = serialization.return_hint(fn)
         if entry is not None:
+            output, error = self._opened(entry)  # flowkeeper.codec
             if entry.status == "completed":
                 return serialization.loads(
-                    entry.output, hint, entry.output_type, what=f"The result of step {key!r}"
+                    output, hint, entry.output_type, what=f"The result of step {key!r}"
                 )
-            error = entry.error or {}
+            error = error or {}
             raise StepFailedError(
                 key,
                 str(error.get("type", "Error")),
@@ -921,6 +927,19 @@ class Execution:
             )
         )
         return restored
+
+    def _opened(self, entry: HistoryEntry) -> tuple[str | None, dict[str, Any] | None]:
+        """A recorded step's result and error, opened when sealed (flowkeeper.codec).
+
+        A value that cannot be opened (its key is gone) fails the run, whatever
+        the workflow does with the exception: nothing wrong is replayed.
+        """
+        sealer = self.store.sealer
+        try:
+            return sealer.open_json(entry.output), sealer.open_error(entry.error)
+        except DecryptionError as exc:
+            self._broken = WorkflowError(f"Run {self.run_id}, step {entry.key!r}: {exc}")
+            raise self._broken from exc
 
     def _charge_lost(self, key: str, prior: int, lost: int, policy: RetryPolicy) -> None:
         """Record each attempt that died with its invocation on the run's history."""

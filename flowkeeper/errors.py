@@ -6,6 +6,8 @@ and what to do about it.
 
     FlowKeeperError
     ├── ConfigurationError        bad settings given to FlowKeeper(...) or the CLI
+    │   └── CodecKeyError         an encryption key of the wrong length or form
+    ├── DecryptionError           a sealed value whose key is gone, or that was altered
     ├── DatabaseError             Postgres unreachable (transient: the run comes back)
     │   └── MigrationError        the schema could not be brought up to date
     ├── DatabaseRefusedError      Postgres refused a value for good (also a ValueError)
@@ -56,6 +58,14 @@ class FlowKeeperError(Exception):
 
 class ConfigurationError(FlowKeeperError):
     """A setting given to FlowKeeper (or the CLI) is missing or malformed."""
+
+
+class CodecKeyError(ConfigurationError):
+    """An encryption key that cannot be used (wrong length, not bytes or base64)."""
+
+
+class DecryptionError(FlowKeeperError):
+    """A sealed value could not be opened: its key is not configured, or it was altered."""
 
 
 class DatabaseError(FlowKeeperError):

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import migrations
+from .codec import Codec, DecryptionError, Sealer
 from .db import Database
 from .errors import DatabaseError, DatabaseRefusedError, MigrationError
 from .serialization import display_json
@@ -89,18 +90,20 @@ class EventRecord:
     detail: dict[str, Any] | None = None
 
 
-def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
+def _step_columns(steps: Sequence[StepRecord], sealer: Sealer) -> list[list[Any]]:
     """The commit query takes one array per column (unnest): no JSON to build or parse."""
+    # Patch markers are read by SQL (sql/patches.sql): never sealed.
+    seal = [sealer.on and s.kind != "patch" for s in steps]
     return [
         [s.key for s in steps],
         [s.position for s in steps],
         [s.name for s in steps],
         [s.kind for s in steps],
         [s.status for s in steps],
-        [s.input for s in steps],
-        [s.output for s in steps],
+        [sealer.seal_json(s.input) if z else s.input for s, z in zip(steps, seal, strict=True)],
+        [sealer.seal_json(s.output) if z else s.output for s, z in zip(steps, seal, strict=True)],
         [s.output_type for s in steps],
-        [display_json(s.error) if s.error is not None else None for s in steps],
+        [display_json(sealer.seal_error(s.error)) if s.error is not None else None for s in steps],
         [s.attempts for s in steps],
         [s.started_at for s in steps],
         [s.finished_at for s in steps],
@@ -108,12 +111,15 @@ def _step_columns(steps: Sequence[StepRecord]) -> list[list[Any]]:
     ]
 
 
-def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
+def _event_columns(events: Sequence[EventRecord], sealer: Sealer) -> list[list[Any]]:
     return [
         [e.kind for e in events],
         [e.step_key for e in events],
         [e.attempt for e in events],
-        [display_json(e.detail) if e.detail is not None else None for e in events],
+        [
+            display_json(sealer.seal_error(e.detail)) if e.detail is not None else None
+            for e in events
+        ],
     ]
 
 
@@ -132,6 +138,20 @@ def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> Cla
         lost_attempts=row["lost_attempts"],
         created_at=row["created_at"],
     )
+
+
+def _opened(
+    row: Any, sealer: Sealer, whole: Sequence[str], errors: Sequence[str]
+) -> dict[str, Any]:
+    """A row as a dict, its sealed JSON columns (``whole``) and error messages opened."""
+    out = dict(row)
+    for name in whole:
+        out[name] = sealer.open_json(out[name])
+    for name in errors:
+        text = out[name]
+        if text is not None and "fk:enc:" in text:
+            out[name] = display_json(sealer.open_error(json.loads(text)))
+    return out
 
 
 def _postgres_error() -> type[BaseException]:
@@ -177,8 +197,12 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 class Store:
     """Typed access to the flowkeeper schema."""
 
-    def __init__(self, db: Database, schema: str, *, auto_migrate: bool = True) -> None:
+    def __init__(
+        self, db: Database, schema: str, *, auto_migrate: bool = True, codec: Codec | None = None
+    ) -> None:
         self.db = db
+        #: Seals payloads on the way in, opens them on the way out (flowkeeper.codec).
+        self.sealer = Sealer(codec)
         self.schema = schema
         self.q = load_queries(schema)
         self.auto_migrate = auto_migrate
@@ -294,7 +318,7 @@ class Store:
             "insert_run",
             uuid.UUID(run_id),
             workflow,
-            input_json,
+            self.sealer.seal_json(input_json),
             idempotency_key,
             lease_token,
             lease,
@@ -343,7 +367,7 @@ class Store:
             "create_claimed_run",
             uuid.UUID(run_id),
             workflow,
-            input_json,
+            self.sealer.seal_json(input_json),
             idempotency_key,
             lease_token,
             lease,
@@ -416,12 +440,12 @@ class Store:
             new_token,
             due_in,
             due_at,
-            output,
-            display_json(error) if error is not None else None,
+            self.sealer.seal_json(output),
+            display_json(self.sealer.seal_error(error)) if error is not None else None,
             step_key,
             step_attempt,
-            *_step_columns(steps),
-            *_event_columns(events),
+            *_step_columns(steps, self.sealer),
+            *_event_columns(events, self.sealer),
             keep_due,
             conn=conn,
         )
@@ -482,20 +506,26 @@ class Store:
         return row["due"], row["now"]
 
     # reading ------------------------------------------------------------------
-    async def run_status(self, run_id: str) -> asyncpg.Record | None:
+    async def run_status(self, run_id: str) -> dict[str, Any] | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_status", uuid.UUID(run_id))
-        return row
+        return None if row is None else _opened(row, self.sealer, ("output",), ("error",))
 
     async def get_run(
         self, run_id: str
-    ) -> tuple[asyncpg.Record, list[asyncpg.Record], list[asyncpg.Record]] | None:
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The run, its steps and its events, sealed payloads opened (flowkeeper.codec)."""
         rid = uuid.UUID(run_id)
         run = await self._call("fetchrow", "get_run", rid)
         if run is None:
             return None
         steps = await self._call("fetch", "get_steps", rid)
         events = await self._call("fetch", "get_events", rid)
-        return run, steps, events
+        opened = self.sealer
+        return (
+            _opened(run, opened, ("input", "output"), ("error",)),
+            [_opened(s, opened, ("input", "output"), ("error",)) for s in steps],
+            [_opened(e, opened, (), ("detail",)) for e in events],
+        )
 
     async def clock_now(self) -> datetime:
         now: datetime = await self._call("fetchval", "clock_now")
@@ -529,11 +559,17 @@ class Store:
             rows = await self._call("fetch", "list_run_ids", low, high, limit)
         return [r["id"] for r in rows]
 
-    async def run_summaries(self, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    async def run_summaries(self, ids: Sequence[uuid.UUID]) -> list[dict[str, Any]]:
         if not ids:
             return []
         rows: list[asyncpg.Record] = await self._call("fetch", "run_summaries", list(ids))
-        return rows
+        out = [dict(r) for r in rows]
+        for row in out:
+            try:
+                row["error_message"] = self.sealer.open_text(row["error_message"])
+            except DecryptionError:  # cut short by the list query: the run page shows it
+                row["error_message"] = "[encrypted message: open the run to read it]"
+        return out
 
     async def count_runs(
         self, low: uuid.UUID, high: uuid.UUID, *, workflow: str | None
@@ -572,7 +608,7 @@ class Store:
             kind,
             lease_token,
             lease,
-            display_json(detail),
+            display_json(self.sealer.seal_error(detail)),
             step_key,
         )
         return bool(row["replayed"]), int(row["forgotten"])
@@ -598,10 +634,12 @@ class Store:
 
     async def claim_alerts(
         self, limit: int, lease: timedelta, run_id: str | None = None
-    ) -> list[asyncpg.Record]:
+    ) -> list[Any]:
         rid = uuid.UUID(run_id) if run_id is not None else None
         rows: list[asyncpg.Record] = await self._call("fetch", "claim_alerts", limit, lease, rid)
-        return rows
+        if not self.sealer.on:
+            return rows
+        return [_opened(r, self.sealer, ("input",), ("error",)) for r in rows]
 
     async def alert_result(
         self,

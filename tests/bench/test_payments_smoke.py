@@ -26,4 +26,5 @@ def test_payments_benchmark_prints_its_figures() -> None:
     for workload in ("three", "three-plain-write", "three-tx"):
         assert re.search(rf"^40 x {workload} +\d+ +-?\d+\.\d\d", text, re.M), text
     assert re.search(r"transaction step commits/run minus plain: [+-]\d+\.\d\d", text), text
+    assert re.search(r"codec throughput cost on the 3-step workflow: -?\d+\.\d%", text), text
     assert "command: " in text and "bench.payments --quick" in text

@@ -68,6 +68,8 @@ def test_public_api_is_exactly_this() -> None:
         "define_workflow",
         "StepContext",
         "current_step",
+        "CodecKeyError",
+        "DecryptionError",
         "source_hash",
         "PatchBranches",
         "TransactionDatabaseError",
