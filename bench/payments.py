@@ -63,8 +63,10 @@ async def main_async(args: argparse.Namespace) -> None:
                     os.environ.pop("BENCH_CODEC_KEY", None)
                     await run_batch(url, sealed, "three", args.warmup, args.concurrency, settle=0)
                     rates: dict[str, list[float]] = {"plain": [], "sealed": []}
-                    for _ in range(args.codec_rounds):
-                        for name, where in (("plain", endpoint), ("sealed", sealed)):
+                    pair = (("plain", endpoint), ("sealed", sealed))
+                    for i in range(args.codec_rounds):
+                        # ABBA order: neither app always runs first (the machine's load drifts).
+                        for name, where in pair if i % 2 == 0 else pair[::-1]:
                             batch = await run_batch(
                                 url, where, "three", args.workflows, args.concurrency, settle=0
                             )

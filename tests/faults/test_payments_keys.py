@@ -2,7 +2,7 @@
 
 Each run charges a fake provider three times in a loop, with
 ``ctx.idempotency_key``.  The app kills itself (SIGKILL) right after the
-provider answered about a quarter of the first requests, so those steps'
+provider answered about a third of the first requests, so those steps'
 results are never recorded and the steps run again in a new process.  The
 provider must have seen those keys more than once, yet created exactly one
 charge per key; each run's recorded charges are the provider's.
@@ -25,7 +25,7 @@ from .provider import FakeProvider
 from .summary import record
 from .workload import ticking, wait_finished
 
-RUNS = 12
+RUNS = 8
 
 
 async def _restarting(server: AppServer, stop: asyncio.Event) -> None:
