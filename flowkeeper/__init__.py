@@ -17,9 +17,11 @@ from .errors import (
     AttemptLostError,
     ChildFailedError,
     ChildTimeoutError,
+    CodecKeyError,
     ConfigurationError,
     DatabaseError,
     DatabaseRefusedError,
+    DecryptionError,
     DeterminismError,
     DispatchError,
     DuplicateWorkflowError,
@@ -44,6 +46,9 @@ from .errors import (
     TokenError,
     TokenExpiredError,
     TokenNotFoundError,
+    TransactionDatabaseError,
+    TransactionError,
+    TransactionUsageError,
     UnknownWorkflowError,
     WorkflowError,
 )
@@ -51,8 +56,10 @@ from .eventlist import EventFilter, EventPage
 from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
+from .patches import PatchBranches, source_hash
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
+from .stepctx import StepContext, current_step
 from .tokens import Token
 from .workflow import Workflow, define_workflow
 
@@ -63,10 +70,12 @@ __all__ = [
     "ChildFailedError",
     "ChildHandle",
     "ChildTimeoutError",
+    "CodecKeyError",
     "ConfigurationError",
     "Context",
     "DatabaseError",
     "DatabaseRefusedError",
+    "DecryptionError",
     "DeterminismError",
     "DispatchError",
     "DuplicateWorkflowError",
@@ -81,6 +90,7 @@ __all__ = [
     "InvalidInputError",
     "MigrationError",
     "NonRetriableError",
+    "PatchBranches",
     "RetryAfterError",
     "RetryPolicy",
     "RunCancelledError",
@@ -98,6 +108,7 @@ __all__ = [
     "SentEvent",
     "SerializationError",
     "SignatureError",
+    "StepContext",
     "StepFailedError",
     "StepInfo",
     "StepTimeoutError",
@@ -108,10 +119,15 @@ __all__ = [
     "TokenError",
     "TokenExpiredError",
     "TokenNotFoundError",
+    "TransactionDatabaseError",
+    "TransactionError",
+    "TransactionUsageError",
     "UnknownWorkflowError",
     "WaitInfo",
     "Workflow",
     "WorkflowError",
     "__version__",
+    "current_step",
     "define_workflow",
+    "source_hash",
 ]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import foreign, stepinputs
 from .alerts import AlertSender
+from .codec import Codec
 from .db import Database, describe
 from .dispatch import Dispatcher
 from .engine import ClaimRefused, Engine, Outcome, SegmentResult
@@ -173,6 +174,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
+        codec: Codec | None = None,
     ) -> None:
         # What a twin of this object on another event loop is built from (fk.sync).
         settings = {k: v for k, v in locals().items() if k != "self"}
@@ -212,11 +214,13 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.cron_secret = cron_secret or os.environ.get("CRON_SECRET") or None
         self.registry = Registry()
         self.db = Database(url, max_size=pool_size, pooled=pooled)
+        # Payloads sealed at rest when a codec is given (flowkeeper.codec).
         self.store = Store(
             self.db,
             self.schema,
             auto_migrate=auto_migrate,
             group_commit=group_commit,
+            codec=codec,
         )
         self.engine = Engine(
             self.store,
@@ -299,6 +303,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         on_failure: FailureHook | None = None,
         on_event: str | None = None,
         cancel_on: Sequence[CancelOn] = (),
+        version: str | Callable[[Any], str] | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
@@ -317,6 +322,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     on_failure=on_failure,
                     on_event=on_event,
                     cancel_on=cancel_on,
+                    version=version,
                 )
             )
             return fn
@@ -394,6 +400,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 idempotency_key=idempotency_key,
                 lease_token=None,
                 lease=timedelta(0),
+                code_version=wf.version,
             )
             if not created:
                 await self._idempotency_hit(run_id, wf.name, idempotency_key, input_json)
@@ -415,6 +422,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             lease_token=token,
             lease=self.dispatch_lease if push_now else timedelta(0),
             conn=connection,
+            code_version=wf.version,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:
@@ -661,6 +669,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             invocations=run["invocations"],
             steps=steps,
             events=events,
+            code_version=run["code_version"],
         )
 
     async def cancel(self, run_id: str, *, reason: str | None = None) -> bool:

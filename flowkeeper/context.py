@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from .retry import RetryPolicy
 
 if TYPE_CHECKING:
     from .children import ChildHandle
     from .engine import Execution
+    from .stepctx import StepContext
     from .tokens import Token
     from .workflow import Workflow
 
@@ -44,6 +45,33 @@ class Context:
     def invocation(self) -> int:
         """How many invocations this run has had, this one included (1-based)."""
         return self._exec.claimed.invocations
+
+    @property
+    def idempotency_key(self) -> str:
+        """Inside a step's function: a stable key for this (run, step), e.g. for Stripe.
+
+        The same on every attempt, after a crash and on every replay, and
+        different for each loop occurrence of a step name (``charge``,
+        ``charge#2``...) and for each run: pass it as the provider's
+        ``Idempotency-Key`` (or dedup id) so a charge whose answer was lost is
+        not made twice.  Raises :class:`StepUsageError` outside a step.
+        """
+        return self.step_context.idempotency_key
+
+    @property
+    def step_context(self) -> StepContext:
+        """Inside a step's function: the running step (run id, step key, attempt)."""
+        from .stepctx import current_step
+
+        step = current_step()
+        if step.run_id != self.run_id:  # pragma: no cover - a ctx captured by another run
+            from .errors import StepUsageError
+
+            raise StepUsageError(
+                f"This ctx belongs to run {self.run_id}, but the step running here belongs "
+                f"to run {step.run_id}: use that run's own ctx."
+            )
+        return step
 
     @overload
     async def step(
@@ -250,6 +278,57 @@ class Context:
         )
         (result,) = await self.wait_for_children([handle], name=f"{name}:wait", timeout=timeout)
         return result
+
+    async def transaction(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        timeout: float | timedelta | None = None,
+        isolation: Literal["read_committed", "repeatable_read", "serializable"] = (
+            "read_committed"
+        ),
+        pool: Any = None,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``await fn(conn, *args, **kwargs)`` exactly once, in a database transaction.
+
+        ``conn`` is an asyncpg connection inside a transaction on flowkeeper's
+        database; the step's result is recorded in that same transaction, so
+        your writes and the record commit together or not at all: whatever
+        happens to the process, the step's effect on your tables happens once.
+        Do not commit, roll back or swallow database errors in ``fn``
+        (:class:`TransactionUsageError`).  A failure rolls back and is retried
+        with ``retry`` like a step (serialization failures and deadlocks too).
+        ``pool``: an ``asyncpg.Pool`` of your own, which must reach the same
+        database (else :class:`TransactionDatabaseError`); by default
+        flowkeeper's own connections are used (fine behind PgBouncer).
+        """
+        value: T = await self._exec.transaction(
+            name, fn, args, kwargs, retry=retry, timeout=timeout, isolation=isolation, pool=pool
+        )
+        return value
+
+    def patched(self, patch_id: str) -> bool:
+        """Whether this run takes the new branch of code change ``patch_id``.
+
+        True for runs that reach this point on the new code (new runs, and old
+        ones whose recorded history ends before it); False for runs whose
+        history was recorded past this point by the old code, which must
+        replay the old branch.  Recorded once per run (history kind
+        ``patch``); every replay answers the same.  See :mod:`flowkeeper.patches`.
+        """
+        return self._exec.patched(patch_id)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """Retire ``patch_id`` once no live run is on its old branch (the ``if`` is gone).
+
+        A run that had taken the old branch fails with a :class:`DeterminismError`
+        saying so instead of replaying the new code over an old history.
+        """
+        self._exec.deprecate_patch(patch_id)
 
     async def sleep(self, name: str, duration: timedelta | float) -> None:
         """Pause the run durably for ``duration`` (a timedelta, or seconds).

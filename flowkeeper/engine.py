@@ -33,7 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import deploys, serialization
+from . import deploys, patches, serialization, stepctx
+from .codec import DecryptionError
 from .context import Context
 from .errors import (
     AttemptLostError,
@@ -315,6 +316,7 @@ class Engine:
             idempotency_key=idempotency_key,
             lease_token=uuid.uuid4(),
             lease=self.lease,
+            code_version=self.registry.get(workflow).version if workflow in self.registry else None,
         )
         if isinstance(result, ClaimedRun):
             return result
@@ -406,12 +408,14 @@ class Execution:
         self.workflow = workflow
         self.deadline = deadline
         self._t0 = time.monotonic()
-        self._history = claimed.history
+        # Patch markers take no position (flowkeeper.patches): kept aside.
+        self._history, markers = patches.split(claimed.history)
+        self._patches = patches.PatchState(markers)
         # History is looked up by position while the workflow runs one ctx call
         # after another (a renamed or moved step is a determinism error), and by
         # key inside concurrent branches, whose calls may come in any order.
-        self._by_position = {entry.position: entry for entry in claimed.history}
-        self._by_key = {entry.key: entry for entry in claimed.history}
+        self._by_position = {entry.position: entry for entry in self._history}
+        self._by_key = {entry.key: entry for entry in self._history}
         self._reached: set[str] = set()  # keys of the history entries replayed so far
         self._position = 0
         self._occurrences: dict[str, int] = {}
@@ -598,7 +602,11 @@ class Execution:
             args: tuple[Any, ...] = (ctx,)
             if self.workflow.takes_input:
                 try:
-                    args = (ctx, self.workflow.load_input(self.claimed.input))
+                    # flowkeeper.codec: a sealed input is opened here (a missing key fails the run).
+                    args = (
+                        ctx,
+                        self.workflow.load_input(self.store.sealer.open_json(self.claimed.input)),
+                    )
                     self._inputs.produced(args[1], "$input")
                 except (SerializationError, InvalidInputError) as exc:
                     raise WorkflowError(
@@ -644,7 +652,9 @@ class Execution:
                     f"Run {self.run_id}: the workflow returned, but its history records "
                     f"{entry.kind} {entry.key!r} at position {entry.position} that the code "
                     "no longer reaches (a recorded step was removed). Restore the step, or "
-                    "let this run fail and trigger a new one.",
+                    "let this run fail and trigger a new one; to remove steps under live "
+                    "runs, keep them behind `if not ctx.patched('<change-id>'):` "
+                    "(README: Versioning).",
                     step=entry.key,
                     position=entry.position,
                 )
@@ -816,7 +826,9 @@ class Execution:
                         f"{kind} {key!r}, but the recorded history has {entry.kind} "
                         f"{entry.key!r} there (a recorded step was renamed, removed or "
                         "moved). Nothing recorded was run again. Restore the previous order "
-                        "of steps, or let this run fail and trigger a new one.",
+                        "of steps, or let this run fail and trigger a new one; to change "
+                        "steps under live runs, put the change behind "
+                        "`if ctx.patched('<change-id>'):` (README: Versioning).",
                         step=key,
                         position=position,
                     )
@@ -1056,7 +1068,9 @@ class Execution:
                     DeterminismError(
                         f"Run {self.run_id}: the workflow now calls {kind} {key!r}, but the "
                         f"recorded history has a {entry.kind} of that name. Restore the "
-                        "previous code, or let this run fail and trigger a new one.",
+                        "previous code, or let this run fail and trigger a new one; to change "
+                        "steps under live runs, put the change behind "
+                        "`if ctx.patched('<change-id>'):` (README: Versioning).",
                         step=key,
                         position=entry.position,
                     )
@@ -1159,6 +1173,34 @@ class Execution:
         finally:
             self._busy = None
 
+    async def transaction(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        retry: RetryPolicy | None,
+        timeout: float | timedelta | None,
+        isolation: str,
+        pool: Any,
+    ) -> Any:
+        """ctx.transaction: a step whose record commits with the user's writes (transactions)."""
+        from . import transactions
+
+        level = transactions.check_call(name, fn, isolation)
+        key, position, entry = self._next(name, transactions.KIND)
+        body = transactions.body(
+            self, fn, args, kwargs, position=position, name=name, isolation=level, pool=pool
+        )
+        try:
+            return await self._step(
+                key, position, name, entry, body, (), {}, retry, timeout,
+                kind=transactions.KIND, record_args=(args, kwargs),
+            )  # fmt: skip
+        finally:
+            self._busy = None
+
     async def _step(
         self,
         key: str,
@@ -1170,14 +1212,20 @@ class Execution:
         kwargs: dict[str, Any],
         retry: RetryPolicy | None,
         timeout: float | timedelta | None,
+        *,
+        kind: str = "step",  # the history kind recorded (ctx.transaction: "transaction")
+        record_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
     ) -> Any:
+        # The arguments a failure record shows (a transaction's body takes none itself).
+        shown_args, shown_kwargs = record_args or (args, kwargs)
         hint = serialization.return_hint(fn)
         policy = retry or self.workflow.retry or self.engine.default_retry
         prior = self.claimed.step_attempt if self.claimed.step_key == key else 0
         if entry is not None:
+            output, error = self._opened(entry)  # flowkeeper.codec
             if entry.status == "completed":
                 value = serialization.loads(
-                    entry.output, hint, entry.output_type, what=f"The result of step {key!r}"
+                    output, hint, entry.output_type, what=f"The result of step {key!r}"
                 )
                 self._inputs.produced(value, key)
                 return value
@@ -1186,7 +1234,7 @@ class Execution:
                 prior = entry.attempts
                 await self._retry_due(key, entry.wake_at)
             else:
-                error = entry.error or {}
+                error = error or {}
                 raise StepFailedError(
                     key,
                     str(error.get("type", "Error")),
@@ -1214,8 +1262,8 @@ class Execution:
                     "again. Look for what ends the process during this step."
                 )
                 self._record_failure(
-                    key, position, name, attempt - 1, self.db_time(), exc, args, kwargs,
-                    attempt_event=False,
+                    key, position, name, attempt - 1, self.db_time(), exc, shown_args,
+                    shown_kwargs, attempt_event=False, kind=kind,
                 )  # fmt: skip
                 await self._flush_if_branch()
                 error = error_info(exc, step=key)
@@ -1224,8 +1272,9 @@ class Execution:
 
         while True:
             outcome = await self._attempt(
-                key, position, name, fn, args, kwargs, policy, timeout, attempt, hint
-            )
+                key, position, name, fn, args, kwargs, policy, timeout, attempt, hint,
+                kind, (shown_args, shown_kwargs),
+            )  # fmt: skip
             if not isinstance(outcome, _Retry):
                 return outcome
             # A branch: wait for the backoff here (other branches go on), or
@@ -1260,6 +1309,8 @@ class Execution:
         timeout: float | timedelta | None,
         attempt: int,
         hint: Any,
+        kind: str,
+        shown: tuple[tuple[Any, ...], dict[str, Any]],
     ) -> Any:
         """One attempt of a step: its value, or a _Retry when a branch must wait to retry."""
         await self._before_new_work(step_key=key, step_attempt=attempt - 1)
@@ -1281,7 +1332,7 @@ class Execution:
             await self._park(key, "handoff", None)
         try:
             return await self._attempt_body(
-                key, position, name, fn, args, kwargs, policy, timeout, attempt, hint
+                key, position, name, fn, args, kwargs, policy, timeout, attempt, hint, kind, shown
             )
         finally:
             self._slots.release()
@@ -1298,7 +1349,11 @@ class Execution:
         timeout: float | timedelta | None,
         attempt: int,
         hint: Any,
+        kind: str,
+        shown: tuple[tuple[Any, ...], dict[str, Any]],
     ) -> Any:
+        # The arguments a record shows (a transaction's body takes none itself).
+        shown_args, shown_kwargs = shown
         started = self.db_time()
         try:
             value = await self._invoke(key, attempt, fn, args, kwargs, timeout)
@@ -1326,7 +1381,9 @@ class Execution:
         except SerializationError as exc:
             # Deterministic: retrying would fail the same way.
             self._executed += 1
-            self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            self._record_failure(
+                key, position, name, attempt, started, exc, shown_args, shown_kwargs, kind=kind
+            )
             await self._flush_if_branch()
             raise StepFailedError(key, "SerializationError", str(exc), None, attempt) from exc
         except Exception as exc:
@@ -1361,13 +1418,17 @@ class Execution:
                     step_key=key,
                     step_attempt=attempt,
                 ) from None
-            self._record_failure(key, position, name, attempt, started, exc, args, kwargs)
+            self._record_failure(
+                key, position, name, attempt, started, exc, shown_args, shown_kwargs, kind=kind
+            )
             await self._flush_if_branch()
             error = error_info(exc, step=key)
             raise StepFailedError(
                 key, error["type"], error["message"], error["traceback"], attempt
             ) from exc
         self._executed += 1
+        if kind != "step":  # ctx.transaction wrote its record in its own transaction
+            return restored
         self._pending_steps.append(
             StepRecord(
                 key=key,
@@ -1415,6 +1476,19 @@ class Execution:
             wake_at=due,
         )
 
+    def _opened(self, entry: HistoryEntry) -> tuple[str | None, dict[str, Any] | None]:
+        """A recorded step's result and error, opened when sealed (flowkeeper.codec).
+
+        A value that cannot be opened (its key is gone) fails the run, whatever
+        the workflow does with the exception: nothing wrong is replayed.
+        """
+        sealer = self.store.sealer
+        try:
+            return sealer.open_json(entry.output), sealer.open_error(entry.error)
+        except DecryptionError as exc:
+            self._broken = WorkflowError(f"Run {self.run_id}, step {entry.key!r}: {exc}")
+            raise self._broken from exc
+
     def _charge_lost(self, key: str, prior: int, lost: int, policy: RetryPolicy) -> None:
         """Record each attempt that died with its invocation on the run's history."""
         logger.warning(
@@ -1456,6 +1530,7 @@ class Execution:
         kwargs: dict[str, Any],
         *,
         attempt_event: bool = True,
+        kind: str = "step",
     ) -> None:
         error = error_info(exc, step=key)
         logger.warning(
@@ -1473,7 +1548,7 @@ class Execution:
                 key=key,
                 position=position,
                 name=name,
-                kind="step",
+                kind=kind,
                 status="failed",
                 input=self._input_json(args, kwargs),
                 output=None,
@@ -1519,6 +1594,7 @@ class Execution:
         assert task is not None
         self._bodies.add(task)
         marker = _STEP.set((self, key, attempt))
+        step_token = stepctx.enter(self.run_id, key, attempt)  # ctx.idempotency_key (stepctx)
         try:
             if inspect.iscoroutinefunction(fn):
                 return await self._invoke_async(fn, args, kwargs, seconds)
@@ -1534,6 +1610,7 @@ class Execution:
                 result = await result
             return result
         finally:
+            stepctx.leave(step_token)
             _STEP.reset(marker)
             self._bodies.discard(task)
             self._body_ended.set()
@@ -1802,6 +1879,13 @@ class Execution:
         return await children.wait_for_children(
             self, handles, name=name, timeout=timeout, return_exceptions=return_exceptions
         )
+
+    # versioning (flowkeeper.patches) ------------------------------------------
+    def patched(self, patch_id: str) -> bool:
+        return patches.patched(self, patch_id)
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        patches.deprecate_patch(self, patch_id)
 
     # sleeps --------------------------------------------------------------
     async def sleep(

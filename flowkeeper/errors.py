@@ -6,6 +6,8 @@ and what to do about it.
 
     FlowKeeperError
     ├── ConfigurationError        bad settings given to FlowKeeper(...) or the CLI
+    │   └── CodecKeyError         an encryption key of the wrong length or form
+    ├── DecryptionError           a sealed value whose key is gone, or that was altered
     ├── DatabaseError             Postgres unreachable (transient: the run comes back)
     │   └── MigrationError        the schema could not be brought up to date
     ├── DatabaseRefusedError      Postgres refused a value for good (also a ValueError)
@@ -22,6 +24,9 @@ and what to do about it.
     ├── StepTimeoutError          a step ran longer than its timeout (also a TimeoutError)
     ├── AttemptLostError          a step's invocation died during the step, too often
     ├── NonRetriableError         raise it from a step to fail it at once
+    │   └── TransactionError      ctx.transaction used the wrong way (never retried)
+    │       ├── TransactionDatabaseError  its connection does not reach flowkeeper's schema
+    │       └── TransactionUsageError     its function misbehaved (sync, or left the transaction)
     ├── RetryAfterError           raise it from a step to ask for a specific retry delay
     ├── InvalidEventError         an event or a wait's match that cannot be sent or matched
     ├── TokenError                completing an approval token failed
@@ -55,6 +60,14 @@ class FlowKeeperError(Exception):
 
 class ConfigurationError(FlowKeeperError):
     """A setting given to FlowKeeper (or the CLI) is missing or malformed."""
+
+
+class CodecKeyError(ConfigurationError):
+    """An encryption key that cannot be used (wrong length, not bytes or base64)."""
+
+
+class DecryptionError(FlowKeeperError):
+    """A sealed value could not be opened: its key is not configured, or it was altered."""
 
 
 class DatabaseError(FlowKeeperError):
@@ -240,6 +253,21 @@ class AttemptLostError(FlowKeeperError):
 
 class NonRetriableError(FlowKeeperError):
     """Raise from a step to fail it immediately, without further retries."""
+
+
+class TransactionError(NonRetriableError):
+    """``ctx.transaction`` was used in a way no retry can fix; the step fails at once."""
+
+
+class TransactionDatabaseError(TransactionError):
+    """The connection ``ctx.transaction`` got does not reach the database holding
+    flowkeeper's schema and this run: the step's record could not commit with the
+    user's writes."""
+
+
+class TransactionUsageError(TransactionError):
+    """The function given to ``ctx.transaction`` is not an async function of an asyncpg
+    connection, or it ended, committed or broke the transaction it was given."""
 
 
 class RetryAfterError(FlowKeeperError):

@@ -323,6 +323,7 @@ class EventBus:
                 lease_token=token,
                 lease=lease or timedelta(0),
                 conn=conn,
+                code_version=wf.version,
             )
             if created:
                 started.append(rid)

@@ -95,6 +95,7 @@ class RunInfo:
     invocations: int
     steps: list[StepInfo]
     events: list[RunEvent]
+    code_version: str | None = None  # the workflow's version= when the run was started
 
     @property
     def is_finished(self) -> bool:

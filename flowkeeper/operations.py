@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .errors import RunNotFoundError, RunStateError
 from .ids import check_run_id
 from .models import RunHandle, RunStatus
+from .patches import PatchBranches, check_id, key_of, live_branches
 from .runlist import RunFilter, RunPage, RunSummary
 from .serialization import json_or_none
 
@@ -66,6 +67,20 @@ class RunOperations:
         counts = await self.store.count_runs(count_low, count_high, workflow=f.workflow)
         return RunPage(runs=runs, counts=counts, next_before=str(ids[-1]) if more else None)
 
+    async def patch_branches(self, patch: str | None = None) -> list[PatchBranches]:
+        """How many live runs took each branch of each ``ctx.patched`` id (or of ``patch``).
+
+        When ``old`` is 0 for a patch, no live run needs the old branch any
+        more: replace the ``if`` with ``ctx.deprecate_patch``.  For one
+        ``patch``, ``unreached`` counts live runs not at the check yet.
+        """
+        return await live_branches(self.store, patch)
+
+    async def patch_runs(self, patch: str, *, old: bool = True, limit: int = 50) -> list[str]:
+        """Ids of live runs on the old (or new) branch of ``patch``, newest first."""
+        rows = await self.store.patch_runs(key_of(check_id(patch)), not old, max(1, limit))
+        return [str(r["id"]) for r in rows]
+
     async def list_workflows(self) -> list[str]:
         """Workflow names that have runs, and those registered in this process."""
         return sorted(set(await self.store.list_workflows()) | set(self.registry.names()))
@@ -107,6 +122,52 @@ class RunOperations:
             workflow=await self._workflow_of(rid),
             created=False,
             _fk=cast("FlowKeeper", self),
+        )
+
+    async def fork(
+        self,
+        run_id: str,
+        from_step: str | None = None,
+        *,
+        reason: str | None = None,
+        actor: str = "api",
+    ) -> RunHandle:
+        """Start a new run that copies ``run_id``'s history before ``from_step``.
+
+        The original is left untouched (for audit); the new run executes
+        ``from_step`` and everything after it, with the same input.  Without
+        ``from_step``: a failed run forks from its failed step, a cancelled
+        one from the end of its history; a completed or live run needs the
+        step named.  Recorded as a ``forked`` event on the new run, which is
+        pushed at once when this process has the endpoint's URL.
+        """
+        from .fork import fork
+
+        rid = check_run_id(run_id)
+        push = self.dispatcher is not None
+        token = uuid.uuid4() if push else None
+        new_id, workflow, copied = await fork(
+            self.store,
+            self.registry,
+            rid,
+            from_step,
+            lease_token=token,
+            lease=self.dispatch_lease if push else timedelta(0),
+            reason=reason,
+            actor=actor,
+        )
+        logger.info(
+            "run %s forked from run %s at %s (%d record(s) copied) by %s",
+            new_id,
+            rid,
+            from_step or "its default point",
+            copied,
+            actor,
+        )
+        if token is not None:
+            await self._push(new_id, token)
+        return RunHandle(
+            run_id=new_id, workflow=workflow, created=True, _fk=cast("FlowKeeper", self)
         )
 
     async def retry(self, run_id: str, *, reason: str | None = None, actor: str = "api") -> bool:

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import migrations, serialization
+from .codec import Codec, DecryptionError, Sealer
 from .db import Database
 from .errors import DatabaseError, DatabaseRefusedError, MigrationError
 from .groupcommit import BatchRefused, GroupCommit
@@ -102,18 +103,33 @@ def _text(value: str | bytes | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _step_columns(steps: Sequence[StepRecord], staged: Sequence[int]) -> list[list[Any]]:
+def _stored_outputs(steps: Sequence[StepRecord], sealer: Sealer) -> list[str | bytes | None]:
+    """Each step's output as it will be stored: sealed when a codec is on."""
+    return [
+        sealer.seal_json(_text(s.output)) if sealer.on and s.kind != "patch" else s.output
+        for s in steps
+    ]
+
+
+def _step_columns(
+    steps: Sequence[StepRecord],
+    outputs: Sequence[str | bytes | None],
+    staged: Sequence[int],
+    sealer: Sealer,
+) -> list[list[Any]]:
     """The commit query takes one array per column (unnest): no JSON to build or parse."""
+    # Patch markers are read by SQL (sql/patches.sql): never sealed.
+    seal = [sealer.on and s.kind != "patch" for s in steps]
     return [
         [s.key for s in steps],
         [s.position for s in steps],
         [s.name for s in steps],
         [s.kind for s in steps],
         [s.status for s in steps],
-        [s.input for s in steps],
-        [None if n else _text(s.output) for s, n in zip(steps, staged, strict=True)],
+        [sealer.seal_json(s.input) if z else s.input for s, z in zip(steps, seal, strict=True)],
+        [None if n else _text(o) for o, n in zip(outputs, staged, strict=True)],
         [s.output_type for s in steps],
-        [display_json(s.error) if s.error is not None else None for s in steps],
+        [display_json(sealer.seal_error(s.error)) if s.error is not None else None for s in steps],
         [s.attempts for s in steps],
         [s.started_at for s in steps],
         [s.finished_at for s in steps],
@@ -121,12 +137,15 @@ def _step_columns(steps: Sequence[StepRecord], staged: Sequence[int]) -> list[li
     ]
 
 
-def _event_columns(events: Sequence[EventRecord]) -> list[list[Any]]:
+def _event_columns(events: Sequence[EventRecord], sealer: Sealer) -> list[list[Any]]:
     return [
         [e.kind for e in events],
         [e.step_key for e in events],
         [e.attempt for e in events],
-        [display_json(e.detail) if e.detail is not None else None for e in events],
+        [
+            display_json(sealer.seal_error(e.detail)) if e.detail is not None else None
+            for e in events
+        ],
     ]
 
 
@@ -146,6 +165,20 @@ def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> Cla
         created_at=row["created_at"],
         parent_id=str(row["parent_id"]) if row["parent_id"] is not None else None,
     )
+
+
+def _opened(
+    row: Any, sealer: Sealer, whole: Sequence[str], errors: Sequence[str]
+) -> dict[str, Any]:
+    """A row as a dict, its sealed JSON columns (``whole``) and error messages opened."""
+    out = dict(row)
+    for name in whole:
+        out[name] = sealer.open_json(out[name])
+    for name in errors:
+        text = out[name]
+        if text is not None and "fk:enc:" in text:
+            out[name] = display_json(sealer.open_error(json.loads(text)))
+    return out
 
 
 def _postgres_error() -> type[BaseException]:
@@ -241,8 +274,11 @@ class Store:
         *,
         auto_migrate: bool = True,
         group_commit: bool = True,
+        codec: Codec | None = None,
     ) -> None:
         self.db = db
+        #: Seals payloads on the way in, opens them on the way out (flowkeeper.codec).
+        self.sealer = Sealer(codec)
         self.schema = schema
         self.q = load_queries(schema)
         self.auto_migrate = auto_migrate
@@ -359,11 +395,28 @@ class Store:
                         )
                     await migrations.migrate(conn, self.schema)
                 elif version > latest:
-                    raise MigrationError(
-                        f"Schema {self.schema!r} is at version {version}, newer than this "
-                        f"flowkeeper ({latest}) knows. Upgrade flowkeeper in this deployment."
-                    )
+                    await self._check_newer_schema(conn, version, latest)
             self._ready = True
+
+    async def _check_newer_schema(
+        self, conn: asyncpg.Connection, version: int, latest: int
+    ) -> None:
+        """A newer deploy migrated already (a rolling upgrade): go on if it is compatible."""
+        needed = await migrations.required_library(conn, self.schema, latest)
+        if needed > latest:
+            raise MigrationError(
+                f"Schema {self.schema!r} is at version {version}, which needs a flowkeeper that "
+                f"knows schema version {needed} or later; this flowkeeper knows up to version "
+                f"{latest}. Upgrade flowkeeper in this deployment (instances still on the old "
+                "version refuse to start until they are replaced)."
+            )
+        logger.info(
+            "schema %s is at version %d, newer than this flowkeeper's %d, and compatible with "
+            "it (a rolling upgrade in progress?); going on",
+            self.schema,
+            version,
+            latest,
+        )
 
     async def migrate(self) -> list[int]:
         async with self.db.acquire() as conn:
@@ -382,11 +435,20 @@ class Store:
         lease_token: uuid.UUID | None,
         lease: timedelta,
         conn: asyncpg.Connection | None = None,
+        code_version: str | None = None,
     ) -> tuple[str, bool]:
         """Insert a run; on an idempotency-key hit return the existing id."""
         if conn is not None and not self._ready:
             await self.ensure_schema()
-        args = (uuid.UUID(run_id), workflow, input_json, idempotency_key, lease_token, lease)
+        args = (
+            uuid.UUID(run_id),
+            workflow,
+            self.sealer.seal_json(input_json),
+            idempotency_key,
+            lease_token,
+            lease,
+            code_version,
+        )
         if conn is not None:
             row = await self._call("fetchrow", "insert_run", *args, conn=conn)
         else:
@@ -421,6 +483,7 @@ class Store:
         idempotency_key: str | None,
         lease_token: uuid.UUID,
         lease: timedelta,
+        code_version: str | None = None,
     ) -> ClaimedRun | tuple[str, bool]:
         """Create a run already leased to the caller (the endpoint), in one statement.
 
@@ -431,10 +494,11 @@ class Store:
             "create_claimed_run",
             uuid.UUID(run_id),
             workflow,
-            input_json,
+            self.sealer.seal_json(input_json),
             idempotency_key,
             lease_token,
             lease,
+            code_version,
         )
         if row is None:
             return await self._existing(run_id, workflow, idempotency_key)
@@ -486,34 +550,41 @@ class Store:
         steps: Sequence[StepRecord] = (),
         events: Sequence[EventRecord] = (),
         keep_due: bool = False,
+        conn: asyncpg.Connection | None = None,
     ) -> datetime | bool | None:
         """Write under the lease.  Returns False if the lease was lost, else the new due_at.
 
         ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
+        ``conn``: write on this connection, inside its open transaction
+        (ctx.transaction records its step with the user's own writes).
         """
         run_uuid = uuid.UUID(run_id)
+        outputs = _stored_outputs(steps, self.sealer)
         staged = [0] * len(steps)
-        for i, step in enumerate(steps):
-            if step.output is not None and len(step.output) > STAGE_ABOVE:
-                staged[i] = await self._stage(run_uuid, token, step.key, step.output)
+        for i, (step, stored) in enumerate(zip(steps, outputs, strict=True)):
+            if stored is not None and len(stored) > STAGE_ABOVE:
+                staged[i] = await self._stage(run_uuid, token, step.key, stored)
+        args = (
+            run_uuid,
+            token,
+            status,
+            new_token,
+            due_in,
+            due_at,
+            self.sealer.seal_json(output),
+            display_json(self.sealer.seal_error(error)) if error is not None else None,
+            step_key,
+            step_attempt,
+            *_step_columns(steps, outputs, staged, self.sealer),
+            *_event_columns(events, self.sealer),
+            keep_due,
+            staged,
+        )
         try:
-            row = await self._write(
-                "commit",
-                run_uuid,
-                token,
-                status,
-                new_token,
-                due_in,
-                due_at,
-                output,
-                display_json(error) if error is not None else None,
-                step_key,
-                step_attempt,
-                *_step_columns(steps, staged),
-                *_event_columns(events),
-                keep_due,
-                staged,
-            )
+            if conn is not None:  # a transaction step: the user's transaction
+                row = await self._call("fetchrow", "commit", *args, conn=conn)
+            else:
+                row = await self._write("commit", *args)
         finally:
             if any(staged):
                 try:
@@ -593,27 +664,33 @@ class Store:
         value: str | None = await self._call(
             "fetchval", "run_input_text", uuid.UUID(run_id), conn=conn
         )
-        return value
+        return self.sealer.open_json(value)
 
     async def run_ids_like(self, low: uuid.UUID, high: uuid.UUID, pattern: str) -> list[str]:
         """Up to three run ids in [low, high] matching the LIKE ``pattern`` (short ids)."""
         rows = await self._call("fetch", "run_ids_like", low, high, pattern)
         return [str(r["id"]) for r in rows]
 
-    async def run_status(self, run_id: str) -> asyncpg.Record | None:
+    async def run_status(self, run_id: str) -> dict[str, Any] | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_status", uuid.UUID(run_id))
-        return row
+        return None if row is None else _opened(row, self.sealer, ("output",), ("error",))
 
     async def get_run(
         self, run_id: str
-    ) -> tuple[asyncpg.Record, list[asyncpg.Record], list[asyncpg.Record]] | None:
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]] | None:
+        """The run, its steps and its events, sealed payloads opened (flowkeeper.codec)."""
         rid = uuid.UUID(run_id)
         run = await self._call("fetchrow", "get_run", rid)
         if run is None:
             return None
         steps = await self._call("fetch", "get_steps", rid)
         events = await self._call("fetch", "get_events", rid)
-        return run, steps, events
+        opened = self.sealer
+        return (
+            _opened(run, opened, ("input", "output"), ("error",)),
+            [_opened(s, opened, ("input", "output"), ("error",)) for s in steps],
+            [_opened(e, opened, (), ("detail",)) for e in events],
+        )
 
     async def clock_now(self) -> datetime:
         now: datetime = await self._call("fetchval", "clock_now")
@@ -647,11 +724,17 @@ class Store:
             rows = await self._call("fetch", "list_run_ids", low, high, limit)
         return [r["id"] for r in rows]
 
-    async def run_summaries(self, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    async def run_summaries(self, ids: Sequence[uuid.UUID]) -> list[dict[str, Any]]:
         if not ids:
             return []
         rows: list[asyncpg.Record] = await self._call("fetch", "run_summaries", list(ids))
-        return rows
+        out = [dict(r) for r in rows]
+        for row in out:
+            try:
+                row["error_message"] = self.sealer.open_text(row["error_message"])
+            except DecryptionError:  # cut short by the list query: the run page shows it
+                row["error_message"] = "[encrypted message: open the run to read it]"
+        return out
 
     async def count_runs(
         self, low: uuid.UUID, high: uuid.UUID, *, workflow: str | None
@@ -690,7 +773,7 @@ class Store:
             kind,
             lease_token,
             lease,
-            display_json(detail),
+            display_json(self.sealer.seal_error(detail)),
             step_key,
         )
         return bool(row["replayed"]), int(row["forgotten"])
@@ -716,10 +799,12 @@ class Store:
 
     async def claim_alerts(
         self, limit: int, lease: timedelta, run_id: str | None = None
-    ) -> list[asyncpg.Record]:
+    ) -> list[Any]:
         rid = uuid.UUID(run_id) if run_id is not None else None
         rows: list[asyncpg.Record] = await self._call("fetch", "claim_alerts", limit, lease, rid)
-        return rows
+        if not self.sealer.on:
+            return rows
+        return [_opened(r, self.sealer, ("input",), ("error",)) for r in rows]
 
     async def alert_result(
         self,
@@ -1079,3 +1164,45 @@ class Store:
     async def stream_run_status(self, run_id: str) -> str | None:
         status: str | None = await self._call("fetchval", "stream_run_status", uuid.UUID(run_id))
         return status
+
+    # versioning: live runs per patch branch (sql/patches.sql) --------------------------------
+    async def patch_counts(self) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "patch_counts")
+        return rows
+
+    async def patch_unreached(self, key: str, workflows: Sequence[str]) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "patch_unreached", key, list(workflows)
+        )
+        return rows
+
+    async def patch_runs(self, key: str, new_branch: bool, limit: int) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "patch_runs", key, new_branch, limit)
+        return rows
+
+    # fk.fork: a new run from another's history (sql/fork.sql) -------------------------------
+    async def fork_run(
+        self,
+        new_id: str,
+        source_id: str,
+        position: int,
+        *,
+        detail: dict[str, Any],
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+        code_version: str | None,
+    ) -> tuple[str | None, int]:
+        """Create run ``new_id`` with the source's input and its steps before ``position``."""
+        row = await self._call(
+            "fetchrow",
+            "fork_run",
+            uuid.UUID(new_id),
+            uuid.UUID(source_id),
+            position,
+            lease_token,
+            lease,
+            display_json(detail),
+            code_version,
+        )
+        rid = str(row["id"]) if row["id"] is not None else None
+        return rid, int(row["copied"])

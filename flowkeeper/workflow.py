@@ -11,7 +11,7 @@ from typing import Any
 import pydantic
 import pydantic_core
 
-from . import serialization
+from . import patches, serialization
 from .errors import (
     DuplicateWorkflowError,
     InvalidInputError,
@@ -50,6 +50,7 @@ class Workflow:
     on_failure: FailureHook | None = None
     on_event: str | None = None  # start a run per event of this name (its data the input)
     cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
+    version: str | None = None  # the code version recorded on each run it starts
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
@@ -158,6 +159,7 @@ def define_workflow(
     on_failure: FailureHook | None = None,
     on_event: str | None = None,
     cancel_on: Sequence[CancelOn] = (),
+    version: str | Callable[[WorkflowFunction], str] | None = None,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -169,7 +171,9 @@ def define_workflow(
     one run per event of that name, its data the input (the event's id is the
     idempotency key: a duplicate event never starts two runs).  ``cancel_on``
     cancels a live run when an event matching one of its :class:`CancelOn`
-    rules arrives.  Register the result with ``fk.register(wf)``.
+    rules arrives.  ``version`` (a string, or :func:`flowkeeper.source_hash` to
+    derive one from the function's source) is recorded on each run it starts.
+    Register the result with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
         raise WorkflowError(f"Workflow {name!r}: on_failure must be a function, got {on_failure!r}")
@@ -182,7 +186,13 @@ def define_workflow(
                 f"Workflow {name!r}: cancel_on takes CancelOn(event, match=...) rules, got {rule!r}"
             )
     return Workflow(
-        name=name, fn=fn, retry=retry, on_failure=on_failure, on_event=on_event, cancel_on=rules
+        name=name,
+        fn=fn,
+        retry=retry,
+        on_failure=on_failure,
+        on_event=on_event,
+        cancel_on=rules,
+        version=patches.code_version(name, fn, version),
     )
 
 

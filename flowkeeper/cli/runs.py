@@ -54,6 +54,11 @@ def register(sub: Any) -> None:
     p.add_argument("--before", metavar="RUN_ID", help="the page after this run (a cursor)")
     p.add_argument("--limit", type=int, default=50, help="runs per page (default 50)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--patch",
+        metavar="ID",
+        help="live runs per branch of ctx.patched(ID), and those still on the old branch",
+    )
     add_connection_options(p)
     p.set_defaults(handler=run_list)
 
@@ -76,6 +81,16 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=1000, help="with --failed: at most this many")
     _action_options(p)
     p.set_defaults(handler=run_replay)
+
+    p = actions.add_parser(
+        "fork", help="start a new run from a run's history before a step (the original is kept)"
+    )
+    p.add_argument("run_id")
+    p.add_argument(
+        "--from-step", metavar="KEY", help="default: the failed step, or the end of a cancelled run"
+    )
+    _action_options(p)
+    p.set_defaults(handler=run_fork)
 
     p = actions.add_parser("retry", help="retry a failed run, or a waiting step, now")
     p.add_argument("run_id")
@@ -169,7 +184,44 @@ def _duration(run: RunSummary) -> str:
 
 
 # commands ---------------------------------------------------------------------------------
+async def patch_list(args: argparse.Namespace) -> int:
+    """``runs list --patch ID``: may the old branch of this patch be deleted yet?"""
+    fk = _connect(args)
+    try:
+        branches = await fk.patch_branches(args.patch)
+        old_runs = await fk.patch_runs(args.patch, old=True, limit=args.limit)
+    finally:
+        await fk.aclose()
+    if args.json:
+        print(
+            json.dumps(
+                {"branches": [b.as_json() for b in branches], "old_branch_runs": old_runs},
+                indent=2,
+            )
+        )
+        return 0
+    if not branches:
+        print(f"no live run has reached ctx.patched({args.patch!r})")
+        return 0
+    rows = [[b.workflow, str(b.old), str(b.new), str(b.unreached)] for b in branches]
+    print(f"patch {args.patch}: live runs per branch")
+    print(table(["WORKFLOW", "OLD BRANCH", "NEW BRANCH", "NOT THERE YET"], rows))
+    old = sum(b.old for b in branches)
+    if old:
+        print(f"\n{old} live run(s) still on the old branch, e.g.:")
+        for rid in old_runs:
+            print(f"  {rid}")
+    else:
+        print(
+            f"\nno live run is on the old branch: replace the `if ctx.patched({args.patch!r})` "
+            f"with ctx.deprecate_patch({args.patch!r}) and delete the old code"
+        )
+    return 0
+
+
 async def run_list(args: argparse.Namespace) -> int:
+    if getattr(args, "patch", None):
+        return await patch_list(args)
     f = RunFilter.build(
         workflow=args.workflow,
         status=args.status,
@@ -455,6 +507,25 @@ async def run_replay(args: argparse.Namespace) -> int:
         await fk.aclose()
     tail = "pushed to the endpoint" if pushed else "due for the next scheduler tick"
     print(f"run {args.run_id} replaying {where}; {tail}")
+    return 0
+
+
+async def run_fork(args: argparse.Namespace) -> int:
+    fk = _connect(args)
+    try:
+        where = f"from step {args.from_step!r}" if args.from_step else "from its failed step"
+        if not _confirm(args, f"Fork run {args.run_id} {where} into a new run?"):
+            print("nothing done")
+            return 1
+        handle = await fk.fork(
+            args.run_id, from_step=args.from_step, reason=args.reason, actor="cli"
+        )
+        pushed = fk.dispatcher is not None
+    finally:
+        await fk.aclose()
+    tail = "pushed to the endpoint" if pushed else "due for the next scheduler tick"
+    print(f"run {handle.run_id} forked from run {args.run_id} {where}; {tail}")
+    print(f"the original is unchanged: flowkeeper runs show {handle.run_id}")
     return 0
 
 

@@ -369,6 +369,11 @@ class Dashboard:
     async def api_runs(self, request: Request, session: Session) -> Response:
         return JSONResponse(await self._runs_data(request))
 
+    async def api_patches(self, request: Request, session: Session) -> Response:
+        """Live runs per branch of each ctx.patched id (loaded once by the runs page)."""
+        branches = await self.fk.patch_branches()
+        return JSONResponse({"patches": [b.as_json() for b in branches]})
+
     async def api_run(self, request: Request, session: Session) -> Response:
         run_id = check_run_id(request.path_params["run_id"])
         version = await self.fk.run_version(run_id)
@@ -405,6 +410,19 @@ class Dashboard:
             await self.fk.replay(run_id, from_step=step, reason=reason, actor="dashboard")
             where = f"step {step!r}" if step else "where it stopped"
             message = f"Replaying from {where}."
+        elif action == "fork":
+            step = _text(body.get("from_step"), "from_step")
+            handle = await self.fk.fork(run_id, from_step=step, reason=reason, actor="dashboard")
+            where = f"step {step!r}" if step else "where it stopped"
+            logger.info("dashboard: fork of run %s into %s", run_id, handle.run_id)
+            return JSONResponse(
+                {
+                    "ok": True,
+                    "message": f"Forked from {where} into run {handle.run_id}.",
+                    "run_id": handle.run_id,
+                    "forked_from": run_id,
+                }
+            )
         elif action == "retry":
             retried = await self.fk.retry(run_id, reason=reason, actor="dashboard")
             message = "Retrying now." if retried else "Its retry is being dispatched already."
@@ -417,7 +435,10 @@ class Dashboard:
             message = "Cancelled."
         else:
             return _refuse(
-                request, 404, "unknown_action", f"No action {action!r}: replay, retry, cancel."
+                request,
+                404,
+                "unknown_action",
+                f"No action {action!r}: replay, fork, retry, cancel.",
             )
         logger.info("dashboard: %s of run %s", action, run_id)
         return JSONResponse({"ok": True, "message": message, "run_id": run_id})
@@ -487,6 +508,7 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
         Route("/login", d.login, methods=["POST"]),
         Route("/logout", d.logout, methods=["POST"]),
         Route("/api/runs", d.api(d.api_runs), methods=["GET"]),
+        Route("/api/patches", d.api(d.api_patches), methods=["GET"]),
         Route("/api/runs/{run_id}", d.api(d.api_run), methods=["GET"]),
         Route("/api/events", d.api(d.api_events), methods=["GET"]),
         Route("/api/events/{number}", d.api(d.api_event), methods=["GET"]),

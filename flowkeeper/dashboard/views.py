@@ -95,6 +95,7 @@ def run_json(
         "finished_at": _iso(info.finished_at),
         "due_at": _iso(info.due_at),
         "invocations": info.invocations,
+        "code_version": info.code_version,
         "version": version,
         "steps": [_step(s) for s in info.steps],
         "events": [_event(e) for e in info.events],

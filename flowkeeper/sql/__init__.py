@@ -21,6 +21,8 @@ __all__ = [
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _NAME_RE = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 _MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# A migration that older libraries cannot live with says so (see flowkeeper/migrations.py).
+_REQUIRES_RE = re.compile(r"^-- requires-library-schema: (\d+)\s*$", re.MULTILINE)
 
 
 def validate_schema(schema: str) -> str:
@@ -41,7 +43,16 @@ def _read(name: str) -> str:
 
 #: The named-query files, each a run of "-- name: <name>" blocks (pgcron.sql,
 #: installed as a whole by ``flowkeeper pgcron``, is loaded by flowkeeper.pgcron).
-QUERY_FILES = ("queries.sql", "deploys.sql", "events.sql", "streams.sql", "children.sql")
+QUERY_FILES = (
+    "queries.sql",
+    "deploys.sql",
+    "events.sql",
+    "streams.sql",
+    "children.sql",
+    "transactions.sql",
+    "patches.sql",
+    "fork.sql",
+)
 
 
 def parse_queries(files: dict[str, str]) -> dict[str, str]:
@@ -83,6 +94,17 @@ class Migration:
 
     def sql(self, schema: str) -> str:
         return self.template.replace("{schema}", validate_schema(schema))
+
+    @property
+    def requires_library(self) -> int:
+        """The lowest schema version a library must know to use a schema with this applied.
+
+        1 for an additive migration (the default): every library that checks
+        compatibility keeps working.  A migration that drops, renames or
+        narrows something declares ``-- requires-library-schema: <its version>``.
+        """
+        match = _REQUIRES_RE.search(self.template)
+        return int(match.group(1)) if match else 1
 
 
 @functools.lru_cache(maxsize=1)

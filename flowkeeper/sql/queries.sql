@@ -8,8 +8,9 @@
 -- own push (token $5); with $6 = 0 it is due at once for the scheduler.  A
 -- conflict (the same run id already created by the endpoint, or the
 -- idempotency key taken) inserts nothing: see run_by_id_or_key.
-INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at)
-VALUES ($1, $2, 'queued', $3::json, $4, $5, {schema}.clock_now() + $6::interval)
+INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
+                           code_version)
+VALUES ($1, $2, 'queued', $3::json, $4, $5, {schema}.clock_now() + $6::interval, $7)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -17,9 +18,9 @@ RETURNING id;
 -- The endpoint creates a run handed to it by trigger() and takes its lease in
 -- the same statement: one commit for "the run exists and is executing".
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
-                           started_at, invocations, executing)
+                           started_at, invocations, executing, code_version)
 VALUES ($1, $2, 'running', $3::json, $4, $5, {schema}.clock_now() + $6::interval,
-        {schema}.clock_now(), 1, true)
+        {schema}.clock_now(), 1, true, $7)
 ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
           lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
@@ -223,7 +224,7 @@ FROM {schema}.runs WHERE id = $1;
 SELECT id, workflow, status, input::text AS input, output::text AS output,
        error::text AS error, idempotency_key, due_at, step_key, step_attempt,
        dispatch_failures, invocations, created_at, updated_at, started_at, finished_at,
-       (lease_token IS NOT NULL AND due_at > {schema}.clock_now()) AS leased
+       (lease_token IS NOT NULL AND due_at > {schema}.clock_now()) AS leased, code_version
 FROM {schema}.runs WHERE id = $1;
 
 -- name: get_steps

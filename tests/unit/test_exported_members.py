@@ -69,6 +69,15 @@ def test_public_api_is_exactly_this() -> None:
         "WorkflowError",
         "__version__",
         "define_workflow",
+        "StepContext",
+        "current_step",
+        "CodecKeyError",
+        "DecryptionError",
+        "source_hash",
+        "PatchBranches",
+        "TransactionDatabaseError",
+        "TransactionError",
+        "TransactionUsageError",
     }
     assert set(flowkeeper.__all__) == expected
 

@@ -167,8 +167,33 @@
     const table = el("table", { class: "runs", id: "runs" });
     const pager = el("nav", { class: "pager", id: "pager" });
     const problem = el("p", { class: "error", id: "list-error" });
+    const patches = el("div", { class: "card", id: "patches", hidden: true });
     app.replaceChildren(header, problem, counts, filters, bulk,
-      el("div", { class: "card flush" }, table), pager);
+      el("div", { class: "card flush" }, table), pager, patches);
+    loadPatches();
+
+    // Versioning: live runs per branch of each ctx.patched id (may the old code go?).
+    async function loadPatches() {
+      let body;
+      try {
+        const response = await api("/api/patches");
+        if (!response.ok) return;
+        body = await response.json();
+      } catch { return; }
+      const rows = body.patches || [];
+      if (!rows.length) return;
+      const head = el("tr", {}, ...["Patch", "Workflow", "Old branch", "New branch", ""]
+        .map((h) => el("th", { text: h })));
+      const lines = rows.map((p) => el("tr", { dataset: { patch: p.patch } },
+        el("td", { class: "mono", text: p.patch }),
+        el("td", { text: p.workflow }),
+        el("td", { class: "num old", text: String(p.old) }),
+        el("td", { class: "num new", text: String(p.new) }),
+        el("td", { class: "dim", text: p.old ? "old code still needed" : "old branch can go: ctx.deprecate_patch" })));
+      patches.replaceChildren(el("h2", { text: "Patches in live runs" }),
+        el("table", { class: "runs" }, el("thead", {}, head), el("tbody", {}, ...lines)));
+      patches.hidden = false;
+    }
 
     function render() {
       header.replaceChildren(el("h1", { text: "Runs" }),
@@ -381,6 +406,7 @@
           el("a", { href: `${BASE}/runs/${run.parent.id}`, class: "mono", text: run.parent.id }),
           run.parent.step ? [" · step ", el("code", { text: run.parent.step })] : null)]);
       }
+      if (run.code_version) facts.push(["Code version", el("span", { class: "mono", id: "code-version", text: run.code_version })]);
       if (run.status === "sleeping" || run.status === "retrying" || run.status === "queued") {
         facts.push([run.status === "retrying" ? "Retry at" : run.status === "sleeping" ? "Wakes at" : "Due",
           el("span", { title: stamp(run.due_at), text: run.due_at ? `${stamp(run.due_at)} (${ago(run.due_at)})` : "–" })]);
@@ -482,6 +508,9 @@
           el("td", { class: "row-actions" }, finished ? el("button", {
             class: "small ghost replay-from", dataset: { key: step.key },
             onclick: () => replayFrom(step.key), text: "Replay from here",
+          }) : null, step.kind !== "patch" ? el("button", {
+            class: "small ghost fork-from", dataset: { key: step.key },
+            onclick: () => forkFrom(step.key), text: "Fork from here",
           }) : null));
           body.append(row);
           if (open.has(step.key)) body.append(el("tr", { class: "detail" }, el("td", { colspan: 7 }, stepDetail(step))));
@@ -602,6 +631,15 @@
       const answer = await confirmAction(key ? `Replay from “${key}”?` : "Resume this run?", text, key ? "Replay" : "Resume");
       if (!answer) return;
       if (await act(`/api/runs/${run.id}/replay`, { from_step: key, reason: answer.reason })) refresh();
+    }
+
+    // A new run with this run's history before the step; this run stays as it is.
+    async function forkFrom(key) {
+      const answer = await confirmAction(`Fork from “${key}”?`,
+        `A new run starts with the results recorded before “${key}”; it runs “${key}” and every later step. This run is not changed.`, "Fork");
+      if (!answer) return;
+      const body = await act(`/api/runs/${run.id}/fork`, { from_step: key, reason: answer.reason });
+      if (body && body.run_id) location.assign(`${BASE}/runs/${body.run_id}`);
     }
 
     async function retryNow() {
