@@ -155,7 +155,10 @@ async def test_fork_from_the_cli_and_the_dashboard(
             assert answer.status_code == 200, answer.text
             ui_fork = answer.json()["run_id"]
             await drive(fk, [cli_fork, ui_fork])
-            assert await fk.result(cli_fork) == [True, "a-1", "b-1", "c-2", 3]
-            assert await fk.result(ui_fork) == [True, "a-1", "b-2", "c-3", 3]
+            cli_out, ui_out = await fk.result(cli_fork), await fk.result(ui_fork)
+            # Both forks run c once more; which of them runs it first is up to the drivers.
+            assert cli_out[:3] == [True, "a-1", "b-1"] and cli_out[4] == 3
+            assert ui_out[:3] == [True, "a-1", "b-2"] and ui_out[4] == 3
+            assert {cli_out[3], ui_out[3]} == {"c-2", "c-3"}
     finally:
         await fk.aclose()

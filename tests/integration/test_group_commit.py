@@ -224,7 +224,7 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
         await store.ensure_schema()
 
         def insert(key: str) -> tuple[str, tuple[Any, ...]]:
-            return ("insert_run", (uuid.uuid4(), "w", "1", key, None, timedelta(0)))
+            return ("insert_run", (uuid.uuid4(), "w", "1", key, None, timedelta(0), None))
 
         # Another transaction holds k1 and then wants k0, which the batch holds
         # while it waits for k1: a deadlock, of which the batch (waiting first,
@@ -232,11 +232,15 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
         await other.execute("SET deadlock_timeout = '10s'")
         tx = other.transaction()
         await tx.start()
-        await other.execute(store.q["insert_run"], uuid.uuid4(), "w", "1", "k1", None, timedelta(0))
+        await other.execute(
+            store.q["insert_run"], uuid.uuid4(), "w", "1", "k1", None, timedelta(0), None
+        )
         batch = asyncio.create_task(store._call_many([insert("k0"), insert("k1")]))
         await asyncio.sleep(0.3)
         blocked = asyncio.create_task(
-            other.execute(store.q["insert_run"], uuid.uuid4(), "w", "1", "k0", None, timedelta(0))
+            other.execute(
+                store.q["insert_run"], uuid.uuid4(), "w", "1", "k0", None, timedelta(0), None
+            )
         )
         with pytest.raises(BatchRefused):
             await batch
