@@ -38,6 +38,7 @@ from .models import (
     StepInfo,
     TickResult,
 )
+from .obsops import ObservabilityOperations
 from .operations import RunOperations
 from .outbox import transaction_ended
 from .retry import DEFAULT_RETRY, RetryPolicy
@@ -102,7 +103,7 @@ def _env_keys() -> list[str] | None:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-class FlowKeeper(RunOperations, EventOperations, StreamOperations):
+class FlowKeeper(RunOperations, EventOperations, StreamOperations, ObservabilityOperations):
     """Durable workflows on Postgres, executed through a signed endpoint.
 
     ``database_url``, ``signing_key`` and ``endpoint`` default to the
@@ -122,6 +123,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
     workflow this process does not know (an instance still on older code during
     a rolling deploy) defers the run instead of failing it; it fails only once
     endpoints have not known its workflow for this long (see flowkeeper.deploys).
+
+    Observability (see README "Observability"): log records emitted inside a
+    run are kept with it (``step_logs``, ``step_log_level``, ``step_log_bytes``
+    per step, ``run_log_bytes`` per run, ``capture_print`` for ``print()``);
+    with the ``otel`` extra installed and a tracer provider configured, each
+    invocation and step attempt is a span (``tracing=False`` turns it off).
 
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
@@ -155,6 +162,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
+        step_logs: bool = True,
+        step_log_level: int | str = logging.INFO,
+        step_log_bytes: int = 64 * 1024,
+        run_log_bytes: int = 1024 * 1024,
+        capture_print: bool = False,
+        tracing: bool | None = None,
     ) -> None:
         url = (
             database_url
@@ -216,6 +229,14 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.tokens = TokenSigner(keys, self.dispatcher.endpoint if self.dispatcher else None)
         self.engine.events = self.events
         self.engine.tokens = self.tokens
+        self._setup_observability(
+            step_logs=step_logs,
+            step_log_level=step_log_level,
+            step_log_bytes=step_log_bytes,
+            run_log_bytes=run_log_bytes,
+            capture_print=capture_print,
+            tracing=tracing,
+        )
         self.stream_tokens = StreamTokens(keys)
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).

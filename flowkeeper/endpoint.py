@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, health
 from .boundary import check_text, parse_json
 from .engine import ClaimRefused, Outcome
 from .errors import (
@@ -415,7 +415,8 @@ class Endpoint(TokenRoutes, StreamRoutes):
             ack = self.fk.dispatcher.ack_timeout if self.fk.dispatcher else 0.0
             time_limit = max(1.0, budget - ack - 1.0)
         try:
-            result = await self.fk.tick(time_limit=time_limit)
+            with health.driving("http", f"{health.here()} via {request.url.path}"):
+                result = await self.fk.tick(time_limit=time_limit)
         except ConfigurationError as exc:
             return error(503, "not_configured", str(exc))
         except DatabaseError as exc:

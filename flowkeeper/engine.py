@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import deploys, serialization
+from . import deploys, observe, serialization
 from .context import Context
 from .errors import (
     AttemptLostError,
@@ -214,6 +214,8 @@ class Engine:
         self.events: EventBus | None = None
         self.tokens: TokenSigner | None = None
         self.unknown_workflow_grace = unknown_workflow_grace
+        # Step logs, tracing, metrics (flowkeeper.observe): called at the "# observe:" points.
+        self.observers = observe.Observers()
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
         """Take the run's lease, or say why not."""
@@ -266,7 +268,7 @@ class Engine:
         except UnknownWorkflowError as exc:
             return await self._unknown_workflow(claimed, exc)
         execution = Execution(self, claimed, workflow, deadline)
-        return await execution.run()
+        return await execution.observed.invocation(execution.run)  # observe: invocation
 
     async def _unknown_workflow(
         self, claimed: ClaimedRun, exc: UnknownWorkflowError
@@ -365,6 +367,7 @@ class Execution:
         # while it runs, the lease is kept alive until it returns (see run()).
         self._thread: asyncio.Future[Any] | None = None
         self._writing = asyncio.Lock()
+        self.observed = engine.observers.bind(claimed)  # observe: this execution's observers
 
     # clock ---------------------------------------------------------------
     def db_time(self) -> datetime:
@@ -980,8 +983,11 @@ class Execution:
     ) -> Any:
         seconds = _seconds(timeout) if timeout is not None else None
         self._in_body = True
+        is_async = inspect.iscoroutinefunction(fn)
+        observed = self.observed.attempt_started(key, attempt, is_async)  # observe: attempt
+        failure: BaseException | None = None
         try:
-            if inspect.iscoroutinefunction(fn):
+            if is_async:
                 return await self._invoke_async(fn, args, kwargs, seconds)
             result = await self._invoke_sync(
                 # In the caller's context, as asyncio.to_thread does: context
@@ -994,8 +1000,12 @@ class Execution:
             if inspect.isawaitable(result):
                 result = await result
             return result
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             self._in_body = False
+            self.observed.attempt_ended(observed, failure)  # observe: attempt ended
 
     @staticmethod
     async def _invoke_async(
@@ -1165,6 +1175,7 @@ class Execution:
     async def wait(self, name: str, spec: WaitSpec) -> Any:
         from . import waits
 
+        self.observed.note("wait", name, kind=spec.kind, event=spec.event)  # observe: wait
         try:
             return await waits.wait(self, name, spec)
         except DatabaseRefusedError as exc:
@@ -1273,6 +1284,7 @@ class Execution:
             raise _Suspend(await self._lost())
         if self._cancelled:
             raise _Suspend(await self._stopped(None, 0))
+        self.observed.note("sleep", key, seconds=seconds)  # observe: sleep recorded
         if seconds <= 0:
             self._pending_steps.append(self._sleep_record(key, position, name, started, started))
             return

@@ -22,8 +22,10 @@ from ..client import FlowKeeper
 from ..dashboard.timeline import Lane, Timeline, build
 from ..errors import ConfigurationError
 from ..eventops import WaitInfo, match_text
+from ..health import overdue_note
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
+from ..steplogs import LogLine
 from .common import add_connection_options, flowkeeper_for_actions
 
 _COLOURS = {
@@ -60,6 +62,7 @@ def register(sub: Any) -> None:
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true", help="print the run as JSON")
     p.add_argument("--traceback", action="store_true", help="print full tracebacks")
+    p.add_argument("--logs", action="store_true", help="print the log lines the run's code emitted")
     add_connection_options(p)
     p.set_defaults(handler=run_show)
 
@@ -268,15 +271,43 @@ async def run_show(args: argparse.Namespace) -> int:
         info = await fk.get_run(args.run_id)
         now = await fk.store.clock_now()
         waits = await fk.run_waits(info.id)
+        logs = await fk.run_logs(info.id) if args.logs else None
     finally:
         await fk.aclose()
     if args.json:
         from ..dashboard.views import run_json
 
-        print(json.dumps(run_json(info, now, None, waits), indent=2, default=str))
+        data = run_json(info, now, None, waits)
+        if logs is not None:
+            data["logs"] = [line.as_json() for line in logs]
+        print(json.dumps(data, indent=2, default=str))
         return 0
     _print_run(info, now, full_tracebacks=args.traceback, waits=waits)
+    if logs is not None:
+        print("\n".join(log_lines(logs)))
     return 0
+
+
+def log_lines(logs: list[LogLine]) -> list[str]:
+    """The run's log lines, grouped under their step (and attempt)."""
+    if not logs:
+        return [
+            "\nlogs: none captured (records below the loggers' level are never created: "
+            "e.g. logging.basicConfig(level=logging.INFO))"
+        ]
+    out = ["\nlogs"]
+    where: tuple[str | None, int | None] | None = None
+    for line in logs:
+        if (line.step, line.attempt) != where:
+            where = (line.step, line.attempt)
+            if line.step is None:
+                out.append("  (workflow)")
+            else:
+                out.append(f"  {line.step} (attempt {line.attempt})")
+        text = line.message.replace("\n", "\n" + " " * 34)
+        at = line.at.strftime("%H:%M:%S.%f")[:-3]
+        out.append(f"    {at} {line.level:<8} {line.logger[:12]:<12} {text}")
+    return out
 
 
 def wait_rows(waits: list[WaitInfo]) -> list[list[str]]:
@@ -324,6 +355,9 @@ def _print_run(
         print(f"waiting   for {current[-1].describe()}{until}")
     elif info.due_at:
         print(f"next      {_when(info.due_at)}")
+        late = overdue_note(info.due_at, now, info.status.value)
+        if late is not None:
+            print(f"!         {late}")
         waiting = _deferred_by_unknown_workflow(info)
         if waiting is not None:
             print(f"deferred  {deploys.describe(waiting)}")

@@ -13,8 +13,10 @@ from typing import Any
 
 from ..eventlist import EventPage
 from ..eventops import EventInfo, WaitInfo
+from ..health import overdue_note
 from ..models import AttemptError, RunEvent, RunInfo, StepInfo
 from ..runlist import RunPage
+from ..steplogs import LogLine
 from .timeline import build
 
 #: How much of an event's data the events list shows.
@@ -71,9 +73,19 @@ def _event(e: RunEvent) -> dict[str, Any]:
 
 
 def run_json(
-    info: RunInfo, now: datetime, version: str | None, waits: Sequence[WaitInfo] = ()
+    info: RunInfo,
+    now: datetime,
+    version: str | None,
+    waits: Sequence[WaitInfo] = (),
+    logs: Sequence[LogLine] = (),
 ) -> dict[str, Any]:
-    """Everything the run page shows, timeline and waits included."""
+    """Everything the run page shows, timeline, waits and log lines included."""
+    by_step: dict[str | None, list[dict[str, Any]]] = {}
+    for line in logs:
+        by_step.setdefault(line.step, []).append(line.as_json())
+    steps = [_step(s) for s in info.steps]
+    for step in steps:
+        step["logs"] = by_step.pop(step["key"], [])
     return {
         "id": info.id,
         "workflow": info.workflow,
@@ -89,7 +101,11 @@ def run_json(
         "due_at": _iso(info.due_at),
         "invocations": info.invocations,
         "version": version,
-        "steps": [_step(s) for s in info.steps],
+        "steps": steps,
+        # Lines of the workflow function itself, and of steps not recorded (yet).
+        "workflow_logs": by_step.pop(None, []),
+        "other_logs": [line for lines in by_step.values() for line in lines],
+        "overdue": overdue_note(info.due_at, now, info.status.value),
         "events": [_event(e) for e in info.events],
         "waits": [w.as_json() for w in waits],
         "timeline": build(info, now, waits).as_json(),

@@ -1,0 +1,75 @@
+"""The observability part of the FlowKeeper facade: step logs, driver health, tracing."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+from .ids import check_run_id
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .health import Health
+    from .steplogs import LogLine
+    from .store import Store
+
+
+class ObservabilityOperations:
+    """Mixed into FlowKeeper (which provides ``store`` and ``engine``)."""
+
+    store: Store
+    engine: Engine
+
+    def _setup_observability(
+        self,
+        *,
+        step_logs: bool,
+        step_log_level: int | str,
+        step_log_bytes: int,
+        run_log_bytes: int,
+        capture_print: bool,
+        tracing: bool | None,
+    ) -> None:
+        from . import tracing as tracing_module
+
+        if step_logs:
+            from .steplogs import StepLogs
+
+            for name, value in (
+                ("step_log_bytes", step_log_bytes),
+                ("run_log_bytes", run_log_bytes),
+            ):
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1024:
+                    raise ConfigurationError(
+                        f"{name} must be a whole number >= 1024, got {value!r}"
+                    )
+            try:
+                logging._checkLevel(step_log_level)  # type: ignore[attr-defined]
+            except (ValueError, TypeError):
+                raise ConfigurationError(
+                    f"step_log_level must be a logging level such as 'INFO', got {step_log_level!r}"
+                ) from None
+            self.engine.observers.add(
+                StepLogs(
+                    self.store,
+                    level=step_log_level,
+                    step_bytes=step_log_bytes,
+                    run_bytes=run_log_bytes,
+                    capture_print=capture_print,
+                )
+            )
+        #: Tracing (flowkeeper.tracing): None when OpenTelemetry is not in use.
+        self.tracer = tracing_module.setup(self.engine, self.store, enabled=tracing)
+
+    async def run_logs(self, run_id: str, *, limit: int = 5000) -> list[LogLine]:
+        """The log lines run ``run_id``'s code emitted, oldest first (see flowkeeper.steplogs)."""
+        from . import steplogs
+
+        return await steplogs.read(self.store, check_run_id(run_id), limit=limit)
+
+    async def health(self, **options: Any) -> Health:
+        """Drivers seen and the due/overdue backlog (see flowkeeper.health)."""
+        from . import health
+
+        return await health.check(self.store, **options)
