@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import events, migrate, pgcron, runs, scheduler, tick
+from . import doctor, events, migrate, pgcron, runs, scheduler, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [migrate, tick, scheduler, pgcron, runs, events]
+COMMANDS = [migrate, tick, scheduler, pgcron, runs, events, doctor]
 
 
 def build_parser() -> argparse.ArgumentParser:
