@@ -237,6 +237,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             capture_print=capture_print,
             tracing=tracing,
         )
+        self.events.trace_carrier = self._trace_carrier
         self.stream_tokens = StreamTokens(keys)
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
@@ -334,6 +335,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         input_json = wf.dump_input(input)
         idempotency_key = check_idempotency_key(idempotency_key, wf.name)
         run_id = new_run_id()
+        trace = self._trace_carrier()  # the caller's trace context (flowkeeper.tracing)
         if (
             connection is None
             and self.dispatcher is not None
@@ -343,7 +345,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             # Hand the run to the endpoint, which creates and claims it in one
             # write and starts it: one commit and one round trip fewer than
             # inserting here and then pushing.
-            delivery = await self.dispatcher.create(run_id, wf.name, input_json, idempotency_key)
+            delivery = await self.dispatcher.create(
+                run_id, wf.name, input_json, idempotency_key, trace=trace
+            )
             if delivery.delivered and delivery.body is not None:
                 existing = str(delivery.body["run_id"])
                 return RunHandle(
@@ -368,6 +372,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                 lease_token=None,
                 lease=timedelta(0),
             )
+            if created and trace:
+                await self._keep_trace(run_id, trace, None)
             return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         in_transaction = connection is not None and connection.is_in_transaction()
         push_now = self.dispatcher is not None and not in_transaction
@@ -382,6 +388,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             conn=connection,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+        if created and trace:
+            await self._keep_trace(run_id, trace, connection)
         if not created:
             logger.debug("trigger %s: idempotency key hit, run %s", wf.name, run_id)
             return handle
@@ -597,13 +605,14 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         return create_app(self, **options)
 
     async def aclose(self) -> None:
-        """Close the pool and the HTTP client (waits for pending pushes).
+        """Close the pool and the HTTP client (waits for pending pushes), export spans.
 
         The instance stays usable: the next call opens a new pool and client.
         Hosts that freeze between requests (Lambda) call this after each one.
         """
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.flush_telemetry()
         if self.dispatcher is not None:
             await self.dispatcher.aclose()
         await self.db.close()

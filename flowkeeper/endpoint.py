@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__, health
+from . import __version__, health, observe
 from .boundary import check_text, parse_json
 from .engine import ClaimRefused, Outcome
 from .errors import (
@@ -317,6 +317,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
             run_id, lease, wait, create = _parse_invocation(body)
         except InvalidRequestError as exc:
             return refuse(request, 400, "invalid_body", str(exc))
+        trace = _carried_trace(body) if self.fk.tracer is not None else None
         try:
             if create is not None:
                 claim = await self.fk.engine.create(run_id, *create)
@@ -338,7 +339,8 @@ class Endpoint(TokenRoutes, StreamRoutes):
         if budget is not None:
             budget = max(0.001, budget - (time.monotonic() - started))
         if wait or not self.fk.engine.knows(claim.workflow):
-            return await self._execute_now(claim, budget)
+            with observe.incoming_trace(trace):
+                return await self._execute_now(claim, budget)
         return JSONResponse(
             {
                 "run_id": run_id,
@@ -347,7 +349,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
                 "created": create is not None,
             },
             status_code=202,
-            background=BackgroundTask(self._execute_later, claim, budget),
+            background=BackgroundTask(self._execute_later, claim, budget, trace),
         )
 
     async def _execute_now(self, claim: ClaimedRun, budget: float | None) -> Response:
@@ -388,9 +390,12 @@ class Endpoint(TokenRoutes, StreamRoutes):
             }
         return JSONResponse(payload)
 
-    async def _execute_later(self, claim: ClaimedRun, budget: float | None) -> None:
+    async def _execute_later(
+        self, claim: ClaimedRun, budget: float | None, trace: dict[str, str] | None = None
+    ) -> None:
         try:
-            await self.fk.execute_claimed(claim, time_budget=budget)
+            with observe.incoming_trace(trace):
+                await self.fk.execute_claimed(claim, time_budget=budget)
         except DatabaseError as exc:
             logger.error(
                 "run %s stopped: %s (it resumes when its lease expires)", claim.run_id, exc
@@ -517,6 +522,17 @@ def _parse_invocation(body: bytes) -> tuple[str, uuid.UUID | None, bool, Create 
         # parse_json checked every string: the input re-serialised is storable.
         create = (workflow, json.dumps(spec["input"], separators=(",", ":")), key)
     return run_id, token, wait, create
+
+
+def _carried_trace(body: bytes) -> dict[str, str] | None:
+    """The trace context a signed invocation carries (flowkeeper.tracing), if any."""
+    from .tracing import check_carrier
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return check_carrier(data.get("trace")) if isinstance(data, dict) else None
 
 
 def _refused(claim: ClaimRefused) -> JSONResponse:

@@ -17,10 +17,11 @@ an exception raised by one is logged and never reaches the run.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,16 @@ INCOMING_TRACE: contextvars.ContextVar[dict[str, str] | None] = contextvars.Cont
 )
 
 
+@contextlib.contextmanager
+def incoming_trace(carrier: dict[str, str] | None) -> Iterator[None]:
+    """Executions started inside see ``carrier`` as the trace context they arrived with."""
+    token = INCOMING_TRACE.set(carrier)
+    try:
+        yield
+    finally:
+        INCOMING_TRACE.reset(token)
+
+
 def current() -> Scope | None:
     """The run scope of the calling code (None outside a run)."""
     return SCOPE.get()
@@ -97,7 +108,7 @@ def current() -> Scope | None:
 class Observer:
     """Base class: every hook does nothing.  Override the ones you need."""
 
-    def invocation_started(self, inv: Invocation) -> None:
+    async def invocation_started(self, inv: Invocation) -> None:
         """Called in the invocation's task before the workflow function runs."""
 
     async def invocation_ended(
@@ -156,7 +167,7 @@ class Observed:
                 return await run()
             for o in self.observers:
                 try:
-                    o.invocation_started(self.inv)
+                    await o.invocation_started(self.inv)
                 except Exception:
                     _failed(o, "invocation_started")
             result: SegmentResult | None = None

@@ -9,10 +9,13 @@ from .errors import ConfigurationError
 from .ids import check_run_id
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from .engine import Engine
     from .health import Health
     from .steplogs import LogLine
     from .store import Store
+    from .tracing import Tracing
 
 
 class ObservabilityOperations:
@@ -60,7 +63,7 @@ class ObservabilityOperations:
                 )
             )
         #: Tracing (flowkeeper.tracing): None when OpenTelemetry is not in use.
-        self.tracer = tracing_module.setup(self.engine, self.store, enabled=tracing)
+        self.tracer: Tracing | None = tracing_module.setup(self.engine, self.store, enabled=tracing)
 
     async def run_logs(self, run_id: str, *, limit: int = 5000) -> list[LogLine]:
         """The log lines run ``run_id``'s code emitted, oldest first (see flowkeeper.steplogs)."""
@@ -73,3 +76,29 @@ class ObservabilityOperations:
         from . import health
 
         return await health.check(self.store, **options)
+
+    # tracing ------------------------------------------------------------------------------
+    tracer: Tracing | None
+
+    def _trace_carrier(self) -> dict[str, str] | None:
+        if self.tracer is None:
+            return None
+        from .tracing import carrier
+
+        return carrier()
+
+    async def _keep_trace(
+        self, run_id: str, trace: dict[str, str], connection: asyncpg.Connection | None
+    ) -> None:
+        """Store the run's trace context (in the caller's transaction, with ``connection``)."""
+        import json
+
+        await self.store.run_trace_put(run_id, json.dumps(trace), conn=connection)
+
+    async def flush_telemetry(self) -> None:
+        """Export finished spans and metrics now (the Lambda and Vercel adapters call it)."""
+        if self.tracer is not None:
+            try:
+                await self.tracer.flush()
+            except Exception as exc:  # an exporter's failure is not the caller's
+                logging.getLogger("flowkeeper").warning("flushing spans failed: %s", exc)

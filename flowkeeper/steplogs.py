@@ -231,7 +231,7 @@ class StepLogs(Observer):
         self.capture_print = capture_print
         _install_factory()
 
-    def invocation_started(self, inv: Invocation) -> None:
+    async def invocation_started(self, inv: Invocation) -> None:
         inv.state[_STATE_KEY] = _Buffer(self.level, self.step_bytes)
         if self.capture_print and not isinstance(sys.stdout, _PrintTee):
             _install_print()  # again if something replaced sys.stdout since

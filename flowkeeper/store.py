@@ -875,8 +875,10 @@ class Store:
         rows = await self._call("fetch", "runs_by_status")
         return {r["status"]: int(r["n"]) for r in rows}
 
-    async def run_trace_put(self, run_id: str, carrier: str) -> None:
-        await self._call("execute", "run_trace_put", uuid.UUID(run_id), carrier)
+    async def run_trace_put(
+        self, run_id: str, carrier: str, *, conn: asyncpg.Connection | None = None
+    ) -> None:
+        await self._call("execute", "run_trace_put", uuid.UUID(run_id), carrier, conn=conn)
 
     async def run_trace_get(self, run_id: str) -> str | None:
         value: str | None = await self._call("fetchval", "run_trace_get", uuid.UUID(run_id))
