@@ -128,7 +128,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
     run are kept with it (``step_logs``, ``step_log_level``, ``step_log_bytes``
     per step, ``run_log_bytes`` per run, ``capture_print`` for ``print()``);
     with the ``otel`` extra installed and a tracer provider configured, each
-    invocation and step attempt is a span (``tracing=False`` turns it off).
+    invocation and step attempt is a span (``tracing=False`` turns it off), and
+    the engine records OpenTelemetry metrics (``metrics=False`` turns them
+    off); ``metrics_token`` (or ``FLOWKEEPER_METRICS_TOKEN``) serves the
+    database gauges as Prometheus text at ``GET <endpoint>/metrics``.
 
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
@@ -167,7 +170,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         step_log_bytes: int = 64 * 1024,
         run_log_bytes: int = 1024 * 1024,
         capture_print: bool = False,
-        tracing: bool | None = None,
+        tracing: object = None,
+        metrics: object = None,
+        metrics_token: str | None = None,
     ) -> None:
         url = (
             database_url
@@ -236,6 +241,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             run_log_bytes=run_log_bytes,
             capture_print=capture_print,
             tracing=tracing,
+            metrics=metrics,
+            metrics_token=metrics_token,
+            allow_weak=allow_weak_secrets,
         )
         self.events.trace_carrier = self._trace_carrier
         self.stream_tokens = StreamTokens(keys)

@@ -403,6 +403,35 @@ class Endpoint(TokenRoutes, StreamRoutes):
         except Exception:
             logger.exception("run %s: unexpected error in the flowkeeper engine", claim.run_id)
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text of the database gauges (flowkeeper.metrics); off without a token."""
+        token = self.fk.metrics_token
+        if token is None:
+            return refuse(
+                request,
+                404,
+                "metrics_off",
+                "The metrics endpoint is off: set FlowKeeper(metrics_token=...) or "
+                "FLOWKEEPER_METRICS_TOKEN and scrape with 'Authorization: Bearer <token>'.",
+            )
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            response = refuse(
+                request,
+                401,
+                "invalid_metrics_token",
+                "Send the metrics token as 'Authorization: Bearer <FLOWKEEPER_METRICS_TOKEN>'.",
+            )
+            response.headers["www-authenticate"] = "Bearer"
+            return response
+        try:
+            text = await self.fk.prometheus_metrics()
+        except DatabaseError as exc:
+            return error(503, "database_unavailable", str(exc))
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def tick(self, request: Request) -> Response:
         limit = self.fk.max_body_bytes
         try:
@@ -574,6 +603,7 @@ def create_app(
         Route("/", endpoint.invoke, methods=["POST"]),
         Route("/", endpoint.health, methods=["GET"]),
         Route("/tick", endpoint.tick, methods=["GET", "POST"]),
+        Route("/metrics", endpoint.metrics, methods=["GET"]),
         Route("/tokens/{token}", endpoint.complete_token, methods=["POST"]),
         Route("/runs/{run_id}/stream", endpoint.stream, methods=["GET"]),
         Route("/tokens/{token}", endpoint.token_info, methods=["GET"]),

@@ -75,6 +75,9 @@ async def record_tick(store: Store, kind: str, result: TickResult) -> None:
             await store.driver_prune()
     except DatabaseError as exc:
         logger.warning("tick: could not record the driver's health: %s", exc)
+    from . import metrics
+
+    await metrics.on_tick(store, kind, result)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
@@ -13,6 +14,7 @@ if TYPE_CHECKING:
 
     from .engine import Engine
     from .health import Health
+    from .metrics import Metrics
     from .steplogs import LogLine
     from .store import Store
     from .tracing import Tracing
@@ -32,7 +34,10 @@ class ObservabilityOperations:
         step_log_bytes: int,
         run_log_bytes: int,
         capture_print: bool,
-        tracing: bool | None,
+        tracing: object,
+        metrics: object,
+        metrics_token: str | None,
+        allow_weak: bool,
     ) -> None:
         from . import tracing as tracing_module
 
@@ -62,6 +67,20 @@ class ObservabilityOperations:
                     capture_print=capture_print,
                 )
             )
+        from . import metrics as metrics_module
+
+        #: OpenTelemetry metrics (flowkeeper.metrics): None when OpenTelemetry is not in use.
+        self.metrics: Metrics | None = metrics_module.setup(
+            self.engine, self.store, enabled=metrics
+        )
+        token = metrics_token or os.environ.get("FLOWKEEPER_METRICS_TOKEN") or None
+        if token is not None and not allow_weak and len(token.strip()) < 16:
+            raise ConfigurationError(
+                "metrics_token must be at least 16 characters: it guards GET <endpoint>/metrics "
+                '(python -c "import secrets; print(secrets.token_urlsafe(24))").'
+            )
+        #: The bearer token of the Prometheus endpoint (None: the endpoint is off).
+        self.metrics_token = token
         #: Tracing (flowkeeper.tracing): None when OpenTelemetry is not in use.
         self.tracer: Tracing | None = tracing_module.setup(self.engine, self.store, enabled=tracing)
 
@@ -102,3 +121,15 @@ class ObservabilityOperations:
                 await self.tracer.flush()
             except Exception as exc:  # an exporter's failure is not the caller's
                 logging.getLogger("flowkeeper").warning("flushing spans failed: %s", exc)
+        if self.metrics is not None:
+            try:
+                await self.metrics.flush()
+            except Exception as exc:
+                logging.getLogger("flowkeeper").warning("flushing metrics failed: %s", exc)
+
+    async def prometheus_metrics(self) -> str:
+        """The database-derived gauges as Prometheus text (GET <endpoint>/metrics)."""
+        from . import health, metrics
+
+        state = await health.check(self.store)
+        return metrics.prometheus_text(await self.store.runs_by_status(), state)
