@@ -131,7 +131,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
     invocation and step attempt is a span (``tracing=False`` turns it off), and
     the engine records OpenTelemetry metrics (``metrics=False`` turns them
     off); ``metrics_token`` (or ``FLOWKEEPER_METRICS_TOKEN``) serves the
-    database gauges as Prometheus text at ``GET <endpoint>/metrics``.
+    database gauges as Prometheus text at ``GET <endpoint>/metrics``.  An async
+    step that blocks the event loop for over ``stall_threshold`` seconds is
+    reported (a WARNING and a ``loop_stall`` event on the run).
 
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
@@ -173,6 +175,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         tracing: object = None,
         metrics: object = None,
         metrics_token: str | None = None,
+        stall_threshold: float | None = 0.5,
     ) -> None:
         url = (
             database_url
@@ -244,6 +247,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             metrics=metrics,
             metrics_token=metrics_token,
             allow_weak=allow_weak_secrets,
+            stall_threshold=stall_threshold,
         )
         self.events.trace_carrier = self._trace_carrier
         self.stream_tokens = StreamTokens(keys)

@@ -38,6 +38,7 @@ class ObservabilityOperations:
         metrics: object,
         metrics_token: str | None,
         allow_weak: bool,
+        stall_threshold: float | None,
     ) -> None:
         from . import tracing as tracing_module
 
@@ -67,6 +68,22 @@ class ObservabilityOperations:
                     capture_print=capture_print,
                 )
             )
+        if stall_threshold is not None:
+            import math
+
+            from .stalls import StallWatch
+
+            if (
+                not isinstance(stall_threshold, int | float)
+                or isinstance(stall_threshold, bool)
+                or not math.isfinite(stall_threshold)
+                or stall_threshold <= 0
+            ):
+                raise ConfigurationError(
+                    f"stall_threshold must be a positive number of seconds (or None to turn "
+                    f"the check off), got {stall_threshold!r}"
+                )
+            self.engine.observers.add(StallWatch(self.store, float(stall_threshold)))
         from . import metrics as metrics_module
 
         #: OpenTelemetry metrics (flowkeeper.metrics): None when OpenTelemetry is not in use.

@@ -893,3 +893,10 @@ class Store:
             return None
         row: asyncpg.Record | None = await self._call("fetchrow", "pgcron_last_tick")
         return row
+
+    async def run_event_add(
+        self, run_id: str, kind: str, step_key: str | None, attempt: int | None, detail: str
+    ) -> None:
+        await self._call(
+            "execute", "run_event_add", uuid.UUID(run_id), kind, step_key, attempt, detail
+        )

@@ -45,3 +45,8 @@ SELECT job_name, (last_tick->>'at')::timestamptz AS last_at,
        (last_tick->>'claimed')::integer AS claimed, (last_tick->>'failed')::integer AS failed,
        last_tick->>'last_error' AS last_error
 FROM {schema}.pgcron_settings WHERE last_tick IS NOT NULL LIMIT 1;
+
+-- name: run_event_add
+-- An observation recorded on a run's history outside its lease (a loop stall).
+INSERT INTO {schema}.events (run_id, kind, step_key, attempt, detail)
+VALUES ($1, $2, $3, $4, $5::jsonb);
