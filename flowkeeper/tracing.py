@@ -20,6 +20,7 @@ invocation).  ``FlowKeeper(tracing=False)`` turns it off;
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -39,13 +40,19 @@ _STATE = "flowkeeper.tracing"
 MAX_CARRIER = 4096
 
 
+_MODULES: Any = None
+
+
 def _otel() -> Any:
     """The OpenTelemetry API modules, or None when the extra is not installed."""
-    try:
-        from opentelemetry import context, propagate, trace
-    except ImportError:
-        return None
-    return context, propagate, trace
+    global _MODULES
+    if _MODULES is None:
+        try:
+            from opentelemetry import context, propagate, trace
+        except ImportError:
+            return None
+        _MODULES = (context, propagate, trace)
+    return _MODULES
 
 
 def setup(engine: Engine, store: Store, *, enabled: object) -> Tracing | None:
@@ -96,6 +103,9 @@ class Tracing(Observer):
         self.store = store
         self.provider = provider
         self._tracers: dict[int, Any] = {}
+        # Trace contexts of runs this process invoked lately: a retry or a wake-up
+        # served here again needs no read of run_traces.
+        self._known: collections.OrderedDict[str, dict[str, str] | None] = collections.OrderedDict()
 
     def _tracer(self) -> Any:
         _, _, trace = _otel()
@@ -132,12 +142,18 @@ class Tracing(Observer):
                 await self.store.run_trace_put(inv.run_id, json.dumps(carried))
             except DatabaseError as exc:
                 logger.warning("run %s: trace context not stored: %s", inv.run_id, exc)
+        elif inv.run_id in self._known:
+            carried = self._known[inv.run_id]
         else:
             try:
                 stored = await self.store.run_trace_get(inv.run_id)
             except DatabaseError:
                 stored = None
             carried = check_carrier(json.loads(stored)) if stored else None
+        self._known[inv.run_id] = carried
+        self._known.move_to_end(inv.run_id)
+        if len(self._known) > 10_000:
+            self._known.popitem(last=False)
         here = trace.get_current_span()
         links = [trace.Link(here.get_span_context())] if here.get_span_context().is_valid else []
         parent = propagate.extract(carried) if carried else None
@@ -196,11 +212,9 @@ class Tracing(Observer):
             return
         context, _, trace = _otel()
         tracer = self._tracer()
-        span = tracer.start_span(
+        span = tracer.start_span(  # the run's id and workflow are on the parent span
             f"flowkeeper.step {attempt.key}",
             attributes={
-                "flowkeeper.run_id": inv.run_id,
-                "flowkeeper.workflow": inv.workflow,
                 "flowkeeper.step": attempt.key,
                 "flowkeeper.attempt": attempt.attempt,
                 "flowkeeper.step.async": attempt.is_async,
