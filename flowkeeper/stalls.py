@@ -14,6 +14,7 @@ is recorded on the run's history (the dashboard and ``runs show`` list it).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import linecache
 import logging
@@ -110,7 +111,14 @@ class StallWatch(Observer):
             self._beating = True
         if start:
             self._beat = time.monotonic()
-            loop.call_later(self.interval, self._on_beat, loop, self._beat + self.interval)
+            # In an empty context: the beat belongs to no run (nor to this step's scope).
+            loop.call_later(
+                self.interval,
+                self._on_beat,
+                loop,
+                self._beat + self.interval,
+                context=contextvars.Context(),
+            )
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(
                 target=self._watch, name="flowkeeper-stall-watch", daemon=True
@@ -145,7 +153,13 @@ class StallWatch(Observer):
         if culprit is not None and lag > self.threshold:
             self._report(culprit, lag)
         if going:
-            loop.call_later(self.interval, self._on_beat, loop, now + self.interval)
+            loop.call_later(
+                self.interval,
+                self._on_beat,
+                loop,
+                now + self.interval,
+                context=contextvars.Context(),
+            )
 
     def _watch(self) -> None:
         while True:
