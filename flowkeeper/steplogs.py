@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
@@ -83,6 +85,8 @@ class _Buffer:
         self.rows: list[Row] = []
         self.used: dict[str | None, int] = {}
         self.dropped: dict[tuple[str | None, int | None], list[int]] = {}
+        #: Called (from any thread) when a line arrives in an empty buffer.
+        self.on_first: Callable[[], None] | None = None
 
     def add(self, step: str | None, attempt: int | None, record: logging.LogRecord) -> None:
         with self.lock:
@@ -105,6 +109,7 @@ class _Buffer:
                     return
             else:
                 self.used[step] = used + len(message)
+            first = not self.rows
             self.rows.append(
                 (
                     step,
@@ -115,11 +120,19 @@ class _Buffer:
                     datetime.fromtimestamp(record.created, UTC),
                 )
             )
+        if first and self.on_first is not None:
+            self.on_first()
 
-    def take(self) -> list[Row]:
+    def take(self, final: set[tuple[str | None, int | None]] | None) -> list[Row]:
+        """The lines to store, and a note for each step in ``final`` whose lines were capped.
+
+        ``final`` None: every step (the invocation is over).
+        """
         with self.lock:
             rows, self.rows = self.rows, []
-            for (step, attempt), (count, cut) in self.dropped.items():
+            done = [k for k in self.dropped if final is None or k in final]
+            for step, attempt in done:
+                count, cut = self.dropped.pop((step, attempt))
                 what = f"step {step!r}" if step else "the workflow function"
                 rows.append(
                     (
@@ -134,7 +147,6 @@ class _Buffer:
                         datetime.now(UTC),
                     )
                 )
-            self.dropped = {}
             return rows
 
 
@@ -229,10 +241,22 @@ class StepLogs(Observer):
         self.run_bytes = run_bytes
         self._flushes: dict[str, asyncio.Task[None]] = {}
         self.capture_print = capture_print
+        #: Seconds after the first line of a batch until it is stored, even mid-step.
+        self.live_delay = 0.5
         _install_factory()
 
     async def invocation_started(self, inv: Invocation) -> None:
-        inv.state[_STATE_KEY] = _Buffer(self.level, self.step_bytes)
+        buffer = _Buffer(self.level, self.step_bytes)
+        inv.state[_STATE_KEY] = buffer
+        loop = asyncio.get_running_loop()
+
+        def soon() -> None:  # lines of a long step are stored while it runs (and if it dies)
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(
+                    self._later, inv, buffer, loop, context=contextvars.Context()
+                )
+
+        buffer.on_first = soon
         if self.capture_print and not isinstance(sys.stdout, _PrintTee):
             _install_print()  # again if something replaced sys.stdout since
 
@@ -242,7 +266,21 @@ class StepLogs(Observer):
             return
         # Stored in the background: the step's result need not wait for its logs.
         previous = self._flushes.get(inv.run_id)
-        task = asyncio.get_running_loop().create_task(self._flush(inv, buffer, previous))
+        final: set[tuple[str | None, int | None]] = {(attempt.key, attempt.attempt)}
+        task = asyncio.get_running_loop().create_task(self._flush(inv, buffer, previous, final))
+        self._flushes[inv.run_id] = task
+        task.add_done_callback(lambda t: self._done(inv.run_id, t))
+
+    def _later(self, inv: Invocation, buffer: _Buffer, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(
+            self.live_delay, self._flush_now, inv, buffer, context=contextvars.Context()
+        )
+
+    def _flush_now(self, inv: Invocation, buffer: _Buffer) -> None:
+        if inv.state.get(_STATE_KEY) is not buffer or not buffer.rows:
+            return  # the invocation ended (its last flush took the lines) or nothing new
+        previous = self._flushes.get(inv.run_id)
+        task = asyncio.get_running_loop().create_task(self._flush(inv, buffer, previous, set()))
         self._flushes[inv.run_id] = task
         task.add_done_callback(lambda t: self._done(inv.run_id, t))
 
@@ -256,15 +294,19 @@ class StepLogs(Observer):
         buffer: _Buffer | None = inv.state.pop(_STATE_KEY, None)
         if buffer is None:
             return
-        await self._flush(inv, buffer, self._flushes.get(inv.run_id))
+        await self._flush(inv, buffer, self._flushes.get(inv.run_id), None)
 
     async def _flush(
-        self, inv: Invocation, buffer: _Buffer, previous: asyncio.Task[None] | None
+        self,
+        inv: Invocation,
+        buffer: _Buffer,
+        previous: asyncio.Task[None] | None,
+        final: set[tuple[str | None, int | None]] | None,
     ) -> None:
         if previous is not None:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(previous)
-        rows = buffer.take()
+        rows = buffer.take(final)
         if not rows:
             return
         try:

@@ -208,3 +208,33 @@ async def test_flowkeeper_records_carry_the_run_as_extra(
     record = retrying[0]
     assert (record.run_id, record.workflow) == (handle.run_id, "shop")  # type: ignore[attr-defined]
     assert record.step is None  # type: ignore[attr-defined]  # logged after the attempt
+
+
+async def test_lines_of_a_long_step_are_stored_while_it_runs(fk: FlowKeeper) -> None:
+    """So a step whose process dies (or that hangs) still shows what it logged."""
+    go_on = asyncio.Event()
+
+    async def slow() -> int:
+        user_log.info("about to call the slow API")
+        await go_on.wait()
+        return 1
+
+    @fk.workflow("slow")
+    async def wf(ctx: Context) -> int:
+        return await ctx.step("slow", slow)
+
+    async with serve(fk):
+        handle = await fk.trigger("slow")
+        try:
+            for _ in range(100):
+                logs = await fk.run_logs(handle.run_id)
+                if logs:
+                    break
+                await asyncio.sleep(0.05)
+            assert [(x.step, x.message) for x in logs] == [("slow", "about to call the slow API")]
+            assert (await fk.get_run(handle.run_id)).status.value == "running"
+        finally:
+            go_on.set()
+        await drive(fk, [handle.run_id])
+    # Stored once, not again at the step's end.
+    assert [x.message for x in await fk.run_logs(handle.run_id)] == ["about to call the slow API"]
