@@ -175,10 +175,12 @@ class StallWatch(Observer):
             if loop is None or ident is None:
                 continue
             task = _current_task(loop)
+            if task is None:
+                # No task holds the loop (it waits in select): the process itself was
+                # starved of CPU, which no step can be blamed for.
+                continue
             with self._lock:
-                entry = self._running.get(task) if task is not None else None
-                if entry is None and len(self._running) == 1:
-                    entry = next(iter(self._running.values()))
+                entry = self._running.get(task)
                 frame = sys._current_frames().get(ident)
                 self._culprit = _Culprit(
                     entry[0] if entry else None,
