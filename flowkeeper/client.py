@@ -357,8 +357,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             # Hand the run to the endpoint, which creates and claims it in one
             # write and starts it: one commit and one round trip fewer than
             # inserting here and then pushing.
+            # (``trace=`` only when there is one: dispatchers of older signature still work.)
+            extra = {"trace": trace} if trace else {}
             delivery = await self.dispatcher.create(
-                run_id, wf.name, input_json, idempotency_key, trace=trace
+                run_id, wf.name, input_json, idempotency_key, **extra
             )
             if delivery.delivered and delivery.body is not None:
                 existing = str(delivery.body["run_id"])

@@ -7,6 +7,8 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flowkeeper import Context, FlowKeeper, RetryPolicy
 from flowkeeper.cli import main
@@ -238,3 +240,37 @@ async def test_lines_of_a_long_step_are_stored_while_it_runs(fk: FlowKeeper) -> 
         await drive(fk, [handle.run_id])
     # Stored once, not again at the step's end.
     assert [x.message for x in await fk.run_logs(handle.run_id)] == ["about to call the slow API"]
+
+
+@given(messages=st.lists(st.text(max_size=3000), min_size=1, max_size=8))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+async def test_any_text_is_stored_as_it_was_logged_or_said_cut(
+    fk: FlowKeeper, messages: list[str]
+) -> None:
+    """NUL, lone surrogates, huge lines: what comes back is the text (cleaned) or says cut."""
+    from datetime import timedelta
+
+    from flowkeeper.ids import new_run_id
+    from flowkeeper.serialization import clean_text
+    from flowkeeper.steplogs import _Buffer
+
+    run_id, _ = await fk.store.insert_run(
+        run_id=new_run_id(),
+        workflow="hostile",
+        input_json="null",
+        idempotency_key=None,
+        lease_token=None,
+        lease=timedelta(0),
+    )
+    buffer = _Buffer(logging.INFO, 16 * 1024)
+    for text in messages:
+        buffer.add("s", 1, logging.LogRecord("hostile", logging.INFO, "", 0, text, None, None))
+    await fk.store.step_logs_append(run_id, buffer.take(None), 1024 * 1024)
+    stored = [line.message for line in await fk.run_logs(run_id)]
+    kept = [m for m in stored if not m.startswith("[flowkeeper]")]
+    assert len(kept) <= len(messages)
+    for got, sent in zip(kept, messages, strict=False):
+        assert got == clean_text(sent) or got.endswith(" …[cut]")
+    assert sum(len(m) for m in kept) <= 16 * 1024 + len(" …[cut]")
