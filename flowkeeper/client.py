@@ -43,6 +43,7 @@ from .models import (
     StepInfo,
     TickResult,
 )
+from .obsops import ObservabilityOperations
 from .operations import RunOperations
 from .outbox import transaction_ended
 from .retry import DEFAULT_RETRY, RetryPolicy
@@ -112,7 +113,7 @@ def _env_keys() -> list[str] | None:
     return [k.strip() for k in raw.split(",") if k.strip()]
 
 
-class FlowKeeper(RunOperations, EventOperations, StreamOperations):
+class FlowKeeper(RunOperations, EventOperations, StreamOperations, ObservabilityOperations):
     """Durable workflows on Postgres, executed through a signed endpoint.
 
     ``database_url``, ``signing_key`` and ``endpoint`` default to the
@@ -138,6 +139,17 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
     ``group_commit`` (on by default): when several runs of this process write
     at the same moment, their writes share one Postgres transaction (see
     :mod:`flowkeeper.groupcommit`); a lone write goes at once, as without it.
+
+    Observability (see README "Observability"): log records emitted inside a
+    run are kept with it (``step_logs``, ``step_log_level``, ``step_log_bytes``
+    per step, ``run_log_bytes`` per run, ``capture_print`` for ``print()``);
+    with the ``otel`` extra installed and a tracer provider configured, each
+    invocation and step attempt is a span (``tracing=False`` turns it off), and
+    the engine records OpenTelemetry metrics (``metrics=False`` turns them
+    off); ``metrics_token`` (or ``FLOWKEEPER_METRICS_TOKEN``) serves the
+    database gauges as Prometheus text at ``GET <endpoint>/metrics``.  An async
+    step that blocks the event loop for over ``stall_threshold`` seconds is
+    reported (a WARNING and a ``loop_stall`` event on the run).
 
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
@@ -175,6 +187,15 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         event_retention: float | timedelta = timedelta(days=7),
         allow_weak_secrets: bool = False,
         codec: Codec | None = None,
+        step_logs: bool = True,
+        step_log_level: int | str = logging.INFO,
+        step_log_bytes: int = 64 * 1024,
+        run_log_bytes: int = 1024 * 1024,
+        capture_print: bool = False,
+        tracing: object = None,
+        metrics: object = None,
+        metrics_token: str | None = None,
+        stall_threshold: float | None = 0.5,
     ) -> None:
         # What a twin of this object on another event loop is built from (fk.sync).
         settings = {k: v for k, v in locals().items() if k != "self"}
@@ -252,6 +273,19 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.engine.tokens = self.tokens
         if self.dispatcher is not None:
             self.engine.push = self._push_soon
+        self._setup_observability(
+            step_logs=step_logs,
+            step_log_level=step_log_level,
+            step_log_bytes=step_log_bytes,
+            run_log_bytes=run_log_bytes,
+            capture_print=capture_print,
+            tracing=tracing,
+            metrics=metrics,
+            metrics_token=metrics_token,
+            allow_weak=allow_weak_secrets,
+            stall_threshold=stall_threshold,
+        )
+        self.events.trace_carrier = self._trace_carrier
         self.stream_tokens = StreamTokens(keys)
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
@@ -369,6 +403,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         idempotency_key = check_idempotency_key(idempotency_key, wf.name)
         run_id = new_run_id()
         await self._check_own_database()
+        trace = self._trace_carrier()  # the caller's trace context (flowkeeper.tracing)
         if (
             connection is None
             and self.dispatcher is not None
@@ -378,7 +413,11 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             # Hand the run to the endpoint, which creates and claims it in one
             # write and starts it: one commit and one round trip fewer than
             # inserting here and then pushing.
-            delivery = await self.dispatcher.create(run_id, wf.name, input_json, idempotency_key)
+            # (``trace=`` only when there is one: dispatchers of older signature still work.)
+            extra = {"trace": trace} if trace else {}
+            delivery = await self.dispatcher.create(
+                run_id, wf.name, input_json, idempotency_key, **extra
+            )
             if delivery.delivered and delivery.body is not None:
                 existing = str(delivery.body["run_id"])
                 created = bool(delivery.body.get("created", existing == run_id))
@@ -404,6 +443,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             )
             if not created:
                 await self._idempotency_hit(run_id, wf.name, idempotency_key, input_json)
+            if created and trace:
+                await self._keep_trace(run_id, trace, None)
             return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if connection is not None:  # SQLAlchemy, psycopg: see flowkeeper.foreign
             connection = await foreign.unwrap(connection)
@@ -425,6 +466,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             code_version=wf.version,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+        if created and trace:
+            await self._keep_trace(run_id, trace, connection)
         if not created:
             logger.debug("trigger %s: idempotency key hit, run %s", wf.name, run_id)
             await self._idempotency_hit(
@@ -737,13 +780,14 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         return wsgi_app(self, **options)
 
     async def aclose(self) -> None:
-        """Close the pool and the HTTP client (waits for pending pushes).
+        """Close the pool and the HTTP client (waits for pending pushes), export spans.
 
         The instance stays usable: the next call opens a new pool and client.
         Hosts that freeze between requests (Lambda) call this after each one.
         """
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.flush_telemetry()
         if self.dispatcher is not None:
             await self.dispatcher.aclose()
         await self.db.close()

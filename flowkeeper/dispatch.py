@@ -260,7 +260,13 @@ class Dispatcher:
     supports_create = True
 
     async def create(
-        self, run_id: str, workflow: str, input_json: str, idempotency_key: str | None
+        self,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        *,
+        trace: dict[str, str] | None = None,
     ) -> Delivery:
         """Hand a new run to the endpoint, which creates and starts it in one write.
 
@@ -270,11 +276,14 @@ class Dispatcher:
         answer in time, leaves it to the caller to insert the run itself.
         """
         # The input is JSON text already: embed it without parsing it again.
+        # ``trace``: the caller's trace context (flowkeeper.tracing), carried signed.
+        carried = f',"trace":{json.dumps(trace)}' if trace else ""
         url, body, headers = self.sign_body(
             "/",
             (
-                f'{{"run_id":"{run_id}","lease":null,"create":{{"workflow":{json.dumps(workflow)},'
-                f'"idempotency_key":{json.dumps(idempotency_key)},"input":{input_json}}}}}'
+                f'{{"run_id":"{run_id}","lease":null{carried},"create":{{"workflow":'
+                f'{json.dumps(workflow)},"idempotency_key":{json.dumps(idempotency_key)},'
+                f'"input":{input_json}}}}}'
             ).encode(),
         )
         try:

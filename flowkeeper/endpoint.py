@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, health, observe
 from .boundary import check_text, parse_json
 from .engine import ClaimRefused, Outcome
 from .errors import (
@@ -317,6 +317,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
             run_id, lease, wait, create = _parse_invocation(body)
         except InvalidRequestError as exc:
             return refuse(request, 400, "invalid_body", str(exc))
+        trace = _carried_trace(body) if self.fk.tracer is not None else None
         try:
             if create is not None:
                 claim = await self.fk.engine.create(run_id, *create)
@@ -338,7 +339,8 @@ class Endpoint(TokenRoutes, StreamRoutes):
         if budget is not None:
             budget = max(0.001, budget - (time.monotonic() - started))
         if wait or not self.fk.engine.knows(claim.workflow):
-            return await self._execute_now(claim, budget)
+            with observe.incoming_trace(trace):
+                return await self._execute_now(claim, budget)
         return JSONResponse(
             {
                 "run_id": run_id,
@@ -347,7 +349,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
                 "created": create is not None,
             },
             status_code=202,
-            background=BackgroundTask(self._execute_later, claim, budget),
+            background=BackgroundTask(self._execute_later, claim, budget, trace),
         )
 
     async def _execute_now(self, claim: ClaimedRun, budget: float | None) -> Response:
@@ -388,15 +390,47 @@ class Endpoint(TokenRoutes, StreamRoutes):
             }
         return JSONResponse(payload)
 
-    async def _execute_later(self, claim: ClaimedRun, budget: float | None) -> None:
+    async def _execute_later(
+        self, claim: ClaimedRun, budget: float | None, trace: dict[str, str] | None = None
+    ) -> None:
         try:
-            await self.fk.execute_claimed(claim, time_budget=budget)
+            with observe.incoming_trace(trace):
+                await self.fk.execute_claimed(claim, time_budget=budget)
         except DatabaseError as exc:
             logger.error(
                 "run %s stopped: %s (it resumes when its lease expires)", claim.run_id, exc
             )
         except Exception:
             logger.exception("run %s: unexpected error in the flowkeeper engine", claim.run_id)
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text of the database gauges (flowkeeper.metrics); off without a token."""
+        token = self.fk.metrics_token
+        if token is None:
+            return refuse(
+                request,
+                404,
+                "metrics_off",
+                "The metrics endpoint is off: set FlowKeeper(metrics_token=...) or "
+                "FLOWKEEPER_METRICS_TOKEN and scrape with 'Authorization: Bearer <token>'.",
+            )
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode(), token.encode()
+        ):
+            response = refuse(
+                request,
+                401,
+                "invalid_metrics_token",
+                "Send the metrics token as 'Authorization: Bearer <FLOWKEEPER_METRICS_TOKEN>'.",
+            )
+            response.headers["www-authenticate"] = "Bearer"
+            return response
+        try:
+            text = await self.fk.prometheus_metrics()
+        except DatabaseError as exc:
+            return error(503, "database_unavailable", str(exc))
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def tick(self, request: Request) -> Response:
         limit = self.fk.max_body_bytes
@@ -415,7 +449,8 @@ class Endpoint(TokenRoutes, StreamRoutes):
             ack = self.fk.dispatcher.ack_timeout if self.fk.dispatcher else 0.0
             time_limit = max(1.0, budget - ack - 1.0)
         try:
-            result = await self.fk.tick(time_limit=time_limit)
+            with health.driving("http", f"{health.here()} via {request.url.path}"):
+                result = await self.fk.tick(time_limit=time_limit)
         except ConfigurationError as exc:
             return error(503, "not_configured", str(exc))
         except DatabaseError as exc:
@@ -518,6 +553,17 @@ def _parse_invocation(body: bytes) -> tuple[str, uuid.UUID | None, bool, Create 
     return run_id, token, wait, create
 
 
+def _carried_trace(body: bytes) -> dict[str, str] | None:
+    """The trace context a signed invocation carries (flowkeeper.tracing), if any."""
+    from .tracing import check_carrier
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return check_carrier(data.get("trace")) if isinstance(data, dict) else None
+
+
 def _refused(claim: ClaimRefused) -> JSONResponse:
     if claim.reason == "not_found":
         return error(404, "run_not_found", f"No run {claim.run_id} exists.", run_id=claim.run_id)
@@ -557,6 +603,7 @@ def create_app(
         Route("/", endpoint.invoke, methods=["POST"]),
         Route("/", endpoint.health, methods=["GET"]),
         Route("/tick", endpoint.tick, methods=["GET", "POST"]),
+        Route("/metrics", endpoint.metrics, methods=["GET"]),
         Route("/tokens/{token}", endpoint.complete_token, methods=["POST"]),
         Route("/runs/{run_id}/stream", endpoint.stream, methods=["GET"]),
         Route("/tokens/{token}", endpoint.token_info, methods=["GET"]),

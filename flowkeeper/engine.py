@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import deploys, patches, serialization, stepctx
+from . import deploys, observe, patches, serialization, stepctx
 from .codec import DecryptionError
 from .context import Context
 from .errors import (
@@ -285,6 +285,8 @@ class Engine:
         # (set by FlowKeeper: a signed invocation, sent in the background).
         self.max_children = max_children
         self.push: Callable[[str, uuid.UUID], None] | None = None
+        # Step logs, tracing, metrics (flowkeeper.observe): called at the "# observe:" points.
+        self.observers = observe.Observers()
 
     async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
         """Take the run's lease, or say why not."""
@@ -338,7 +340,7 @@ class Engine:
         except UnknownWorkflowError as exc:
             return await self._unknown_workflow(claimed, exc)
         execution = Execution(self, claimed, workflow, deadline)
-        return await execution.run()
+        return await execution.observed.invocation(execution.run)  # observe: invocation
 
     async def _unknown_workflow(
         self, claimed: ClaimedRun, exc: UnknownWorkflowError
@@ -458,6 +460,7 @@ class Execution:
         # while one runs, the lease is kept alive until it returns (see run()).
         self._threads: set[asyncio.Future[Any]] = set()
         self._writing = asyncio.Lock()
+        self.observed = engine.observers.bind(claimed)  # observe: this execution's observers
 
     # clock ---------------------------------------------------------------
     def db_time(self) -> datetime:
@@ -1595,8 +1598,11 @@ class Execution:
         self._bodies.add(task)
         marker = _STEP.set((self, key, attempt))
         step_token = stepctx.enter(self.run_id, key, attempt)  # ctx.idempotency_key (stepctx)
+        is_async = inspect.iscoroutinefunction(fn)
+        observed = self.observed.attempt_started(key, attempt, is_async)  # observe: attempt
+        failure: BaseException | None = None
         try:
-            if inspect.iscoroutinefunction(fn):
+            if is_async:
                 return await self._invoke_async(fn, args, kwargs, seconds)
             result = await self._invoke_sync(
                 # In the caller's context, as asyncio.to_thread does: context
@@ -1609,7 +1615,11 @@ class Execution:
             if inspect.isawaitable(result):
                 result = await result
             return result
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            self.observed.attempt_ended(observed, failure)  # observe: attempt ended
             stepctx.leave(step_token)
             _STEP.reset(marker)
             self._bodies.discard(task)
@@ -1785,6 +1795,7 @@ class Execution:
     async def wait(self, name: str, spec: WaitSpec) -> Any:
         from . import waits
 
+        self.observed.note("wait", name, kind=spec.kind, event=spec.event)  # observe: wait
         try:
             return await waits.wait(self, name, spec)
         except DatabaseRefusedError as exc:
@@ -1938,6 +1949,7 @@ class Execution:
             raise _Suspend(await self._lost())
         if self._cancelled:
             raise _Suspend(await self._stopped(None, 0))
+        self.observed.note("sleep", key, seconds=seconds)  # observe: sleep recorded
         if seconds <= 0:
             self._pending_steps.append(self._sleep_record(key, position, name, started, started))
             return

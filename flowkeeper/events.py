@@ -17,6 +17,7 @@ scanning the waiting runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
@@ -229,6 +230,8 @@ class EventBus:
         self.push = push
         self.push_lease = push_lease
         self.schedule = schedule
+        #: The sender's trace context, kept with the runs an event starts (flowkeeper.tracing).
+        self.trace_carrier: Callable[[], dict[str, str] | None] = lambda: None
         self.max_bytes = max_bytes
 
     def listeners(self, name: str) -> list[Workflow]:
@@ -313,6 +316,7 @@ class EventBus:
             else:
                 cancelled.append(rid)
         started: list[str] = []
+        carried = self.trace_carrier() if inputs else None
         for wf, input_json in inputs:
             token = uuid.uuid4() if lease is not None else None
             rid, created = await self.store.insert_run(
@@ -327,6 +331,8 @@ class EventBus:
             )
             if created:
                 started.append(rid)
+                if carried:
+                    await self.store.run_trace_put(rid, json.dumps(carried), conn=conn)
                 if token is not None:
                     pushes.append((rid, token))
         if started:

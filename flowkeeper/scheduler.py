@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from . import health
 from .alerts import AlertSender
 from .db import Database, describe
 from .dispatch import Delivery, Dispatcher
@@ -104,6 +105,8 @@ class Scheduler:
         self.alerts = alerts
         #: Consecutive failed dispatches after which a tick stops claiming.
         self.breaker = breaker if breaker is not None else max(16, 2 * concurrency)
+        #: The driver kind its ticks are recorded as (flowkeeper.health).
+        self.driver = "python"
 
     async def tick(
         self,
@@ -184,9 +187,11 @@ class Scheduler:
         await self._prune()
         if claimed:
             logger.info("tick: claimed %d, dispatched %d, failed %d", claimed, dispatched, failed)
-        return TickResult(
+        result = TickResult(
             claimed=claimed, dispatched=dispatched, failed=failed, errors=dict(errors)
         )
+        await health.record_tick(self.store, self.driver, result)  # driver health
+        return result
 
     PRUNE_EVERY = 300.0
 
@@ -295,6 +300,7 @@ class SchedulerLoop:
             alerts=fk.alerts,
             event_retention=fk.event_retention,
         )
+        self.scheduler.driver = "loop"
         self.max_idle = max_idle
         self.poll_interval = poll_interval
         self.ticks = 0

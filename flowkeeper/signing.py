@@ -284,6 +284,11 @@ class RequestSigner:
         self._keys = normalize_keys(keys)
         self.max_age = max_age
 
+    @property
+    def keys(self) -> list[bytes]:
+        """The keys, the signing one first (flowkeeper doctor compares pg_cron's)."""
+        return list(self._keys)
+
     def sign(
         self, *, method: str, path: str, body: bytes, timestamp: int | None = None
     ) -> dict[str, str]:

@@ -1206,3 +1206,68 @@ class Store:
         )
         rid = str(row["id"]) if row["id"] is not None else None
         return rid, int(row["copied"])
+
+    # observability (sql/steplogs.sql, sql/health.sql) -----------------------------------------
+    async def step_logs_append(
+        self,
+        run_id: str,
+        rows: Sequence[tuple[str | None, int | None, int, str, str, datetime]],
+        run_bytes: int,
+    ) -> None:
+        """Append captured log lines (step key, attempt, level, logger, message, at)."""
+        if not rows:
+            return
+        cols = [list(c) for c in zip(*rows, strict=True)]
+        await self._call("execute", "step_logs_append", uuid.UUID(run_id), *cols, run_bytes)
+
+    async def step_logs_read(self, run_id: str, limit: int) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call(
+            "fetch", "step_logs_read", uuid.UUID(run_id), limit
+        )
+        return rows
+
+    async def step_logs_version(self, run_id: str) -> int:
+        return int(await self._call("fetchval", "step_logs_version", uuid.UUID(run_id)))
+
+    async def driver_ticked(
+        self, kind: str, place: str, claimed: int, failed: int, last_error: str | None
+    ) -> None:
+        await self._call("execute", "driver_ticked", kind, place, claimed, failed, last_error)
+
+    async def driver_list(self) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await self._call("fetch", "driver_list")
+        return rows
+
+    async def backlog(self, overdue_after: float) -> asyncpg.Record:
+        row: asyncpg.Record = await self._call("fetchrow", "backlog", float(overdue_after))
+        return row
+
+    async def runs_by_status(self) -> dict[str, int]:
+        rows = await self._call("fetch", "runs_by_status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    async def run_trace_put(
+        self, run_id: str, carrier: str, *, conn: asyncpg.Connection | None = None
+    ) -> None:
+        await self._call("execute", "run_trace_put", uuid.UUID(run_id), carrier, conn=conn)
+
+    async def run_trace_get(self, run_id: str) -> str | None:
+        value: str | None = await self._call("fetchval", "run_trace_get", uuid.UUID(run_id))
+        return value
+
+    async def driver_prune(self) -> None:
+        await self._call("execute", "driver_prune")
+
+    async def pgcron_last_tick(self) -> asyncpg.Record | None:
+        """pg_cron's last tick (from its settings row), or None when not installed or idle."""
+        if not await self._call("fetchval", "pgcron_installed"):
+            return None
+        row: asyncpg.Record | None = await self._call("fetchrow", "pgcron_last_tick")
+        return row
+
+    async def run_event_add(
+        self, run_id: str, kind: str, step_key: str | None, attempt: int | None, detail: str
+    ) -> None:
+        await self._call(
+            "execute", "run_event_add", uuid.UUID(run_id), kind, step_key, attempt, detail
+        )

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import dev, events, migrate, pgcron, runs, scheduler, tick
+from . import dev, doctor, events, migrate, pgcron, runs, scheduler, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [dev, migrate, tick, scheduler, pgcron, runs, events]
+COMMANDS = [dev, migrate, tick, scheduler, pgcron, runs, events, doctor]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,11 @@ from ..client import FlowKeeper
 from ..dashboard.timeline import Lane, Timeline, build
 from ..errors import ConfigurationError
 from ..eventops import WaitInfo, match_text
+from ..health import overdue_note
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
 from ..shortids import resolve_run_id
+from ..steplogs import LogLine
 from .common import add_connection_options, flowkeeper_for_actions, plural
 
 _COLOURS = {
@@ -66,6 +68,7 @@ def register(sub: Any) -> None:
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true", help="print the run as JSON")
     p.add_argument("--traceback", action="store_true", help="print full tracebacks")
+    p.add_argument("--logs", action="store_true", help="print the log lines the run's code emitted")
     add_connection_options(p)
     p.set_defaults(handler=run_show)
 
@@ -324,6 +327,7 @@ async def run_show(args: argparse.Namespace) -> int:
         parent = await fk.store.run_parent(info.id)
         children = await fk.store.run_children(info.id, _CHILDREN_SHOWN)
         total = await fk.store.count_children(info.id) if children else 0
+        logs = await fk.run_logs(info.id) if args.logs else None
     finally:
         await fk.aclose()
     if args.json:
@@ -332,10 +336,14 @@ async def run_show(args: argparse.Namespace) -> int:
         data = run_json(
             info, now, None, waits, parent=parent, children=children, children_total=total
         )
+        if logs is not None:
+            data["logs"] = [line.as_json() for line in logs]
         print(json.dumps(data, indent=2, default=str))
         return 0
     _print_run(info, now, full_tracebacks=args.traceback, waits=waits)
     _print_family(parent, children, total)
+    if logs is not None:
+        print("\n".join(log_lines(logs)))
     return 0
 
 
@@ -357,6 +365,28 @@ def _print_family(parent: tuple[str, str | None] | None, children: list[Any], to
     print(f"\nchildren  {total} ({summary}{shown})")
     rows = [[str(c["id"]), c["parent_step"] or "-", c["workflow"], c["status"]] for c in children]
     print(table(["CHILD RUN", "STARTED BY", "WORKFLOW", "STATUS"], rows, colour_col=3))
+
+
+def log_lines(logs: list[LogLine]) -> list[str]:
+    """The run's log lines, grouped under their step (and attempt)."""
+    if not logs:
+        return [
+            "\nlogs: none captured (records below the loggers' level are never created: "
+            "e.g. logging.basicConfig(level=logging.INFO))"
+        ]
+    out = ["\nlogs"]
+    where: tuple[str | None, int | None] | None = None
+    for line in logs:
+        if (line.step, line.attempt) != where:
+            where = (line.step, line.attempt)
+            if line.step is None:
+                out.append("  (workflow)")
+            else:
+                out.append(f"  {line.step} (attempt {line.attempt})")
+        text = line.message.replace("\n", "\n" + " " * 34)
+        at = line.at.strftime("%H:%M:%S.%f")[:-3]
+        out.append(f"    {at} {line.level:<8} {line.logger[:12]:<12} {text}")
+    return out
 
 
 def wait_rows(waits: list[WaitInfo]) -> list[list[str]]:
@@ -404,6 +434,9 @@ def _print_run(
         print(f"waiting   for {current[-1].describe()}{until}")
     elif info.due_at:
         print(f"next      {_when(info.due_at)}")
+        late = overdue_note(info.due_at, now, info.status.value)
+        if late is not None:
+            print(f"!         {late}")
         waiting = _deferred_by_unknown_workflow(info)
         if waiting is not None:
             print(f"deferred  {deploys.describe(waiting)}")

@@ -55,6 +55,7 @@ async def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         event_retention=fk.event_retention,
     )
+    scheduler.driver = "cli"
     endpoint = fk.dispatcher.endpoint
     try:
         if args.check:

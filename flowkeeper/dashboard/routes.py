@@ -346,7 +346,9 @@ class Dashboard:
         )
         page = await self.fk.list_runs(f)
         workflows = await self.fk.list_workflows()
-        return page_json(page, workflows, f.as_query())
+        data = page_json(page, workflows, f.as_query())
+        data["health"] = (await self.fk.health()).as_json()
+        return data
 
     async def _run_data(self, run_id: str) -> dict[str, Any]:
         info = await self.fk.get_run(run_id)
@@ -359,12 +361,20 @@ class Dashboard:
         return run_json(
             info,
             now,
-            await self.fk.run_version(run_id),
+            await self._version(run_id),
             waits,
+            await self.fk.run_logs(run_id),
             parent=await self.fk.store.run_parent(run_id),
             children=children,
             children_total=total,
         )
+
+    async def _version(self, run_id: str) -> str | None:
+        """The run's version, and its logs' (stored just after the step they belong to)."""
+        version = await self.fk.run_version(run_id)
+        if version is None:
+            return None
+        return f"{version}.{await self.fk.store.step_logs_version(run_id)}"
 
     async def api_runs(self, request: Request, session: Session) -> Response:
         return JSONResponse(await self._runs_data(request))
@@ -376,7 +386,7 @@ class Dashboard:
 
     async def api_run(self, request: Request, session: Session) -> Response:
         run_id = check_run_id(request.path_params["run_id"])
-        version = await self.fk.run_version(run_id)
+        version = await self._version(run_id)
         if version is None:
             raise RunNotFoundError(run_id)
         etag = f'"{version}"'

@@ -13,8 +13,10 @@ from typing import Any
 
 from ..eventlist import EventPage
 from ..eventops import EventInfo, WaitInfo
+from ..health import overdue_note
 from ..models import AttemptError, RunEvent, RunInfo, StepInfo
 from ..runlist import RunPage
+from ..steplogs import LogLine
 from .timeline import build
 
 #: How much of an event's data the events list shows.
@@ -75,12 +77,19 @@ def run_json(
     now: datetime,
     version: str | None,
     waits: Sequence[WaitInfo] = (),
+    logs: Sequence[LogLine] = (),
     *,
     parent: tuple[str, str | None] | None = None,
     children: Sequence[Any] = (),
     children_total: int = 0,
 ) -> dict[str, Any]:
-    """Everything the run page shows, timeline, waits and child runs included."""
+    """Everything the run page shows: timeline, waits, log lines and child runs."""
+    by_step: dict[str | None, list[dict[str, Any]]] = {}
+    for line in logs:
+        by_step.setdefault(line.step, []).append(line.as_json())
+    steps = [_step(s) for s in info.steps]
+    for step in steps:
+        step["logs"] = by_step.pop(step["key"], [])
     return {
         "id": info.id,
         "workflow": info.workflow,
@@ -97,7 +106,11 @@ def run_json(
         "invocations": info.invocations,
         "code_version": info.code_version,
         "version": version,
-        "steps": [_step(s) for s in info.steps],
+        "steps": steps,
+        # Lines of the workflow function itself, and of steps not recorded (yet).
+        "workflow_logs": by_step.pop(None, []),
+        "other_logs": [line for lines in by_step.values() for line in lines],
+        "overdue": overdue_note(info.due_at, now, info.status.value),
         "events": [_event(e) for e in info.events],
         "waits": [w.as_json() for w in waits],
         "timeline": build(info, now, waits).as_json(),

@@ -52,6 +52,8 @@ QUERY_FILES = (
     "transactions.sql",
     "patches.sql",
     "fork.sql",
+    "steplogs.sql",
+    "health.sql",
 )
 
 

@@ -133,7 +133,9 @@ class LambdaHandler:
             return self._advance(event, context, started)
         finally:
             if not self.keep_connections:
-                self._run(self.fk.aclose())
+                self._run(self.fk.aclose())  # exports finished spans too
+            else:  # the process freezes after return: spans still buffered would be lost
+                self._run(self.fk.flush_telemetry())
 
     def close(self) -> None:
         """Release everything and close the event loop (tests, local runs; not Lambda)."""

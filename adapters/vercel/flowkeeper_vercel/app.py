@@ -133,6 +133,8 @@ class VercelApp:
             await self.app(scope, receive, send)
         finally:
             self._in_flight -= 1
+            # The function may freeze once it answers: export the spans of this request.
+            await self.fk.flush_telemetry()
             if self._in_flight == 0 and self.release_idle_connections:
                 # No await between the check and the pool swap inside close():
                 # a request arriving meanwhile makes a fresh pool.

@@ -168,7 +168,9 @@
     const pager = el("nav", { class: "pager", id: "pager" });
     const problem = el("p", { class: "error", id: "list-error" });
     const patches = el("div", { class: "card", id: "patches", hidden: true });
-    app.replaceChildren(header, problem, counts, filters, bulk,
+    // Driver health (flowkeeper.health): nothing ticking, runs overdue.
+    const banner = el("section", { class: "card banner-warn", id: "health-banner", hidden: "" });
+    app.replaceChildren(header, banner, problem, counts, filters, bulk,
       el("div", { class: "card flush" }, table), pager, patches);
     loadPatches();
 
@@ -200,6 +202,9 @@
         el("span", { class: "muted", text: `${data.total ?? 0} in range` }));
       problem.textContent = data.error || "";
       problem.hidden = !data.error;
+      const problems = data.health?.problems || [];
+      banner.hidden = !problems.length;
+      banner.replaceChildren(...problems.map((p) => el("p", { text: p })));
       renderCounts();
       renderBulk();
       renderTable();
@@ -362,6 +367,8 @@
       renderChildren();
       renderIO();
       renderHistory();
+      const outside = [...(run.workflow_logs || []), ...(run.other_logs || [])];
+      if (outside.length) historyCard.append(logBlock(`Logs outside steps (${outside.length})`, outside));
     }
 
     // Child runs (ctx.invoke / ctx.start_child): each row links to the child's own page.
@@ -448,6 +455,11 @@
     }
 
     function renderError() {
+      if (run.overdue) {
+        errorBox.className = "card banner-warn";
+        errorBox.replaceChildren(el("p", { id: "run-overdue", text: run.overdue }));
+        return;
+      }
       if (!run.error) { errorBox.replaceChildren(); errorBox.className = ""; return; }
       // A retrying run keeps its last attempt's error: it has not failed (yet).
       const retrying = run.status === "retrying";
@@ -542,7 +554,16 @@
           a.retry_at ? el("span", { class: "dim", text: ` → retry at ${stamp(a.retry_at)}` }) : null,
           a.traceback ? el("details", {}, el("summary", { text: "traceback" }), el("pre", { class: "tb", text: a.traceback })) : null))));
       }
+      if (step.logs && step.logs.length) parts.push(logBlock(`Logs (${step.logs.length})`, step.logs));
       return el("div", { class: "step-detail" }, parts);
+    }
+
+    // The log lines a step (or the workflow function) emitted, with their attempt (flowkeeper.steplogs).
+    function logBlock(title, lines) {
+      return el("div", { class: "logs" }, el("h3", { text: title }),
+        el("pre", { class: "log-lines" }, lines.map((l) => el("div", { class: `log log-${l.level.toLowerCase()}` },
+          el("span", { class: "dim", text: `${stamp(l.at)} ${l.attempt ? "#" + l.attempt + " " : ""}` }),
+          el("b", { text: `${l.level} ` }), el("span", { class: "dim", text: `${l.logger} ` }), l.message))));
     }
 
     function waitDetail(step) {
