@@ -47,6 +47,7 @@ from .errors import (
 from .eventlist import EventFilter, EventPage
 from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
+from .flowcontrol import Concurrency
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
@@ -57,6 +58,7 @@ __all__ = [
     "AttemptError",
     "AttemptLostError",
     "CancelOn",
+    "Concurrency",
     "ConfigurationError",
     "Context",
     "DatabaseError",

@@ -28,6 +28,7 @@ from .errors import (
 from .eventops import EventOperations
 from .events import CancelOn, EventBus
 from .executor import StepExecutor
+from .flowcontrol import Concurrency, check_priority
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
@@ -252,13 +253,17 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         on_failure: FailureHook | None = None,
         on_event: str | None = None,
         cancel_on: Sequence[CancelOn] = (),
+        concurrency: Concurrency | Sequence[Concurrency] | None = None,
+        priority: int = 0,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
         ``on_failure`` is called with a :class:`FailureAlert` when a run fails
         for good; ``on_event="user.signup"`` starts a run per such event;
         ``cancel_on=[CancelOn(...)]`` cancels live runs when a matching event
-        arrives (see :func:`define_workflow`).
+        arrives; ``concurrency=Concurrency(limit=5, key=...)`` caps the runs
+        executing at once per key; ``priority`` is its runs' default priority
+        (see :func:`define_workflow` and :mod:`flowkeeper.flowcontrol`).
         """
 
         def decorator(fn: F) -> F:
@@ -270,6 +275,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     on_failure=on_failure,
                     on_event=on_event,
                     cancel_on=cancel_on,
+                    concurrency=concurrency,
+                    priority=priority,
                 )
             )
             return fn
@@ -296,6 +303,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         *,
         idempotency_key: str | None = None,
         connection: asyncpg.Connection | None = None,
+        priority: int | None = None,
     ) -> RunHandle:
         """Start a run of ``workflow`` with ``input``; return its handle once it is stored.
 
@@ -307,14 +315,20 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         the first run (``handle.created`` is False).  With ``connection=`` (an
         asyncpg connection) the run is inserted in that connection's
         transaction and exists only if it commits; it is pushed once the
-        transaction ends.
+        transaction ends.  ``priority`` (0..1000, the workflow's default when
+        omitted) gives the run that many minutes of head start in the due
+        order (see :mod:`flowkeeper.flowcontrol`).
         """
         wf = self._workflow(workflow)
         input_json = wf.dump_input(input)
         idempotency_key = check_idempotency_key(idempotency_key, wf.name)
+        prio = wf.priority if priority is None else check_priority(priority, "trigger()")
+        flow = wf.flow(input_json)  # a concurrency key function that fails creates nothing
         run_id = new_run_id()
         if (
-            connection is None
+            flow.keys is None
+            and prio == 0
+            and connection is None
             and self.dispatcher is not None
             and self.dispatcher.supports_create
             and len(input_json) <= self.max_body_bytes - 1024
@@ -359,6 +373,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             lease_token=token,
             lease=self.dispatch_lease if push_now else timedelta(0),
             conn=connection,
+            flow_keys=flow.keys,
+            flow_limits=flow.limits,
+            priority=prio,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:

@@ -525,6 +525,7 @@ def _refused(claim: ClaimRefused) -> JSONResponse:
         "finished": f"The run has already finished ({claim.status}).",
         "leased": "Another invocation holds the run right now.",
         "not_due": "The run is not due yet.",
+        "blocked": "The run waits for a concurrency slot; it starts when one frees.",
     }
     return JSONResponse(
         {

@@ -105,7 +105,7 @@ class ClaimRefused:
     """Why an invocation could not take a run."""
 
     run_id: str
-    reason: str  # "not_found" | "finished" | "leased" | "not_due"
+    reason: str  # "not_found" | "finished" | "leased" | "not_due" | "blocked"
     status: str | None
 
 
@@ -226,6 +226,8 @@ class Engine:
         status = state["status"]
         if status in ("completed", "failed", "cancelled"):
             return ClaimRefused(run_id, "finished", status)
+        if state["blocked_key"] is not None:  # over a concurrency limit (flowcontrol)
+            return ClaimRefused(run_id, "blocked", status)
         return ClaimRefused(run_id, "leased" if state["leased"] else "not_due", status)
 
     async def create(

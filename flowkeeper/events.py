@@ -265,6 +265,8 @@ class EventBus:
             )
         listeners = self.listeners(name)
         inputs = [(wf, wf.dump_input(data)) for wf in listeners]  # refused before anything
+        for wf, text in inputs:  # a concurrency key function that fails refuses the event
+            wf.flow(text)
         push = self.push is not None and connection is None
         lease = self.push_lease if self.push is not None else None
         if connection is not None:
@@ -314,6 +316,7 @@ class EventBus:
                 cancelled.append(rid)
         started: list[str] = []
         for wf, input_json in inputs:
+            flow = wf.flow(input_json)  # checked above, before anything was written
             token = uuid.uuid4() if lease is not None else None
             rid, created = await self.store.insert_run(
                 run_id=new_run_id(),
@@ -323,6 +326,9 @@ class EventBus:
                 lease_token=token,
                 lease=lease or timedelta(0),
                 conn=conn,
+                flow_keys=flow.keys,
+                flow_limits=flow.limits,
+                priority=wf.priority,
             )
             if created:
                 started.append(rid)

@@ -267,8 +267,14 @@ class Store:
         lease_token: uuid.UUID | None,
         lease: timedelta,
         conn: asyncpg.Connection | None = None,
+        flow_keys: list[str] | None = None,
+        flow_limits: list[int] | None = None,
+        priority: int = 0,
     ) -> tuple[str, bool]:
-        """Insert a run; on an idempotency-key hit return the existing id."""
+        """Insert a run; on an idempotency-key hit return the existing id.
+
+        ``flow_keys``/``flow_limits``: its concurrency keys (flowkeeper.flowcontrol).
+        """
         if conn is not None and not self._ready:
             await self.ensure_schema()
         row = await self._call(
@@ -280,6 +286,9 @@ class Store:
             idempotency_key,
             lease_token,
             lease,
+            flow_keys,
+            flow_limits,
+            priority,
             conn=conn,
         )
         if row is not None:

@@ -19,6 +19,14 @@ from .errors import (
     WorkflowError,
 )
 from .events import CancelOn, check_event_name
+from .flowcontrol import (
+    NO_KEYS,
+    Concurrency,
+    FlowKeys,
+    check_concurrency,
+    check_priority,
+    flow_keys,
+)
 from .names import name_problem, shown
 from .retry import RetryPolicy
 
@@ -50,12 +58,16 @@ class Workflow:
     on_failure: FailureHook | None = None
     on_event: str | None = None  # start a run per event of this name (its data the input)
     cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
+    concurrency: Sequence[Concurrency] = ()  # flow control (flowkeeper.flowcontrol)
+    priority: int = 0  # the default priority of its runs (minutes of head start)
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
+        self.concurrency = check_concurrency(self.name, self.concurrency)
+        self.priority = check_priority(self.priority, f"Workflow {self.name!r}")
         if not inspect.iscoroutinefunction(self.fn):
             raise WorkflowError(
                 f"Workflow {self.name!r}: {getattr(self.fn, '__qualname__', self.fn)!r} must be "
@@ -142,6 +154,12 @@ class Workflow:
             return None
         return serialization.loads(text, self.input_type, what=f"Input of workflow {self.name!r}")
 
+    def flow(self, input_json: str) -> FlowKeys:
+        """The concurrency keys of a run with this (stored) input; see flowcontrol."""
+        if not self.concurrency:
+            return NO_KEYS
+        return flow_keys(self.name, self.concurrency, self.load_input(input_json))
+
     # output --------------------------------------------------------------
     def dump_output(self, value: Any) -> str:
         return serialization.dumps(value, what=f"The return value of workflow {self.name!r}")
@@ -158,6 +176,8 @@ def define_workflow(
     on_failure: FailureHook | None = None,
     on_event: str | None = None,
     cancel_on: Sequence[CancelOn] = (),
+    concurrency: Concurrency | Sequence[Concurrency] | None = None,
+    priority: int = 0,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -169,7 +189,10 @@ def define_workflow(
     one run per event of that name, its data the input (the event's id is the
     idempotency key: a duplicate event never starts two runs).  ``cancel_on``
     cancels a live run when an event matching one of its :class:`CancelOn`
-    rules arrives.  Register the result with ``fk.register(wf)``.
+    rules arrives.  ``concurrency`` (one :class:`Concurrency` or several) caps
+    the runs executing at once per key; ``priority`` (0..1000) is its runs'
+    default priority (see :mod:`flowkeeper.flowcontrol`).  Register the result
+    with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
         raise WorkflowError(f"Workflow {name!r}: on_failure must be a function, got {on_failure!r}")
@@ -182,7 +205,14 @@ def define_workflow(
                 f"Workflow {name!r}: cancel_on takes CancelOn(event, match=...) rules, got {rule!r}"
             )
     return Workflow(
-        name=name, fn=fn, retry=retry, on_failure=on_failure, on_event=on_event, cancel_on=rules
+        name=name,
+        fn=fn,
+        retry=retry,
+        on_failure=on_failure,
+        on_event=on_event,
+        cancel_on=rules,
+        concurrency=check_concurrency(name, concurrency),
+        priority=priority,
     )
 
 

@@ -7,9 +7,16 @@
 -- Create a run.  With a positive $6 the run starts leased to the trigger's
 -- own push (token $5); with $6 = 0 it is due at once for the scheduler.  A
 -- conflict (the same run id already created by the endpoint, or the
--- idempotency key taken) inserts nothing: see run_by_id_or_key.
-INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at)
-VALUES ($1, $2, 'queued', $3::json, $4, $5, {schema}.clock_now() + $6::interval)
+-- idempotency key taken) inserts nothing: see run_by_id_or_key.  Flow
+-- control (migration 0009): $7 the concurrency keys, $8 their limits, $9 the
+-- priority, a head start of that many minutes in the due order.
+INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
+                           flow_keys, flow_limits, priority)
+VALUES ($1, $2, 'queued', $3::json, $4, $5,
+        {schema}.clock_now() + $6::interval
+            - CASE WHEN $6::interval > interval '0' THEN interval '0'
+                   ELSE make_interval(mins => $9::integer) END,
+        $7::text[], $8::integer[], $9::integer)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -35,7 +42,8 @@ LIMIT 1;
 -- name: release_push
 -- The trigger's push did not get through: make the run due now.
 UPDATE {schema}.runs
-SET lease_token = NULL, due_at = {schema}.clock_now(), updated_at = {schema}.clock_now()
+SET lease_token = NULL, due_at = {schema}.clock_now() - make_interval(mins => priority),
+    updated_at = {schema}.clock_now()
 WHERE id = $1 AND lease_token = $2;
 
 -- name: claim_run
@@ -45,7 +53,12 @@ WHERE id = $1 AND lease_token = $2;
 -- history in the same round trip.  A run still marked executing was held by
 -- an invocation that died inside a step: one more lost attempt (see
 -- migration 0005).  A finished run whose stopping invocation died is let go.
-WITH claimed AS (
+-- Flow control first (migration 0009): a run over a concurrency limit is
+-- parked by flow_gate and nothing is claimed.
+WITH gate AS (
+    SELECT coalesce(bool_and({schema}.flow_gate($1, $2)), true) AS ok
+    FROM {schema}.runs WHERE id = $1 AND flow_keys IS NOT NULL
+), claimed AS (
     UPDATE {schema}.runs
     SET status = 'running',
         lease_token = $3,
@@ -59,6 +72,7 @@ WITH claimed AS (
     WHERE id = $1
       AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
+      AND (SELECT ok FROM gate)
     RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
               lost_attempts, created_at
 ), stale AS (
@@ -85,7 +99,8 @@ FROM claimed c;
 SELECT status,
        (lease_token IS NOT NULL AND due_at > {schema}.clock_now()) AS leased,
        due_at,
-       workflow
+       workflow,
+       blocked_key
 FROM {schema}.runs WHERE id = $1;
 
 -- name: commit

@@ -26,6 +26,7 @@ def test_public_api_is_exactly_this() -> None:
         "EventPage",
         "WaitInfo",
         "CancelOn",
+        "Concurrency",
         "AttemptLostError",
         "ConfigurationError",
         "Context",

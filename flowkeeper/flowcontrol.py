@@ -1,0 +1,149 @@
+"""Flow control declared on a workflow: concurrency limits and priorities.
+
+The limits are enforced in the claim itself (``flow_gate`` in migration
+0009, asked by the ``claim_run`` query), so every driver obeys them alike:
+the tick CLI, ``/tick``, pg_cron, the scheduler loop and trigger's own push.
+What this module does is the Python half: check the declarations when the
+workflow is defined, and turn a run's input into the keys and limits stored
+on the run when it is triggered.
+
+Keys: ``Concurrency(limit=5, key=lambda inp: inp.customer_id)`` limits the
+runs of one workflow per key; ``scope="openai"`` shares one limit between
+every workflow that declares the same scope (then the key, when given,
+splits the scope further).  The stored key is ``wf:<workflow>:<key>`` or
+``scope:<scope>:<key>``.
+
+Priority: an integer from 0 to 1000, counted as minutes of head start in
+the due order.  A run triggered with priority ``p`` is claimed before every
+run that became due less than ``p`` minutes before it, and after those that
+have waited longer: nothing starves, a low-priority run waits at most the
+largest priority's minutes more than it would first-come first-served.
+Among runs parked on a full concurrency key, the higher priority gets the
+next slot, then trigger order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError, InvalidInputError
+from .names import name_problem, shown
+
+__all__ = ["Concurrency", "FlowKeys", "check_priority", "flow_keys"]
+
+MAX_PRIORITY = 1000
+_MAX_KEY = 200
+
+KeyFunction = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """At most ``limit`` runs executing at once, per ``key`` (and per ``scope``).
+
+    ``key`` is called with the run's validated input and must return a string
+    (``None`` for one limit over every run).  ``scope`` names a limit shared
+    by several workflows.  Sleeping and waiting runs hold no slot; a slot
+    held by an invocation that died is free once its lease expires.  A run
+    over its limit waits in ``queued`` and starts when a slot frees.
+    """
+
+    limit: int
+    key: KeyFunction | None = None
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1:
+            raise ConfigurationError(
+                f"Concurrency(limit=...) must be a whole number of at least 1, got {self.limit!r}"
+            )
+        if self.key is not None and not callable(self.key):
+            raise ConfigurationError(
+                "Concurrency(key=...) must be a function of the run's input returning a string, "
+                f"e.g. key=lambda order: order.customer_id; got {self.key!r}"
+            )
+        if self.scope is not None:
+            problem = name_problem(self.scope, _MAX_KEY) if isinstance(self.scope, str) else None
+            if not isinstance(self.scope, str) or problem is not None:
+                raise ConfigurationError(
+                    f"Concurrency(scope=...) must be a short printable name, got "
+                    f"{shown(self.scope) if isinstance(self.scope, str) else repr(self.scope)}"
+                    + (f" ({problem})" if problem else "")
+                )
+
+
+def check_concurrency(workflow: str, value: Any) -> tuple[Concurrency, ...]:
+    """``concurrency=`` as given to the decorator: one limit or a sequence of them."""
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, Concurrency) else value
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise ConfigurationError(
+            f"Workflow {workflow!r}: concurrency= takes Concurrency(...) or a list of them, "
+            f"got {value!r}"
+        )
+    limits = tuple(items)
+    for item in limits:
+        if not isinstance(item, Concurrency):
+            raise ConfigurationError(
+                f"Workflow {workflow!r}: concurrency= takes Concurrency(limit=..., key=...) "
+                f"items, got {item!r}"
+            )
+    return limits
+
+
+def check_priority(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PRIORITY:
+        raise ConfigurationError(
+            f"{where}: priority must be a whole number from 0 to {MAX_PRIORITY} (minutes of "
+            f"head start in the due order), got {value!r}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class FlowKeys:
+    """What a run stores for the claim to enforce: its keys and their limits."""
+
+    keys: list[str] | None
+    limits: list[int] | None
+
+
+NO_KEYS = FlowKeys(None, None)
+
+
+def flow_keys(workflow: str, limits: Sequence[Concurrency], value: Any) -> FlowKeys:
+    """The run's concurrency keys for input ``value``.
+
+    A key function that raises or returns something other than a string
+    fails the trigger with :class:`InvalidInputError` (nothing is created).
+    """
+    if not limits:
+        return NO_KEYS
+    keys: dict[str, int] = {}
+    for limit in limits:
+        part = ""
+        if limit.key is not None:
+            try:
+                got = limit.key(value)
+            except Exception as exc:
+                raise InvalidInputError(
+                    workflow,
+                    f"The concurrency key function raised {type(exc).__name__}: {exc}",
+                ) from exc
+            if not isinstance(got, str):
+                raise InvalidInputError(
+                    workflow,
+                    f"The concurrency key function must return a string, it returned {got!r}",
+                )
+            problem = name_problem(got, _MAX_KEY)
+            if problem is not None:
+                raise InvalidInputError(workflow, f"The concurrency key {shown(got)} {problem}.")
+            part = got
+        name = f"scope:{limit.scope}" if limit.scope is not None else f"wf:{workflow}"
+        key = f"{name}:{part}"
+        # The same key declared twice: the tighter limit wins.
+        keys[key] = min(keys.get(key, limit.limit), limit.limit)
+    return FlowKeys(list(keys), list(keys.values()))
