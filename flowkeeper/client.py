@@ -43,6 +43,7 @@ from .operations import RunOperations
 from .outbox import transaction_ended
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .scheduler import Scheduler
+from .schedules import Schedules
 from .serialization import json_or_none
 from .signing import KeyInput, RequestSigner, check_dashboard_password, check_signing_keys
 from .sql import validate_schema
@@ -219,6 +220,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self.engine.tokens = self.tokens
         self.stream_tokens = StreamTokens(keys)
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
+        #: Cron schedules: list, pause, resume, run_now (flowkeeper.schedules).
+        self.schedules = Schedules(self.store, self.registry)
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (
             dashboard_password
@@ -255,6 +258,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         cancel_on: Sequence[CancelOn] = (),
         concurrency: Concurrency | Sequence[Concurrency] | None = None,
         priority: int = 0,
+        cron: str | None = None,
+        timezone: str | None = None,
+        catch_up: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
@@ -263,7 +269,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         ``cancel_on=[CancelOn(...)]`` cancels live runs when a matching event
         arrives; ``concurrency=Concurrency(limit=5, key=...)`` caps the runs
         executing at once per key; ``priority`` is its runs' default priority
-        (see :func:`define_workflow` and :mod:`flowkeeper.flowcontrol`).
+        (see :mod:`flowkeeper.flowcontrol`); ``cron="0 9 * * MON-FRI"`` with
+        ``timezone="Europe/Berlin"`` starts one run per slot (see
+        :mod:`flowkeeper.schedules` and :func:`define_workflow`).
         """
 
         def decorator(fn: F) -> F:
@@ -277,6 +285,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     cancel_on=cancel_on,
                     concurrency=concurrency,
                     priority=priority,
+                    cron=cron,
+                    timezone=timezone,
+                    catch_up=catch_up,
                 )
             )
             return fn
@@ -470,7 +481,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 dispatch_lease=self.dispatch_lease,
                 alerts=self.alerts,
                 event_retention=self.event_retention,
+                schedules=self.schedules,
             )
+        await self.schedules.reconcile_once(authoritative=False)
         return await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
 
     # reading ---------------------------------------------------------------------

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from .client import FlowKeeper
+    from .schedules import Schedules
 
 logger = logging.getLogger("flowkeeper")
 
@@ -88,6 +89,7 @@ class Scheduler:
         breaker: int | None = None,
         alerts: AlertSender | None = None,
         event_retention: timedelta | None = timedelta(days=7),
+        schedules: Schedules | None = None,
     ) -> None:
         if batch_size < 1 or concurrency < 1:
             raise ConfigurationError("batch_size and concurrency must be at least 1")
@@ -96,6 +98,10 @@ class Scheduler:
         # at most every PRUNE_EVERY seconds per scheduler; None: never.
         self.event_retention = event_retention
         self._pruned_at = -math.inf
+        # Cron schedules fired by every tick (flowkeeper.schedules); the
+        # flow-control safety net swept now and then (flowkeeper.flowcontrol).
+        self.schedules = schedules
+        self._swept_at = -math.inf
         self.dispatcher = dispatcher
         self.dispatch_lease = dispatch_lease
         self.batch_size = batch_size
@@ -128,6 +134,7 @@ class Scheduler:
         errors: collections.Counter[str] = collections.Counter()
         claimed = dispatched = streak = 0
         more = True
+        await self._flow_upkeep()
         try:
             while True:
                 halted = (
@@ -188,6 +195,25 @@ class Scheduler:
         )
 
     PRUNE_EVERY = 300.0
+    SWEEP_EVERY = 60.0
+
+    async def _flow_upkeep(self) -> None:
+        """Fire due cron slots; now and then wake runs parked on keys with free slots."""
+        if self.schedules is not None:
+            try:
+                await self.schedules.fire_due()
+            except Exception as exc:
+                logger.warning("tick: firing cron schedules failed: %s", exc)
+        now = time.monotonic()
+        if now - self._swept_at >= self.SWEEP_EVERY:
+            self._swept_at = now
+            try:
+                woken = await self.store.flow_sweep()
+            except Exception as exc:
+                logger.warning("tick: the concurrency-slot sweep failed: %s", exc)
+            else:
+                if woken:
+                    logger.info("tick: woke %d parked run(s) whose key had a free slot", woken)
 
     async def _prune(self) -> None:
         """Delete a batch of events no live run can still match (never the tick's failure)."""
@@ -293,6 +319,7 @@ class SchedulerLoop:
             concurrency=concurrency,
             alerts=fk.alerts,
             event_retention=fk.event_retention,
+            schedules=fk.schedules,
         )
         self.max_idle = max_idle
         self.poll_interval = poll_interval

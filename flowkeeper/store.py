@@ -465,6 +465,10 @@ class Store:
         row = await self._call("fetchrow", "next_due")
         return row["due"], row["now"]
 
+    async def flow_sweep(self, max_keys: int = 200) -> int:
+        """Wake parked runs of keys with free slots (flowkeeper.flowcontrol's safety net)."""
+        return int(await self._call("fetchval", "flow_sweep", max_keys) or 0)
+
     # reading ------------------------------------------------------------------
     async def run_status(self, run_id: str) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_status", uuid.UUID(run_id))

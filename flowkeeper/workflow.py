@@ -6,6 +6,7 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pydantic
@@ -13,6 +14,7 @@ import pydantic_core
 
 from . import serialization
 from .errors import (
+    ConfigurationError,
     DuplicateWorkflowError,
     InvalidInputError,
     UnknownWorkflowError,
@@ -29,6 +31,7 @@ from .flowcontrol import (
 )
 from .names import name_problem, shown
 from .retry import RetryPolicy
+from .schedules import Schedule, check_schedule
 
 WorkflowFunction = Callable[..., Awaitable[Any]]
 #: Called with a :class:`flowkeeper.alerts.FailureAlert` when a run fails for good.
@@ -60,6 +63,7 @@ class Workflow:
     cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
     concurrency: Sequence[Concurrency] = ()  # flow control (flowkeeper.flowcontrol)
     priority: int = 0  # the default priority of its runs (minutes of head start)
+    schedule: Schedule | None = None  # cron (flowkeeper.schedules)
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
@@ -95,6 +99,14 @@ class Workflow:
         self.takes_input = len(positional) == 2
         self.input_type = hints.get(positional[1].name, Any) if self.takes_input else None
         self.output_type = hints.get("return")
+        if self.schedule is not None and self.takes_input:
+            try:  # a cron run's input is its slot time
+                self.dump_input(datetime.now(UTC))
+            except InvalidInputError:
+                raise ConfigurationError(
+                    f"Workflow {self.name!r} runs on a cron schedule: its input is the slot "
+                    "time, so annotate it as datetime (or take no input)."
+                ) from None
         for what, tp in (("input", self.input_type), ("return", self.output_type)):
             if tp is None:
                 continue
@@ -178,6 +190,9 @@ def define_workflow(
     cancel_on: Sequence[CancelOn] = (),
     concurrency: Concurrency | Sequence[Concurrency] | None = None,
     priority: int = 0,
+    cron: str | None = None,
+    timezone: str | None = None,
+    catch_up: str | None = None,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -191,8 +206,10 @@ def define_workflow(
     cancels a live run when an event matching one of its :class:`CancelOn`
     rules arrives.  ``concurrency`` (one :class:`Concurrency` or several) caps
     the runs executing at once per key; ``priority`` (0..1000) is its runs'
-    default priority (see :mod:`flowkeeper.flowcontrol`).  Register the result
-    with ``fk.register(wf)``.
+    default priority (see :mod:`flowkeeper.flowcontrol`).  ``cron`` (with
+    ``timezone``, UTC by default, and ``catch_up``: "latest", "all" or
+    "none") starts one run per slot, its input the slot time (see
+    :mod:`flowkeeper.schedules`).  Register the result with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
         raise WorkflowError(f"Workflow {name!r}: on_failure must be a function, got {on_failure!r}")
@@ -213,6 +230,7 @@ def define_workflow(
         cancel_on=rules,
         concurrency=check_concurrency(name, concurrency),
         priority=priority,
+        schedule=check_schedule(name, cron, timezone, catch_up),
     )
 
 

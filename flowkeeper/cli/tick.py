@@ -54,6 +54,7 @@ async def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         event_retention=fk.event_retention,
+        schedules=fk.schedules,
     )
     endpoint = fk.dispatcher.endpoint
     try:

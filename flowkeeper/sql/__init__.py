@@ -41,7 +41,14 @@ def _read(name: str) -> str:
 
 #: The named-query files, each a run of "-- name: <name>" blocks (pgcron.sql,
 #: installed as a whole by ``flowkeeper pgcron``, is loaded by flowkeeper.pgcron).
-QUERY_FILES = ("queries.sql", "deploys.sql", "events.sql", "streams.sql")
+QUERY_FILES = (
+    "queries.sql",
+    "deploys.sql",
+    "events.sql",
+    "streams.sql",
+    "schedules.sql",
+    "flowcontrol.sql",
+)
 
 
 def parse_queries(files: dict[str, str]) -> dict[str, str]:

@@ -485,8 +485,10 @@ WHERE r.id = c.id AND r.lease_token = c.token;
 -- name: next_due
 -- When the next run needs attention (NULL when no run is live) and the
 -- flowkeeper clock now, both as unix seconds.  min() over runs_due_idx reads
--- one index entry.
-SELECT extract(epoch FROM min(due_at))::float8 AS due,
-       extract(epoch FROM {schema}.clock_now())::float8 AS now
-FROM {schema}.runs
-WHERE due_at IS NOT NULL;
+-- one index entry; a cron schedule's next slot counts as due too (its tick
+-- creates the run), read from schedules_due_idx.
+SELECT extract(epoch FROM least(
+           (SELECT min(due_at) FROM {schema}.runs WHERE due_at IS NOT NULL),
+           (SELECT min(next_at) FROM {schema}.schedules
+            WHERE next_at IS NOT NULL AND NOT paused AND removed_at IS NULL)))::float8 AS due,
+       extract(epoch FROM {schema}.clock_now())::float8 AS now;
