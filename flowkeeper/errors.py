@@ -33,6 +33,7 @@ and what to do about it.
     ├── RunFailedError            fk.result() on a run that failed
     ├── RunCancelledError         fk.result() on a run that was cancelled
     ├── RunTimeoutError           fk.result() gave up waiting (also a TimeoutError)
+    ├── ScheduleNotFoundError     no cron schedule stored for that workflow
     ├── SignatureError            a request without a valid signature (HTTP 401)
     ├── InvalidRequestError       a malformed request to the endpoint or dashboard (HTTP 400)
     └── DispatchError             the endpoint could not be reached or refused an invocation
@@ -303,6 +304,10 @@ class RunCancelledError(FlowKeeperError):
 
 class RunTimeoutError(FlowKeeperError, TimeoutError):
     """fk.result() stopped waiting before the run finished.  The run goes on."""
+
+
+class ScheduleNotFoundError(FlowKeeperError, LookupError):
+    """No cron schedule is stored for that workflow (or it was removed from the code)."""
 
 
 class SignatureError(FlowKeeperError):

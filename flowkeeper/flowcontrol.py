@@ -24,12 +24,16 @@ next slot, then trigger order.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, InvalidInputError
 from .names import name_problem, shown
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["Concurrency", "FlowKeys", "check_priority", "flow_keys"]
 
@@ -147,3 +151,88 @@ def flow_keys(workflow: str, limits: Sequence[Concurrency], value: Any) -> FlowK
         # The same key declared twice: the tighter limit wins.
         keys[key] = min(keys.get(key, limit.limit), limit.limit)
     return FlowKeys(list(keys), list(keys.values()))
+
+
+# what the dashboard and `flowkeeper status` show ---------------------------------------------
+@dataclass(frozen=True)
+class TableUsage:
+    name: str
+    rows: int
+    estimated: bool  # the planner's estimate (a million rows or more), not a count
+    bytes: int
+
+
+@dataclass(frozen=True)
+class KeyUsage:
+    key: str
+    held: int
+    parked: int
+    limit: int | None
+
+
+@dataclass(frozen=True)
+class QueuedReason:
+    """Why a live run has not started yet, in words (``text``) and parts."""
+
+    text: str
+    blocked_key: str | None = None
+    key_limit: int | None = None
+    key_held: int | None = None
+    ahead: int | None = None
+    due_at: Any = None
+
+
+class FlowStatus:
+    """Read-only views of flow control and of the schema's size (sql/flowcontrol.sql)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def schema_usage(self) -> list[TableUsage]:
+        rows = await self.store._call("fetch", "schema_usage")
+        return [
+            TableUsage(r["name"], int(r["rows"]), r["estimated"], int(r["bytes"])) for r in rows
+        ]
+
+    async def key_usage(self, limit: int = 50) -> list[KeyUsage]:
+        rows = await self.store._call("fetch", "flow_usage", limit)
+        return [
+            KeyUsage(r["key"], r["held"], r["parked"], r["held_limit"] or r["parked_limit"])
+            for r in rows
+        ]
+
+    async def queued_reason(self, run_id: str) -> QueuedReason | None:
+        """None when the run is not waiting to start (or does not exist)."""
+        row = await self.store._call("fetchrow", "queued_reason", uuid.UUID(run_id))
+        if row is None or row["status"] != "queued":
+            return None
+        if row["blocked_key"] is not None:
+            return QueuedReason(
+                text=(
+                    f"waiting for a concurrency slot of {row['blocked_key']} "
+                    f"({row['key_held']} of {row['key_limit']} held, {row['ahead']} run(s) ahead; "
+                    f"priority {row['priority']})"
+                ),
+                blocked_key=row["blocked_key"],
+                key_limit=row["key_limit"],
+                key_held=row["key_held"],
+                ahead=row["ahead"],
+            )
+        due = row["due_at"]
+        if due is not None and due > row["now"]:
+            return QueuedReason(
+                text=f"not due until {due.isoformat(timespec='seconds')}", due_at=due
+            )
+        return QueuedReason(
+            text=f"due now, waiting for a driver to claim it (priority {row['priority']})",
+            due_at=due,
+        )
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover

@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .errors import ConfigurationError, FlowKeeperError
+from .errors import ConfigurationError, ScheduleNotFoundError
 from .ids import new_run_id
 
 if TYPE_CHECKING:
@@ -59,10 +59,6 @@ CATCH_UP = ("latest", "all", "none")
 ON_TIME = timedelta(minutes=5)
 #: With catch_up="all", at most this many missed slots fire at once.
 MAX_CATCH_UP = 1000
-
-
-class ScheduleNotFoundError(FlowKeeperError, LookupError):
-    """No schedule is stored for that workflow."""
 
 
 @dataclass(frozen=True)

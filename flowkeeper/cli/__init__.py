@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import events, migrate, pgcron, runs, scheduler, tick
+from . import events, migrate, pgcron, runs, scheduler, schedules, status, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [migrate, tick, scheduler, pgcron, runs, events]
+COMMANDS = [migrate, tick, scheduler, pgcron, runs, events, schedules, status]
 
 
 def build_parser() -> argparse.ArgumentParser:

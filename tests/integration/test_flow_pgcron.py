@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from datetime import UTC, datetime
 
 import asyncpg
 
 from flowkeeper import Concurrency, Context, define_workflow
 from flowkeeper.pgcron import PgCron
+from flowkeeper.testing import FakeClock
 
 from ..helpers import KEY, make_fk, serve, wait_for
 from .test_concurrency import Spans, max_overlap
@@ -55,3 +57,38 @@ async def test_pg_cron_ticks_respect_the_limit(database_url: str, conn: asyncpg.
     assert took >= 4 * 0.3  # four rounds of two
     parked = await conn.fetchval("SELECT count(*) FROM flowkeeper.events WHERE kind = 'blocked'")
     assert parked >= 6
+
+
+@needs_pg_cron
+@needs_plpython
+async def test_pg_cron_fires_a_cron_slot_through_the_endpoint_tick(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    seen: list[datetime] = []
+    fk = make_fk(database_url)
+
+    @fk.workflow("nightly", cron="0 3 * * *", timezone="Europe/Berlin")
+    async def nightly(ctx: Context, slot: datetime) -> None:
+        seen.append(slot)
+
+    await fk.store.ensure_schema()
+    clock = await FakeClock(conn).install()
+    await clock.travel_to(datetime(2026, 6, 1, 0, tzinfo=UTC))
+    installer = PgCron(database_url)
+    try:
+        await installer.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY, every="1m")  # type: ignore[union-attr]
+        async with serve(fk):
+            await fk.schedules.reconcile(authoritative=True)
+            await clock.travel_to(datetime(2026, 6, 1, 1, 0, 30, tzinfo=UTC))  # 03:00:30 CEST
+
+            async def ran() -> bool:
+                await conn.execute("CALL flowkeeper.pgcron_tick()")
+                return bool(seen)
+
+            await wait_for(ran, timeout=20, interval=0.2)
+    finally:
+        with contextlib.suppress(Exception):
+            await installer.uninstall()
+        await fk.aclose()
+    assert seen == [datetime(2026, 6, 1, 1, tzinfo=UTC)]
+    assert await conn.fetchval("SELECT count(*) FROM flowkeeper.runs") == 1

@@ -231,3 +231,29 @@ def test_a_cron_workflow_must_take_its_slot_time(fk: FlowKeeper) -> None:
         @fk.workflow("wrong", cron="0 9 * * *")
         async def wrong(ctx: Context, n: int) -> None:
             return None
+
+
+async def test_cli_schedules_and_status(fk: FlowKeeper, database_url: str) -> None:
+    from .test_scheduler import _cli
+
+    declare(fk, "digest", "0 9 * * *", "Europe/Berlin")
+    await fk.schedules.reconcile(authoritative=True)
+    env = {"DATABASE_URL": database_url}
+    listed = await asyncio.to_thread(_cli, "schedules", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "digest" in listed.stdout and "0 9 * * *" in listed.stdout and "active" in listed.stdout
+    paused = await asyncio.to_thread(_cli, "schedules", "pause", "digest", env=env)
+    assert paused.returncode == 0 and "paused" in paused.stdout
+    assert (await fk.schedules.list())[0].paused
+    resumed = await asyncio.to_thread(_cli, "schedules", "resume", "digest", env=env)
+    assert resumed.returncode == 0 and "next slot" in resumed.stdout
+    started = await asyncio.to_thread(_cli, "schedules", "run-now", "digest", env=env)
+    assert started.returncode == 0, started.stderr
+    run_id = started.stdout.split()[2]
+    assert (await fk.get_run(run_id)).workflow == "digest"
+    missing = await asyncio.to_thread(_cli, "schedules", "pause", "nope", env=env)
+    assert missing.returncode == 1 and "No schedule for workflow 'nope'" in missing.stderr
+    status = await asyncio.to_thread(_cli, "status", env=env)
+    assert status.returncode == 0, status.stderr
+    assert "on disk" in status.stdout
+    assert any(line.split()[:2] == ["runs", "1"] for line in status.stdout.splitlines())
