@@ -261,6 +261,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         cron: str | None = None,
         timezone: str | None = None,
         catch_up: str | None = None,
+        timeout: float | timedelta | None = None,
+        start_timeout: float | timedelta | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
@@ -271,7 +273,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         executing at once per key; ``priority`` is its runs' default priority
         (see :mod:`flowkeeper.flowcontrol`); ``cron="0 9 * * MON-FRI"`` with
         ``timezone="Europe/Berlin"`` starts one run per slot (see
-        :mod:`flowkeeper.schedules` and :func:`define_workflow`).
+        :mod:`flowkeeper.schedules`); ``timeout=timedelta(hours=1)`` and
+        ``start_timeout=...`` fail a run past that deadline with
+        :class:`RunTimeoutError` (see :func:`define_workflow`).
         """
 
         def decorator(fn: F) -> F:
@@ -288,6 +292,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     cron=cron,
                     timezone=timezone,
                     catch_up=catch_up,
+                    timeout=timeout,
+                    start_timeout=start_timeout,
                 )
             )
             return fn
@@ -337,7 +343,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         flow = wf.flow(input_json)  # a concurrency key function that fails creates nothing
         run_id = new_run_id()
         if (
-            flow.keys is None
+            not wf.flow_controlled
             and prio == 0
             and connection is None
             and self.dispatcher is not None
@@ -387,6 +393,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             flow_keys=flow.keys,
             flow_limits=flow.limits,
             priority=prio,
+            timeout=wf.timeout,
+            start_timeout=wf.start_timeout,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:

@@ -329,6 +329,8 @@ class EventBus:
                 flow_keys=flow.keys,
                 flow_limits=flow.limits,
                 priority=wf.priority,
+                timeout=wf.timeout,
+                start_timeout=wf.start_timeout,
             )
             if created:
                 started.append(rid)

@@ -24,9 +24,11 @@ next slot, then trigger order.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, InvalidInputError
@@ -35,7 +37,7 @@ from .names import name_problem, shown
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["Concurrency", "FlowKeys", "check_priority", "flow_keys"]
+__all__ = ["Concurrency", "FlowKeys", "check_priority", "check_timeout", "flow_keys"]
 
 MAX_PRIORITY = 1000
 _MAX_KEY = 200
@@ -105,6 +107,27 @@ def check_priority(value: Any, where: str) -> int:
             f"head start in the due order), got {value!r}"
         )
     return value
+
+
+def check_timeout(value: Any, where: str) -> timedelta | None:
+    """A run timeout: a positive timedelta or number of seconds (None: no timeout)."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        delta = value
+    elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        try:
+            delta = timedelta(seconds=value)
+        except OverflowError:
+            raise ConfigurationError(f"{where} is too long: {value!r} seconds") from None
+    else:
+        raise ConfigurationError(
+            f"{where} must be a timedelta or a number of seconds, e.g. timedelta(hours=1); "
+            f"got {value!r}"
+        )
+    if delta <= timedelta(0):
+        raise ConfigurationError(f"{where} must be positive, got {value!r}")
+    return delta
 
 
 @dataclass(frozen=True)

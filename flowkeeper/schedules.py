@@ -210,6 +210,8 @@ class Schedules:
                     flow.keys,
                     flow.limits,
                     wf.priority,
+                    wf.timeout,
+                    wf.start_timeout,
                     conn=conn,
                 )
             removed: list[str] = []
@@ -287,6 +289,8 @@ class Schedules:
                 flow_keys=row["flow_keys"],
                 flow_limits=row["flow_limits"],
                 priority=row["priority"],
+                timeout=row["timeout"],
+                start_timeout=row["start_timeout"],
             )
             if created:
                 runs.append(run_id)
@@ -362,5 +366,7 @@ class Schedules:
             flow_keys=row["flow_keys"],
             flow_limits=row["flow_limits"],
             priority=row["priority"],
+            timeout=row["timeout"],
+            start_timeout=row["start_timeout"],
         )
         return run_id

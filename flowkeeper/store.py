@@ -270,10 +270,13 @@ class Store:
         flow_keys: list[str] | None = None,
         flow_limits: list[int] | None = None,
         priority: int = 0,
+        timeout: timedelta | None = None,
+        start_timeout: timedelta | None = None,
     ) -> tuple[str, bool]:
         """Insert a run; on an idempotency-key hit return the existing id.
 
-        ``flow_keys``/``flow_limits``: its concurrency keys (flowkeeper.flowcontrol).
+        ``flow_keys``/``flow_limits``: its concurrency keys, ``priority``,
+        ``timeout``/``start_timeout`` (flowkeeper.flowcontrol).
         """
         if conn is not None and not self._ready:
             await self.ensure_schema()
@@ -289,6 +292,8 @@ class Store:
             flow_keys,
             flow_limits,
             priority,
+            timeout,
+            start_timeout,
             conn=conn,
         )
         if row is not None:

@@ -6,7 +6,7 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydantic
@@ -27,6 +27,7 @@ from .flowcontrol import (
     FlowKeys,
     check_concurrency,
     check_priority,
+    check_timeout,
     flow_keys,
 )
 from .names import name_problem, shown
@@ -64,6 +65,8 @@ class Workflow:
     concurrency: Sequence[Concurrency] = ()  # flow control (flowkeeper.flowcontrol)
     priority: int = 0  # the default priority of its runs (minutes of head start)
     schedule: Schedule | None = None  # cron (flowkeeper.schedules)
+    timeout: timedelta | None = None  # fail a run not finished this long after its trigger
+    start_timeout: timedelta | None = None  # ... or not started this long after it
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
@@ -72,6 +75,10 @@ class Workflow:
         validate_name(self.name)
         self.concurrency = check_concurrency(self.name, self.concurrency)
         self.priority = check_priority(self.priority, f"Workflow {self.name!r}")
+        self.timeout = check_timeout(self.timeout, f"Workflow {self.name!r}: timeout")
+        self.start_timeout = check_timeout(
+            self.start_timeout, f"Workflow {self.name!r}: start_timeout"
+        )
         if not inspect.iscoroutinefunction(self.fn):
             raise WorkflowError(
                 f"Workflow {self.name!r}: {getattr(self.fn, '__qualname__', self.fn)!r} must be "
@@ -166,6 +173,11 @@ class Workflow:
             return None
         return serialization.loads(text, self.input_type, what=f"Input of workflow {self.name!r}")
 
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether its runs carry anything the claim enforces (flowkeeper.flowcontrol)."""
+        return bool(self.concurrency or self.priority or self.timeout or self.start_timeout)
+
     def flow(self, input_json: str) -> FlowKeys:
         """The concurrency keys of a run with this (stored) input; see flowcontrol."""
         if not self.concurrency:
@@ -193,6 +205,8 @@ def define_workflow(
     cron: str | None = None,
     timezone: str | None = None,
     catch_up: str | None = None,
+    timeout: float | timedelta | None = None,
+    start_timeout: float | timedelta | None = None,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -209,7 +223,10 @@ def define_workflow(
     default priority (see :mod:`flowkeeper.flowcontrol`).  ``cron`` (with
     ``timezone``, UTC by default, and ``catch_up``: "latest", "all" or
     "none") starts one run per slot, its input the slot time (see
-    :mod:`flowkeeper.schedules`).  Register the result with ``fk.register(wf)``.
+    :mod:`flowkeeper.schedules`).  ``timeout`` fails a run (with a
+    :class:`RunTimeoutError` naming the deadline) that has not finished that
+    long after it was triggered, ``start_timeout`` one not started by then.
+    Register the result with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
         raise WorkflowError(f"Workflow {name!r}: on_failure must be a function, got {on_failure!r}")
@@ -231,6 +248,8 @@ def define_workflow(
         concurrency=check_concurrency(name, concurrency),
         priority=priority,
         schedule=check_schedule(name, cron, timezone, catch_up),
+        timeout=check_timeout(timeout, f"Workflow {name!r}: timeout"),
+        start_timeout=check_timeout(start_timeout, f"Workflow {name!r}: start_timeout"),
     )
 
 

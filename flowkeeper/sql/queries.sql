@@ -9,14 +9,16 @@
 -- conflict (the same run id already created by the endpoint, or the
 -- idempotency key taken) inserts nothing: see run_by_id_or_key.  Flow
 -- control (migration 0009): $7 the concurrency keys, $8 their limits, $9 the
--- priority, a head start of that many minutes in the due order.
+-- priority, a head start of that many minutes in the due order; $10 its
+-- timeout and $11 its start_timeout, from now (see runs_deadline_cap).
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
-                           flow_keys, flow_limits, priority)
+                           flow_keys, flow_limits, priority, deadline, start_deadline)
 VALUES ($1, $2, 'queued', $3::json, $4, $5,
         {schema}.clock_now() + $6::interval
             - CASE WHEN $6::interval > interval '0' THEN interval '0'
                    ELSE make_interval(mins => $9::integer) END,
-        $7::text[], $8::integer[], $9::integer)
+        $7::text[], $8::integer[], $9::integer,
+        {schema}.clock_now() + $10::interval, {schema}.clock_now() + $11::interval)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -54,10 +56,12 @@ WHERE id = $1 AND lease_token = $2;
 -- an invocation that died inside a step: one more lost attempt (see
 -- migration 0005).  A finished run whose stopping invocation died is let go.
 -- Flow control first (migration 0009): a run over a concurrency limit is
--- parked by flow_gate and nothing is claimed.
+-- parked by flow_gate, a run past a deadline is failed, and nothing is claimed.
 WITH gate AS (
     SELECT coalesce(bool_and({schema}.flow_gate($1, $2)), true) AS ok
-    FROM {schema}.runs WHERE id = $1 AND flow_keys IS NOT NULL
+    FROM {schema}.runs
+    WHERE id = $1
+      AND (flow_keys IS NOT NULL OR deadline IS NOT NULL OR start_deadline IS NOT NULL)
 ), claimed AS (
     UPDATE {schema}.runs
     SET status = 'running',
@@ -107,7 +111,8 @@ FROM {schema}.runs WHERE id = $1;
 -- The one write an invocation makes under its lease: new run state, the
 -- step records it has not written yet ($11-$23, one array per column), and
 -- events ($24-$27).  Refused (no row) when the lease token is no longer
--- current or the run was cancelled meanwhile (fencing).  Due time: unchanged
+-- current, the run was cancelled meanwhile (fencing) or its run timeout has
+-- passed (flowkeeper.flowcontrol).  Due time: unchanged
 -- when $28 (a mid-run flush: no indexed column changes, so the update can be
 -- HOT and the lease is kept alive by the heartbeat; the invocation goes on
 -- executing), else $6 (absolute), else now + $5, else none (finished).  Lost
@@ -132,6 +137,8 @@ WITH r AS (
         updated_at = {schema}.clock_now()
     WHERE id = $1 AND lease_token = $2
       AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
+      -- Past its run timeout nothing more is recorded: the next claim fails it.
+      AND NOT coalesce(deadline <= {schema}.clock_now(), false)
     RETURNING id, due_at
 ), s AS (
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
@@ -159,6 +166,7 @@ SELECT id, due_at FROM r;
 UPDATE {schema}.runs
 SET due_at = {schema}.clock_now() + $3::interval
 WHERE id = $1 AND lease_token = $2
+  AND NOT coalesce(deadline <= {schema}.clock_now(), false)  -- timed out: the step stops
 RETURNING status;
 
 -- name: release_stopped

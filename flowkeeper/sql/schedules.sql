@@ -5,8 +5,8 @@
 -- unchanged definition keeps its next_at (a deploy never skips or repeats a
 -- slot); a changed or revived one starts from $6, the next slot from now.
 INSERT INTO {schema}.schedules AS s (workflow, cron, timezone, catch_up, takes_input, next_at,
-                                     flow_keys, flow_limits, priority)
-VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::integer[], $9)
+                                     flow_keys, flow_limits, priority, timeout, start_timeout)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text[], $8::integer[], $9, $10::interval, $11::interval)
 ON CONFLICT (workflow) DO UPDATE
 SET next_at = CASE WHEN s.cron = excluded.cron AND s.timezone = excluded.timezone
                         AND s.removed_at IS NULL AND s.next_at IS NOT NULL
@@ -14,12 +14,14 @@ SET next_at = CASE WHEN s.cron = excluded.cron AND s.timezone = excluded.timezon
     cron = excluded.cron, timezone = excluded.timezone, catch_up = excluded.catch_up,
     takes_input = excluded.takes_input, flow_keys = excluded.flow_keys,
     flow_limits = excluded.flow_limits, priority = excluded.priority, removed_at = NULL,
+    timeout = excluded.timeout, start_timeout = excluded.start_timeout,
     updated_at = {schema}.clock_now()
 WHERE (s.cron, s.timezone, s.catch_up, s.takes_input, s.priority, s.removed_at IS NULL)
       IS DISTINCT FROM (excluded.cron, excluded.timezone, excluded.catch_up,
                         excluded.takes_input, excluded.priority, true)
    OR s.flow_keys IS DISTINCT FROM excluded.flow_keys
-   OR s.flow_limits IS DISTINCT FROM excluded.flow_limits;
+   OR s.flow_limits IS DISTINCT FROM excluded.flow_limits
+   OR (s.timeout, s.start_timeout) IS DISTINCT FROM (excluded.timeout, excluded.start_timeout);
 
 -- name: schedule_remove_others
 -- Schedules no longer declared by the serving app stop (kept, for the record).
@@ -32,7 +34,7 @@ RETURNING workflow;
 -- The schedules with a slot due, locked for this transaction (SKIP LOCKED:
 -- another tick firing them meanwhile is left alone).
 SELECT workflow, cron, timezone, catch_up, takes_input, flow_keys, flow_limits, priority,
-       next_at, {schema}.clock_now() AS now
+       timeout, start_timeout, next_at, {schema}.clock_now() AS now
 FROM {schema}.schedules
 WHERE next_at <= {schema}.clock_now() AND NOT paused AND removed_at IS NULL
 ORDER BY next_at
@@ -56,7 +58,7 @@ ORDER BY s.removed_at IS NOT NULL, s.workflow;
 
 -- name: schedule_get
 SELECT workflow, cron, timezone, catch_up, takes_input, flow_keys, flow_limits, priority,
-       paused, removed_at, next_at, {schema}.clock_now() AS now
+       timeout, start_timeout, paused, removed_at, next_at, {schema}.clock_now() AS now
 FROM {schema}.schedules WHERE workflow = $1;
 
 -- name: schedule_pause

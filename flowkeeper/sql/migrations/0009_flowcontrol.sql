@@ -24,7 +24,11 @@ ALTER TABLE {schema}.runs
     ADD COLUMN flow_limits integer[],
     ADD COLUMN blocked_key text,
     -- A head start in the due order, in minutes (0..1000): see flowkeeper.flowcontrol.
-    ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 1000);
+    ADD COLUMN priority integer NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 1000),
+    -- Run timeouts: fail the run (RunTimeoutError) when it has not finished by
+    -- deadline, or not started by start_deadline.  See runs_deadline_cap.
+    ADD COLUMN deadline timestamptz,
+    ADD COLUMN start_deadline timestamptz;
 
 -- Parked runs of a key, in the order they get a slot.  Partial: only parked runs.
 CREATE INDEX runs_blocked_idx ON {schema}.runs (blocked_key, priority DESC, id)
@@ -104,15 +108,50 @@ DECLARE
     r record;
     i integer;
     full_key text;
+    which text;
 BEGIN
-    SELECT id, status, lease_token, due_at, flow_keys, flow_limits, executing INTO r
+    SELECT id, status, lease_token, due_at, flow_keys, flow_limits, executing, started_at,
+           deadline, start_deadline INTO r
     FROM {schema}.runs WHERE id = p_run FOR UPDATE;
-    IF r.id IS NULL OR r.flow_keys IS NULL THEN
+    IF r.id IS NULL THEN
         RETURN true;
     END IF;
     IF r.status NOT IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
        OR NOT ((r.lease_token = p_token) IS TRUE OR r.due_at <= {schema}.clock_now()) THEN
         RETURN true;  -- claim_run refuses it by itself
+    END IF;
+    -- A deadline passed: the run fails, whatever it was doing.  An invocation
+    -- still executing a step loses its lease here, so its result is refused.
+    IF r.deadline <= {schema}.clock_now()
+       OR (r.started_at IS NULL AND r.start_deadline <= {schema}.clock_now()) THEN
+        which := CASE WHEN r.started_at IS NULL AND r.start_deadline <= {schema}.clock_now()
+                      THEN 'start_timeout' ELSE 'timeout' END;
+        UPDATE {schema}.runs
+        SET status = 'failed', lease_token = NULL, due_at = NULL, executing = false,
+            lost_attempts = 0, finished_at = {schema}.clock_now(),
+            updated_at = {schema}.clock_now(),
+            error = jsonb_build_object(
+                'type', 'flowkeeper.errors.RunTimeoutError',
+                'message', CASE WHEN which = 'start_timeout'
+                    THEN 'The run did not start within its start_timeout (deadline '
+                         || to_char(r.start_deadline AT TIME ZONE 'UTC',
+                                    'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                         || '); it was failed without running.'
+                    ELSE 'The run did not finish within its timeout (deadline '
+                         || to_char(r.deadline AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+                         || '); it was failed, and the result of a step still executing '
+                         || 'then is discarded.' END,
+                'deadline', which,
+                'traceback', NULL)
+        WHERE id = p_run;
+        INSERT INTO {schema}.events (run_id, kind, detail)
+        VALUES (p_run, 'timed_out', jsonb_build_object(
+            'deadline', which,
+            'at', CASE WHEN which = 'start_timeout' THEN r.start_deadline ELSE r.deadline END));
+        RETURN false;
+    END IF;
+    IF r.flow_keys IS NULL THEN
+        RETURN true;
     END IF;
     PERFORM {schema}.flow_lock(r.flow_keys);
     FOR i IN 1 .. array_length(r.flow_keys, 1) LOOP
@@ -204,3 +243,29 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- A run with a deadline is due at that deadline at the latest, whatever it is
+-- doing (a lease, a sleep, a wait, parked on a key): a claim then fails it
+-- (flow_gate), so no driver has to look for timed-out runs.
+CREATE FUNCTION {schema}.flow_deadline_cap() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    cap timestamptz;
+BEGIN
+    IF NEW.status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting') THEN
+        cap := least(NEW.deadline,
+                     CASE WHEN NEW.started_at IS NULL THEN NEW.start_deadline END);
+        IF cap IS NOT NULL AND (NEW.due_at IS NULL OR NEW.due_at > cap) THEN
+            NEW.due_at := cap;
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER runs_deadline_cap
+    BEFORE INSERT OR UPDATE ON {schema}.runs
+    FOR EACH ROW
+    WHEN (NEW.deadline IS NOT NULL OR NEW.start_deadline IS NOT NULL)
+    EXECUTE FUNCTION {schema}.flow_deadline_cap();

@@ -16,6 +16,8 @@ CREATE TABLE {schema}.schedules (
     flow_keys   text[],
     flow_limits integer[],
     priority    integer NOT NULL DEFAULT 0,
+    timeout       interval,
+    start_timeout interval,
     paused      boolean NOT NULL DEFAULT false,
     removed_at  timestamptz,
     next_at     timestamptz,
