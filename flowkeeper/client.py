@@ -41,6 +41,7 @@ from .models import (
 )
 from .operations import RunOperations
 from .outbox import transaction_ended
+from .retention import Pruner, Retention, check_retention
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .scheduler import Scheduler
 from .schedules import Schedules
@@ -156,6 +157,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         max_step_threads: int = 32,
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
+        retention: Retention | None = None,
         allow_weak_secrets: bool = False,
     ) -> None:
         url = (
@@ -222,6 +224,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
         #: Cron schedules: list, pause, resume, run_now (flowkeeper.schedules).
         self.schedules = Schedules(self.store, self.registry)
+        #: Retention of finished runs, pruned by every tick (flowkeeper.retention).
+        self.retention = check_retention(retention, "FlowKeeper")
+        self.pruner = Pruner(self.store, self.registry, self.retention)
+        self._deployed = False
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (
             dashboard_password
@@ -263,6 +269,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         catch_up: str | None = None,
         timeout: float | timedelta | None = None,
         start_timeout: float | timedelta | None = None,
+        retention: Retention | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
@@ -294,6 +301,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     catch_up=catch_up,
                     timeout=timeout,
                     start_timeout=start_timeout,
+                    retention=retention,
                 )
             )
             return fn
@@ -490,9 +498,41 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                 alerts=self.alerts,
                 event_retention=self.event_retention,
                 schedules=self.schedules,
+                pruner=self.pruner,
             )
-        await self.schedules.reconcile_once(authoritative=False)
+        await self.reconcile_once(authoritative=False)
         return await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
+
+    # deploy -----------------------------------------------------------------------
+    async def reconcile(self, *, authoritative: bool = True) -> None:
+        """Write this process's cron schedules and retention policies into the database.
+
+        The serving app (``authoritative``) does it on its first request, and
+        stops what it no longer declares; ``fk.tick()`` only adds its own.
+        """
+        async with self.store.db.acquire() as conn, conn.transaction():
+            removed = await self.schedules.reconcile(conn, authoritative=authoritative)
+            await self.pruner.reconcile(conn, authoritative=authoritative)
+        for name in removed:
+            logger.info("schedule of workflow %r removed: no longer declared in code", name)
+        self._deployed = True
+
+    async def reconcile_once(self, *, authoritative: bool) -> None:
+        """:meth:`reconcile` the first time only; errors are logged, never raised."""
+        if self._deployed:
+            return
+        if (
+            not authoritative
+            and self.retention is None
+            and not any(wf.schedule is not None or wf.retention is not None for wf in self.registry)
+        ):
+            self._deployed = True
+            return
+        try:
+            await self.store.ensure_schema()
+            await self.reconcile(authoritative=authoritative)
+        except Exception:
+            logger.exception("could not write the schedules and retention policies; retried")
 
     # reading ---------------------------------------------------------------------
     async def get_run(self, run_id: str) -> RunInfo:

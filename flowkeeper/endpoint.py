@@ -318,7 +318,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
         except InvalidRequestError as exc:
             return refuse(request, 400, "invalid_body", str(exc))
         # The serving app is where schedules are declared: write them once.
-        await self.fk.schedules.reconcile_once(authoritative=True)
+        await self.fk.reconcile_once(authoritative=True)
         try:
             if create is not None:
                 claim = await self.fk.engine.create(run_id, *create)
@@ -409,7 +409,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
         refusal = self._authorize_tick(request, body)
         if refusal is not None:
             return refusal
-        await self.fk.schedules.reconcile_once(authoritative=True)
+        await self.fk.reconcile_once(authoritative=True)
         # On a host with a deadline, stop claiming early enough for the
         # dispatches in flight (each at most the ack timeout) to finish.
         budget = self._budget(request.scope)

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import asyncpg
 
     from .client import FlowKeeper
+    from .retention import Pruner
     from .schedules import Schedules
 
 logger = logging.getLogger("flowkeeper")
@@ -90,6 +91,7 @@ class Scheduler:
         alerts: AlertSender | None = None,
         event_retention: timedelta | None = timedelta(days=7),
         schedules: Schedules | None = None,
+        pruner: Pruner | None = None,
     ) -> None:
         if batch_size < 1 or concurrency < 1:
             raise ConfigurationError("batch_size and concurrency must be at least 1")
@@ -101,6 +103,7 @@ class Scheduler:
         # Cron schedules fired by every tick (flowkeeper.schedules); the
         # flow-control safety net swept now and then (flowkeeper.flowcontrol).
         self.schedules = schedules
+        self.pruner = pruner  # retention: a small batch of old finished runs per tick
         self._swept_at = -math.inf
         self.dispatcher = dispatcher
         self.dispatch_lease = dispatch_lease
@@ -188,6 +191,7 @@ class Scheduler:
         if self.alerts is not None:  # failure alerts left undelivered (flowkeeper.alerts)
             await self.alerts.deliver_due()
         await self._prune()
+        await self._retain()
         if claimed:
             logger.info("tick: claimed %d, dispatched %d, failed %d", claimed, dispatched, failed)
         return TickResult(
@@ -196,6 +200,18 @@ class Scheduler:
 
     PRUNE_EVERY = 300.0
     SWEEP_EVERY = 60.0
+
+    async def _retain(self) -> None:
+        """Delete a small batch of finished runs past their retention (never the tick's failure)."""
+        if self.pruner is None:
+            return
+        try:
+            deleted = await self.pruner.prune()
+        except Exception as exc:
+            logger.warning("tick: pruning finished runs failed: %s", exc)
+            return
+        if deleted:
+            logger.info("tick: deleted %d finished run(s) past their retention", deleted)
 
     async def _flow_upkeep(self) -> None:
         """Fire due cron slots; now and then wake runs parked on keys with free slots."""
@@ -320,6 +336,7 @@ class SchedulerLoop:
             alerts=fk.alerts,
             event_retention=fk.event_retention,
             schedules=fk.schedules,
+            pruner=fk.pruner,
         )
         self.max_idle = max_idle
         self.poll_interval = poll_interval

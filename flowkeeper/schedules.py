@@ -182,63 +182,43 @@ class Schedules:
     def __init__(self, store: Store, registry: Registry) -> None:
         self.store = store
         self.registry = registry
-        self._reconciled = False
 
     # declared in code ----------------------------------------------------------------------
     def declared(self) -> list[Workflow]:
         return [wf for wf in self.registry if wf.schedule is not None]
 
-    async def reconcile(self, *, authoritative: bool) -> list[str]:
-        """Write the schedules this process declares; with ``authoritative`` (the serving
-        app) stop those it no longer declares.  Returns the names stopped."""
-        now = await self.store.clock_now()
-        async with self.store.db.acquire() as conn, conn.transaction():
-            for wf in self.declared():
-                spec = wf.schedule
-                assert spec is not None
-                first = next_slot(spec.cron, spec.timezone, now)
-                flow = wf.flow(slot_input(first, spec.timezone) if wf.takes_input else "null")
-                await self.store._call(
-                    "execute",
-                    "schedule_upsert",
-                    wf.name,
-                    spec.cron,
-                    spec.timezone,
-                    spec.catch_up,
-                    wf.takes_input,
-                    first,
-                    flow.keys,
-                    flow.limits,
-                    wf.priority,
-                    wf.timeout,
-                    wf.start_timeout,
-                    conn=conn,
-                )
-            removed: list[str] = []
-            if authoritative:
-                rows = await self.store._call(
-                    "fetch",
-                    "schedule_remove_others",
-                    [wf.name for wf in self.declared()],
-                    conn=conn,
-                )
-                removed = [r["workflow"] for r in rows]
-        for name in removed:
-            logger.info("schedule of workflow %r removed: no longer declared in code", name)
-        self._reconciled = True
-        return removed
-
-    async def reconcile_once(self, *, authoritative: bool) -> None:
-        """:meth:`reconcile` the first time only; errors are logged, never raised."""
-        if self._reconciled:
-            return
-        if not authoritative and not self.declared():
-            self._reconciled = True
-            return
-        try:
-            await self.reconcile(authoritative=authoritative)
-        except Exception:
-            logger.exception("could not write the cron schedules; retried on the next request")
+    async def reconcile(self, conn: asyncpg.Connection, *, authoritative: bool) -> list[str]:
+        """Write the schedules this process declares (in ``conn``'s transaction); with
+        ``authoritative`` (the serving app) stop those it no longer declares.  Returns
+        the names stopped.  Called by ``FlowKeeper.reconcile``."""
+        now = await self.store._call("fetchval", "clock_now", conn=conn)
+        for wf in self.declared():
+            spec = wf.schedule
+            assert spec is not None
+            first = next_slot(spec.cron, spec.timezone, now)
+            flow = wf.flow(slot_input(first, spec.timezone) if wf.takes_input else "null")
+            await self.store._call(
+                "execute",
+                "schedule_upsert",
+                wf.name,
+                spec.cron,
+                spec.timezone,
+                spec.catch_up,
+                wf.takes_input,
+                first,
+                flow.keys,
+                flow.limits,
+                wf.priority,
+                wf.timeout,
+                wf.start_timeout,
+                conn=conn,
+            )
+        if not authoritative:
+            return []
+        rows = await self.store._call(
+            "fetch", "schedule_remove_others", [wf.name for wf in self.declared()], conn=conn
+        )
+        return [r["workflow"] for r in rows]
 
     # firing --------------------------------------------------------------------------------
     async def fire_due(self, limit: int = 100) -> list[Fired]:

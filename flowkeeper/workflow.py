@@ -31,6 +31,7 @@ from .flowcontrol import (
     flow_keys,
 )
 from .names import name_problem, shown
+from .retention import Retention, check_retention
 from .retry import RetryPolicy
 from .schedules import Schedule, check_schedule
 
@@ -67,6 +68,7 @@ class Workflow:
     schedule: Schedule | None = None  # cron (flowkeeper.schedules)
     timeout: timedelta | None = None  # fail a run not finished this long after its trigger
     start_timeout: timedelta | None = None  # ... or not started this long after it
+    retention: Retention | None = None  # its own retention of finished runs
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
@@ -207,6 +209,7 @@ def define_workflow(
     catch_up: str | None = None,
     timeout: float | timedelta | None = None,
     start_timeout: float | timedelta | None = None,
+    retention: Retention | None = None,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -226,6 +229,7 @@ def define_workflow(
     :mod:`flowkeeper.schedules`).  ``timeout`` fails a run (with a
     :class:`RunTimeoutError` naming the deadline) that has not finished that
     long after it was triggered, ``start_timeout`` one not started by then.
+    ``retention`` keeps its finished runs that long (see :mod:`flowkeeper.retention`).
     Register the result with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
@@ -250,6 +254,7 @@ def define_workflow(
         schedule=check_schedule(name, cron, timezone, catch_up),
         timeout=check_timeout(timeout, f"Workflow {name!r}: timeout"),
         start_timeout=check_timeout(start_timeout, f"Workflow {name!r}: start_timeout"),
+        retention=check_retention(retention, f"Workflow {name!r}"),
     )
 
 

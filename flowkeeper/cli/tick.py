@@ -55,6 +55,7 @@ async def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         event_retention=fk.event_retention,
         schedules=fk.schedules,
+        pruner=fk.pruner,
     )
     endpoint = fk.dispatcher.endpoint
     try:

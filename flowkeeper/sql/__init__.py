@@ -48,6 +48,7 @@ QUERY_FILES = (
     "streams.sql",
     "schedules.sql",
     "flowcontrol.sql",
+    "retention.sql",
 )
 
 

@@ -315,6 +315,8 @@ BEGIN
     -- Runs parked on a concurrency key that has a free slot (a woken run was
     -- cancelled before it started, say) are woken: a safety net, see flow_sweep.
     PERFORM {schema}.flow_sweep(100);
+    -- Finished runs past their retention: one small batch per policy (0010).
+    PERFORM {schema}.prune_runs(200);
 
     -- Failure alerts whose first delivery failed are retried by the endpoint's
     -- own tick (the alerts module needs Python: webhooks, on_failure hooks), and

@@ -78,7 +78,7 @@ async def test_pg_cron_fires_a_cron_slot_through_the_endpoint_tick(
     try:
         await installer.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY, every="1m")  # type: ignore[union-attr]
         async with serve(fk):
-            await fk.schedules.reconcile(authoritative=True)
+            await fk.reconcile()
             await clock.travel_to(datetime(2026, 6, 1, 1, 0, 30, tzinfo=UTC))  # 03:00:30 CEST
 
             async def ran() -> bool:

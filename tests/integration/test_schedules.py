@@ -69,7 +69,7 @@ async def test_spring_forward_fires_the_skipped_slot_once_after_the_gap(
 ) -> None:
     declare(fk, "digest", "30 2 * * *", "Europe/Berlin")
     await clock.travel_to(datetime(2026, 3, 27, 12, tzinfo=UTC))
-    await fk.schedules.reconcile(authoritative=True)
+    await fk.reconcile()
     await walk(
         clock,
         [fk, other],
@@ -90,7 +90,7 @@ async def test_fall_back_fixed_hour_once_wildcard_hour_twice(
     declare(fk, "hourly", "0 * * * *", "Europe/Berlin")
     start = datetime(2026, 10, 24, 20, tzinfo=UTC)
     await clock.travel_to(start)
-    await fk.schedules.reconcile(authoritative=True)
+    await fk.reconcile()
     await walk(
         clock, [fk, other], start, datetime(2026, 10, 25, 4, tzinfo=UTC), timedelta(minutes=7)
     )
@@ -126,7 +126,7 @@ async def test_three_hour_outage_follows_the_catch_up_policy(
     declare(fk, "report", "0 * * * *", "UTC", catch_up)
     start = datetime(2026, 6, 1, 8, 30, tzinfo=UTC)
     await clock.travel_to(start)
-    await fk.schedules.reconcile(authoritative=True)
+    await fk.reconcile()
     await walk(clock, [fk, other], start, datetime(2026, 6, 1, 9, 30, tzinfo=UTC))
     before = await slots(conn, "report")
     assert before == ["2026-06-01T09:00:00+00:00"]
@@ -150,12 +150,12 @@ async def test_reconcile_pause_resume_run_now_and_removal(
 ) -> None:
     declare(fk, "digest", "0 9 * * MON-FRI", "Europe/Berlin")
     await clock.travel_to(datetime(2026, 6, 1, 6, tzinfo=UTC))  # a Monday
-    await fk.schedules.reconcile(authoritative=True)
+    await fk.reconcile()
     (info,) = await fk.schedules.list()
     assert info.state == "active"
     assert info.next_at == datetime(2026, 6, 1, 7, tzinfo=UTC)  # 09:00 CEST
     # Deploying again (unchanged) keeps next_at; a pause stops firing.
-    await fk.schedules.reconcile(authoritative=True)
+    await fk.reconcile()
     await fk.schedules.pause("digest")
     await clock.travel_to(datetime(2026, 6, 1, 7, 5, tzinfo=UTC))
     assert await fk.schedules.fire_due() == []
@@ -171,7 +171,7 @@ async def test_reconcile_pause_resume_run_now_and_removal(
         async def digest(ctx: Context, slot: datetime) -> None:
             return None
 
-        assert await later.schedules.reconcile(authoritative=True) == ["digest"]
+        await later.reconcile()
         (info,) = await later.schedules.list()
         assert info.state == "removed" and info.next_at is None
         with pytest.raises(Exception, match="removed"):
@@ -237,7 +237,7 @@ async def test_cli_schedules_and_status(fk: FlowKeeper, database_url: str) -> No
     from .test_scheduler import _cli
 
     declare(fk, "digest", "0 9 * * *", "Europe/Berlin")
-    await fk.schedules.reconcile(authoritative=True)
+    await fk.reconcile()
     env = {"DATABASE_URL": database_url}
     listed = await asyncio.to_thread(_cli, "schedules", "list", env=env)
     assert listed.returncode == 0, listed.stderr
