@@ -47,7 +47,7 @@ from .errors import (
 from .eventlist import EventFilter, EventPage
 from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
-from .flowcontrol import Concurrency
+from .flowcontrol import Concurrency, RateLimit
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
@@ -77,6 +77,7 @@ __all__ = [
     "InvalidInputError",
     "MigrationError",
     "NonRetriableError",
+    "RateLimit",
     "RetryAfterError",
     "RetryPolicy",
     "RunCancelledError",

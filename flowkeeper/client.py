@@ -28,7 +28,7 @@ from .errors import (
 from .eventops import EventOperations
 from .events import CancelOn, EventBus
 from .executor import StepExecutor
-from .flowcontrol import Concurrency, check_priority
+from .flowcontrol import Concurrency, RateLimit, check_priority
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
@@ -263,6 +263,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         on_event: str | None = None,
         cancel_on: Sequence[CancelOn] = (),
         concurrency: Concurrency | Sequence[Concurrency] | None = None,
+        rate_limit: RateLimit | Sequence[RateLimit] | None = None,
         priority: int = 0,
         cron: str | None = None,
         timezone: str | None = None,
@@ -295,6 +296,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     on_event=on_event,
                     cancel_on=cancel_on,
                     concurrency=concurrency,
+                    rate_limit=rate_limit,
                     priority=priority,
                     cron=cron,
                     timezone=timezone,
@@ -403,6 +405,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
             priority=prio,
             timeout=wf.timeout,
             start_timeout=wf.start_timeout,
+            rate_keys=flow.rate_keys,
+            rate_spacing=flow.rate_spacing,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if not created:

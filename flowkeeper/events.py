@@ -331,6 +331,8 @@ class EventBus:
                 priority=wf.priority,
                 timeout=wf.timeout,
                 start_timeout=wf.start_timeout,
+                rate_keys=flow.rate_keys,
+                rate_spacing=flow.rate_spacing,
             )
             if created:
                 started.append(rid)

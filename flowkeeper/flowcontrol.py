@@ -37,7 +37,15 @@ from .names import name_problem, shown
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["Concurrency", "FlowKeys", "check_priority", "check_timeout", "flow_keys"]
+__all__ = [
+    "Concurrency",
+    "FlowKeys",
+    "RateLimit",
+    "check_priority",
+    "check_rate_limit",
+    "check_timeout",
+    "flow_keys",
+]
 
 MAX_PRIORITY = 1000
 _MAX_KEY = 200
@@ -78,6 +86,55 @@ class Concurrency:
                     f"{shown(self.scope) if isinstance(self.scope, str) else repr(self.scope)}"
                     + (f" ({problem})" if problem else "")
                 )
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``limit`` run starts per ``period``, per ``key`` (and per ``scope``).
+
+    A throttle: starts are spaced evenly (one every ``period / limit``); a run
+    over the rate waits, due at the next free start time, and is never
+    dropped.  Only starts count: a run resuming after a sleep is not
+    throttled again.
+    """
+
+    limit: int
+    period: timedelta = timedelta(seconds=1)
+    key: KeyFunction | None = None
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limit, int) or isinstance(self.limit, bool) or self.limit < 1:
+            raise ConfigurationError(
+                f"RateLimit(limit=...) must be a whole number of at least 1, got {self.limit!r}"
+            )
+        if not isinstance(self.period, timedelta) or self.period <= timedelta(0):
+            raise ConfigurationError(
+                f"RateLimit(period=...) must be a positive timedelta, e.g. "
+                f"timedelta(seconds=1); got {self.period!r}"
+            )
+        Concurrency(limit=1, key=self.key, scope=self.scope)  # the same checks of key and scope
+
+    @property
+    def spacing(self) -> timedelta:
+        return self.period / self.limit
+
+
+def check_rate_limit(workflow: str, value: Any) -> tuple[RateLimit, ...]:
+    """``rate_limit=`` as given to the decorator: one limit or a sequence of them."""
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, RateLimit) else value
+    if (
+        not isinstance(items, Sequence)
+        or isinstance(items, str)
+        or not all(isinstance(i, RateLimit) for i in items)
+    ):
+        raise ConfigurationError(
+            f"Workflow {workflow!r}: rate_limit= takes RateLimit(limit=..., period=...) or a "
+            f"list of them, got {value!r}"
+        )
+    return tuple(items)
 
 
 def check_concurrency(workflow: str, value: Any) -> tuple[Concurrency, ...]:
@@ -136,44 +193,62 @@ class FlowKeys:
 
     keys: list[str] | None
     limits: list[int] | None
+    rate_keys: list[str] | None = None
+    rate_spacing: list[timedelta] | None = None
 
 
 NO_KEYS = FlowKeys(None, None)
 
 
-def flow_keys(workflow: str, limits: Sequence[Concurrency], value: Any) -> FlowKeys:
-    """The run's concurrency keys for input ``value``.
+def _key(workflow: str, what: str, fn: KeyFunction | None, scope: str | None, value: Any) -> str:
+    part = ""
+    if fn is not None:
+        try:
+            got = fn(value)
+        except Exception as exc:
+            raise InvalidInputError(
+                workflow, f"The {what} key function raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(got, str):
+            raise InvalidInputError(
+                workflow, f"The {what} key function must return a string, it returned {got!r}"
+            )
+        problem = name_problem(got, _MAX_KEY)
+        if problem is not None:
+            raise InvalidInputError(workflow, f"The {what} key {shown(got)} {problem}.")
+        part = got
+    name = f"scope:{scope}" if scope is not None else f"wf:{workflow}"
+    return f"{name}:{part}"
+
+
+def flow_keys(
+    workflow: str,
+    limits: Sequence[Concurrency],
+    value: Any,
+    rates: Sequence[RateLimit] = (),
+) -> FlowKeys:
+    """The run's concurrency and rate keys for input ``value``.
 
     A key function that raises or returns something other than a string
     fails the trigger with :class:`InvalidInputError` (nothing is created).
     """
-    if not limits:
+    if not limits and not rates:
         return NO_KEYS
     keys: dict[str, int] = {}
     for limit in limits:
-        part = ""
-        if limit.key is not None:
-            try:
-                got = limit.key(value)
-            except Exception as exc:
-                raise InvalidInputError(
-                    workflow,
-                    f"The concurrency key function raised {type(exc).__name__}: {exc}",
-                ) from exc
-            if not isinstance(got, str):
-                raise InvalidInputError(
-                    workflow,
-                    f"The concurrency key function must return a string, it returned {got!r}",
-                )
-            problem = name_problem(got, _MAX_KEY)
-            if problem is not None:
-                raise InvalidInputError(workflow, f"The concurrency key {shown(got)} {problem}.")
-            part = got
-        name = f"scope:{limit.scope}" if limit.scope is not None else f"wf:{workflow}"
-        key = f"{name}:{part}"
+        key = _key(workflow, "concurrency", limit.key, limit.scope, value)
         # The same key declared twice: the tighter limit wins.
         keys[key] = min(keys.get(key, limit.limit), limit.limit)
-    return FlowKeys(list(keys), list(keys.values()))
+    spacing: dict[str, timedelta] = {}
+    for rate in rates:
+        key = "rate:" + _key(workflow, "rate limit", rate.key, rate.scope, value)
+        spacing[key] = max(spacing.get(key, rate.spacing), rate.spacing)
+    return FlowKeys(
+        list(keys) or None,
+        list(keys.values()) or None,
+        list(spacing) or None,
+        list(spacing.values()) or None,
+    )
 
 
 # what the dashboard and `flowkeeper status` show ---------------------------------------------

@@ -257,17 +257,23 @@ class Schedules:
         else:
             chosen = [s for s in due if now - s < ON_TIME]
         runs: list[str] = []
+        known = self.registry.get(row["workflow"]) if row["workflow"] in self.registry else None
         for slot in chosen:
+            input_json = slot_input(slot, tz) if row["takes_input"] else "null"
+            # Keys from the code when this process has it (rate limits too), else as stored.
+            flow = known.flow(input_json) if known is not None else None
             run_id, created = await self.store.insert_run(
                 run_id=new_run_id(),
                 workflow=row["workflow"],
-                input_json=slot_input(slot, tz) if row["takes_input"] else "null",
+                input_json=input_json,
                 idempotency_key=slot_key(slot),
                 lease_token=None,
                 lease=timedelta(0),
                 conn=conn,
-                flow_keys=row["flow_keys"],
-                flow_limits=row["flow_limits"],
+                flow_keys=flow.keys if flow is not None else row["flow_keys"],
+                flow_limits=flow.limits if flow is not None else row["flow_limits"],
+                rate_keys=flow.rate_keys if flow is not None else None,
+                rate_spacing=flow.rate_spacing if flow is not None else None,
                 priority=row["priority"],
                 timeout=row["timeout"],
                 start_timeout=row["start_timeout"],

@@ -272,6 +272,8 @@ class Store:
         priority: int = 0,
         timeout: timedelta | None = None,
         start_timeout: timedelta | None = None,
+        rate_keys: list[str] | None = None,
+        rate_spacing: list[timedelta] | None = None,
     ) -> tuple[str, bool]:
         """Insert a run; on an idempotency-key hit return the existing id.
 
@@ -294,6 +296,8 @@ class Store:
             priority,
             timeout,
             start_timeout,
+            rate_keys,
+            rate_spacing,
             conn=conn,
         )
         if row is not None:

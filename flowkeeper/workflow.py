@@ -25,8 +25,10 @@ from .flowcontrol import (
     NO_KEYS,
     Concurrency,
     FlowKeys,
+    RateLimit,
     check_concurrency,
     check_priority,
+    check_rate_limit,
     check_timeout,
     flow_keys,
 )
@@ -64,6 +66,7 @@ class Workflow:
     on_event: str | None = None  # start a run per event of this name (its data the input)
     cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
     concurrency: Sequence[Concurrency] = ()  # flow control (flowkeeper.flowcontrol)
+    rate_limit: Sequence[RateLimit] = ()  # throttled starts (flowkeeper.flowcontrol)
     priority: int = 0  # the default priority of its runs (minutes of head start)
     schedule: Schedule | None = None  # cron (flowkeeper.schedules)
     timeout: timedelta | None = None  # fail a run not finished this long after its trigger
@@ -76,6 +79,7 @@ class Workflow:
     def __post_init__(self) -> None:
         validate_name(self.name)
         self.concurrency = check_concurrency(self.name, self.concurrency)
+        self.rate_limit = check_rate_limit(self.name, self.rate_limit)
         self.priority = check_priority(self.priority, f"Workflow {self.name!r}")
         self.timeout = check_timeout(self.timeout, f"Workflow {self.name!r}: timeout")
         self.start_timeout = check_timeout(
@@ -178,13 +182,19 @@ class Workflow:
     @property
     def flow_controlled(self) -> bool:
         """Whether its runs carry anything the claim enforces (flowkeeper.flowcontrol)."""
-        return bool(self.concurrency or self.priority or self.timeout or self.start_timeout)
+        return bool(
+            self.concurrency
+            or self.rate_limit
+            or self.priority
+            or self.timeout
+            or self.start_timeout
+        )
 
     def flow(self, input_json: str) -> FlowKeys:
         """The concurrency keys of a run with this (stored) input; see flowcontrol."""
-        if not self.concurrency:
+        if not self.concurrency and not self.rate_limit:
             return NO_KEYS
-        return flow_keys(self.name, self.concurrency, self.load_input(input_json))
+        return flow_keys(self.name, self.concurrency, self.load_input(input_json), self.rate_limit)
 
     # output --------------------------------------------------------------
     def dump_output(self, value: Any) -> str:
@@ -203,6 +213,7 @@ def define_workflow(
     on_event: str | None = None,
     cancel_on: Sequence[CancelOn] = (),
     concurrency: Concurrency | Sequence[Concurrency] | None = None,
+    rate_limit: RateLimit | Sequence[RateLimit] | None = None,
     priority: int = 0,
     cron: str | None = None,
     timezone: str | None = None,
@@ -222,7 +233,8 @@ def define_workflow(
     idempotency key: a duplicate event never starts two runs).  ``cancel_on``
     cancels a live run when an event matching one of its :class:`CancelOn`
     rules arrives.  ``concurrency`` (one :class:`Concurrency` or several) caps
-    the runs executing at once per key; ``priority`` (0..1000) is its runs'
+    the runs executing at once per key; ``rate_limit`` (one :class:`RateLimit`
+    or several) spaces their starts; ``priority`` (0..1000) is its runs'
     default priority (see :mod:`flowkeeper.flowcontrol`).  ``cron`` (with
     ``timezone``, UTC by default, and ``catch_up``: "latest", "all" or
     "none") starts one run per slot, its input the slot time (see
@@ -250,6 +262,7 @@ def define_workflow(
         on_event=on_event,
         cancel_on=rules,
         concurrency=check_concurrency(name, concurrency),
+        rate_limit=check_rate_limit(name, rate_limit),
         priority=priority,
         schedule=check_schedule(name, cron, timezone, catch_up),
         timeout=check_timeout(timeout, f"Workflow {name!r}: timeout"),

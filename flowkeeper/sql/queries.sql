@@ -10,15 +10,18 @@
 -- idempotency key taken) inserts nothing: see run_by_id_or_key.  Flow
 -- control (migration 0009): $7 the concurrency keys, $8 their limits, $9 the
 -- priority, a head start of that many minutes in the due order; $10 its
--- timeout and $11 its start_timeout, from now (see runs_deadline_cap).
+-- timeout and $11 its start_timeout, from now (see runs_deadline_cap); $12
+-- its rate keys and $13 their spacing.
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
-                           flow_keys, flow_limits, priority, deadline, start_deadline)
+                           flow_keys, flow_limits, priority, deadline, start_deadline,
+                           rate_keys, rate_spacing)
 VALUES ($1, $2, 'queued', $3::json, $4, $5,
         {schema}.clock_now() + $6::interval
             - CASE WHEN $6::interval > interval '0' THEN interval '0'
                    ELSE make_interval(mins => $9::integer) END,
         $7::text[], $8::integer[], $9::integer,
-        {schema}.clock_now() + $10::interval, {schema}.clock_now() + $11::interval)
+        {schema}.clock_now() + $10::interval, {schema}.clock_now() + $11::interval,
+        $12::text[], $13::interval[])
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -61,7 +64,8 @@ WITH gate AS (
     SELECT coalesce(bool_and({schema}.flow_gate($1, $2)), true) AS ok
     FROM {schema}.runs
     WHERE id = $1
-      AND (flow_keys IS NOT NULL OR deadline IS NOT NULL OR start_deadline IS NOT NULL)
+      AND (flow_keys IS NOT NULL OR rate_keys IS NOT NULL OR deadline IS NOT NULL
+           OR start_deadline IS NOT NULL)
 ), claimed AS (
     UPDATE {schema}.runs
     SET status = 'running',

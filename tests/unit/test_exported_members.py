@@ -27,6 +27,7 @@ def test_public_api_is_exactly_this() -> None:
         "WaitInfo",
         "CancelOn",
         "Concurrency",
+        "RateLimit",
         "AttemptLostError",
         "ConfigurationError",
         "Context",

@@ -28,7 +28,26 @@ ALTER TABLE {schema}.runs
     -- Run timeouts: fail the run (RunTimeoutError) when it has not finished by
     -- deadline, or not started by start_deadline.  See runs_deadline_cap.
     ADD COLUMN deadline timestamptz,
-    ADD COLUMN start_deadline timestamptz;
+    ADD COLUMN start_deadline timestamptz,
+    -- Rate limits (throttle): the keys, and the spacing between two starts of
+    -- each (period / limit).  A run over the rate reserves the next free start
+    -- time of its keys and is due then (throttled_until): never dropped.
+    ADD COLUMN rate_keys text[],
+    ADD COLUMN rate_spacing interval[],
+    ADD COLUMN throttled_until timestamptz,
+    -- Debounce: triggers of one key while its run has not started update that
+    -- run (latest input, due once the key has been quiet for the period).
+    ADD COLUMN debounce_key text;
+
+CREATE UNIQUE INDEX runs_debounce_idx ON {schema}.runs (workflow, debounce_key)
+    WHERE debounce_key IS NOT NULL AND status = 'queued' AND started_at IS NULL;
+
+-- Per rate key: the earliest time the next start may be reserved (GCRA's
+-- "theoretical arrival time", without burst: starts are spaced evenly).
+CREATE TABLE {schema}.rate_limits (
+    key text PRIMARY KEY,
+    tat timestamptz NOT NULL
+);
 
 -- Parked runs of a key, in the order they get a slot.  Partial: only parked runs.
 CREATE INDEX runs_blocked_idx ON {schema}.runs (blocked_key, priority DESC, id)
@@ -97,6 +116,47 @@ BEGIN
 END
 $$;
 
+-- Rate limits, asked by flow_gate for a run about to start: the first time,
+-- reserve the next start time of every rate key (the latest of them wins, and
+-- each key's next time moves on by its spacing).  Now: go on.  Later: the run
+-- is due then, and its claim at that time goes on without asking again.
+CREATE FUNCTION {schema}.flow_throttle(r record) RETURNS boolean
+    LANGUAGE plpgsql VOLATILE
+    AS $$
+DECLARE
+    i integer;
+    at timestamptz := {schema}.clock_now();
+    t timestamptz;
+    k text;
+BEGIN
+    IF r.rate_keys IS NULL OR r.started_at IS NOT NULL OR r.throttled_until IS NOT NULL THEN
+        RETURN true;
+    END IF;
+    FOR k IN SELECT DISTINCT u.k FROM unnest(r.rate_keys) AS u(k) ORDER BY u.k LOOP
+        INSERT INTO {schema}.rate_limits (key, tat) VALUES (k, '-infinity')
+        ON CONFLICT DO NOTHING;
+        SELECT tat INTO t FROM {schema}.rate_limits WHERE key = k FOR UPDATE;
+        at := greatest(at, t);
+    END LOOP;
+    FOR i IN 1 .. array_length(r.rate_keys, 1) LOOP
+        UPDATE {schema}.rate_limits SET tat = at + r.rate_spacing[i] WHERE key = r.rate_keys[i];
+    END LOOP;
+    IF at <= {schema}.clock_now() THEN
+        -- Starts now: claim_run sets started_at, so it is never asked again.
+        -- (The run's row must not be written here: claim_run writes it next.)
+        RETURN true;
+    END IF;
+    UPDATE {schema}.runs
+    SET throttled_until = at, due_at = at, lease_token = NULL, status = 'queued',
+        lost_attempts = lost_attempts + CASE WHEN executing THEN 1 ELSE 0 END,
+        executing = false, updated_at = {schema}.clock_now()
+    WHERE id = r.id;
+    INSERT INTO {schema}.events (run_id, kind, detail)
+    VALUES (r.id, 'throttled', jsonb_build_object('until', at, 'keys', to_jsonb(r.rate_keys)));
+    RETURN false;
+END
+$$;
+
 -- Asked by claim_run before it takes a run: true lets the claim go on (the
 -- run is not limited, or its claim would be refused anyway, or it got a slot
 -- of every key); false means the run was parked (or, for a throttled run,
@@ -111,7 +171,7 @@ DECLARE
     which text;
 BEGIN
     SELECT id, status, lease_token, due_at, flow_keys, flow_limits, executing, started_at,
-           deadline, start_deadline INTO r
+           deadline, start_deadline, rate_keys, rate_spacing, throttled_until INTO r
     FROM {schema}.runs WHERE id = p_run FOR UPDATE;
     IF r.id IS NULL THEN
         RETURN true;
@@ -151,7 +211,7 @@ BEGIN
         RETURN false;
     END IF;
     IF r.flow_keys IS NULL THEN
-        RETURN true;
+        RETURN {schema}.flow_throttle(r);
     END IF;
     PERFORM {schema}.flow_lock(r.flow_keys);
     FOR i IN 1 .. array_length(r.flow_keys, 1) LOOP
@@ -164,7 +224,7 @@ BEGIN
         INSERT INTO {schema}.slots (key, run_id)
         SELECT k, p_run FROM unnest(r.flow_keys) AS u(k)
         ON CONFLICT DO NOTHING;
-        RETURN true;
+        RETURN {schema}.flow_throttle(r);
     END IF;
     -- Park.  An invocation that died inside a step is charged its lost
     -- attempt here, as claim_run would have (see migration 0005).
