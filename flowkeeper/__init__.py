@@ -47,7 +47,7 @@ from .errors import (
 from .eventlist import EventFilter, EventPage
 from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
-from .flowcontrol import Concurrency, RateLimit
+from .flowcontrol import Concurrency, Debounce, RateLimit
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
@@ -63,6 +63,7 @@ __all__ = [
     "Context",
     "DatabaseError",
     "DatabaseRefusedError",
+    "Debounce",
     "DeterminismError",
     "DispatchError",
     "DuplicateWorkflowError",

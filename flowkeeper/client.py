@@ -28,7 +28,7 @@ from .errors import (
 from .eventops import EventOperations
 from .events import CancelOn, EventBus
 from .executor import StepExecutor
-from .flowcontrol import Concurrency, RateLimit, check_priority
+from .flowcontrol import Concurrency, Debounce, FlowKeys, RateLimit, check_priority
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
@@ -264,6 +264,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         cancel_on: Sequence[CancelOn] = (),
         concurrency: Concurrency | Sequence[Concurrency] | None = None,
         rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+        debounce: Debounce | None = None,
         priority: int = 0,
         cron: str | None = None,
         timezone: str | None = None,
@@ -297,6 +298,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
                     cancel_on=cancel_on,
                     concurrency=concurrency,
                     rate_limit=rate_limit,
+                    debounce=debounce,
                     priority=priority,
                     cron=cron,
                     timezone=timezone,
@@ -352,6 +354,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         prio = wf.priority if priority is None else check_priority(priority, "trigger()")
         flow = wf.flow(input_json)  # a concurrency key function that fails creates nothing
         run_id = new_run_id()
+        if wf.debounce is not None:
+            return await self._debounce(wf, input_json, flow, prio, idempotency_key, connection)
         if (
             not wf.flow_controlled
             and prio == 0
@@ -417,6 +421,37 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         elif in_transaction and self.dispatcher is not None and connection is not None:
             self._spawn(self._push_after_commit(connection, run_id))
         return handle
+
+    async def _debounce(
+        self,
+        wf: Workflow,
+        input_json: str,
+        flow: FlowKeys,
+        priority: int,
+        idempotency_key: str | None,
+        connection: asyncpg.Connection | None,
+    ) -> RunHandle:
+        """A trigger of a debounced workflow: merge into the key's pending run (see Debounce)."""
+        assert wf.debounce is not None
+        if idempotency_key is not None:
+            raise ConfigurationError(
+                f"Workflow {wf.name!r} is debounced: triggers of one key merge into its pending "
+                "run (a retried trigger too), so idempotency_key does not apply; leave it out."
+            )
+        key = wf.debounce.key_for(wf.name, wf.load_input(input_json))
+        run_id, created = await self.store.debounce_run(
+            run_id=new_run_id(),
+            workflow=wf.name,
+            input_json=input_json,
+            debounce_key=key,
+            period=wf.debounce.period,
+            flow=flow,
+            priority=priority,
+            timeout=wf.timeout,
+            start_timeout=wf.start_timeout,
+            conn=connection,
+        )
+        return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
 
     async def _push(self, run_id: str, token: uuid.UUID) -> None:
         assert self.dispatcher is not None

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Concurrency",
+    "Debounce",
     "FlowKeys",
     "RateLimit",
     "check_priority",
@@ -86,6 +87,41 @@ class Concurrency:
                     f"{shown(self.scope) if isinstance(self.scope, str) else repr(self.scope)}"
                     + (f" ({problem})" if problem else "")
                 )
+
+
+@dataclass(frozen=True)
+class Debounce:
+    """A burst of triggers for one key becomes one run, started once the key has
+    been quiet for ``period``, with the latest trigger's input.
+
+    Every trigger of the burst returns the same run (``handle.created`` is True
+    for the first only); once that run has started, the next trigger of the key
+    starts a new burst.  The debounce key takes the place of the idempotency
+    key: a retried trigger merges into the pending run, so ``idempotency_key``
+    is not accepted for a debounced workflow.
+    """
+
+    period: timedelta
+    key: KeyFunction | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.period, timedelta) or self.period <= timedelta(0):
+            raise ConfigurationError(
+                f"Debounce(period=...) must be a positive timedelta, e.g. "
+                f"timedelta(seconds=30); got {self.period!r}"
+            )
+        Concurrency(limit=1, key=self.key)  # the same check of the key function
+
+    def key_for(self, workflow: str, value: Any) -> str:
+        return _key(workflow, "debounce", self.key, None, value)
+
+
+def check_debounce(workflow: str, value: Any) -> Debounce | None:
+    if value is None or isinstance(value, Debounce):
+        return value
+    raise ConfigurationError(
+        f"Workflow {workflow!r}: debounce= takes Debounce(period=..., key=...), got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -318,9 +354,14 @@ class FlowStatus:
             )
         due = row["due_at"]
         if due is not None and due > row["now"]:
-            return QueuedReason(
-                text=f"not due until {due.isoformat(timespec='seconds')}", due_at=due
-            )
+            when = due.isoformat(timespec="seconds")
+            if row["throttled_until"] is not None and row["started_at"] is None:
+                text = f"throttled by its rate limit until {when}"
+            elif row["debounce_key"] is not None and row["started_at"] is None:
+                text = f"debounced until {when} (key {row['debounce_key']}; starts once quiet)"
+            else:
+                text = f"not due until {when}"
+            return QueuedReason(text=text, due_at=due)
         return QueuedReason(
             text=f"due now, waiting for a driver to claim it (priority {row['priority']})",
             due_at=due,

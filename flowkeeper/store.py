@@ -474,6 +474,42 @@ class Store:
         row = await self._call("fetchrow", "next_due")
         return row["due"], row["now"]
 
+    async def debounce_run(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        debounce_key: str,
+        period: timedelta,
+        flow: Any,
+        priority: int,
+        timeout: timedelta | None,
+        start_timeout: timedelta | None,
+        conn: asyncpg.Connection | None = None,
+    ) -> tuple[str, bool]:
+        """Merge a trigger into the key's pending run, or create it (flowcontrol.Debounce)."""
+        if conn is not None and not self._ready:
+            await self.ensure_schema()
+        row = await self._call(
+            "fetchrow",
+            "debounce_run",
+            uuid.UUID(run_id),
+            workflow,
+            input_json,
+            debounce_key,
+            period,
+            flow.keys,
+            flow.limits,
+            priority,
+            timeout,
+            start_timeout,
+            flow.rate_keys,
+            flow.rate_spacing,
+            conn=conn,
+        )
+        return str(row["id"]), bool(row["created"])
+
     async def flow_sweep(self, max_keys: int = 200) -> int:
         """Wake parked runs of keys with free slots (flowkeeper.flowcontrol's safety net)."""
         return int(await self._call("fetchval", "flow_sweep", max_keys) or 0)

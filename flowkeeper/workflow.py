@@ -24,9 +24,11 @@ from .events import CancelOn, check_event_name
 from .flowcontrol import (
     NO_KEYS,
     Concurrency,
+    Debounce,
     FlowKeys,
     RateLimit,
     check_concurrency,
+    check_debounce,
     check_priority,
     check_rate_limit,
     check_timeout,
@@ -67,6 +69,7 @@ class Workflow:
     cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
     concurrency: Sequence[Concurrency] = ()  # flow control (flowkeeper.flowcontrol)
     rate_limit: Sequence[RateLimit] = ()  # throttled starts (flowkeeper.flowcontrol)
+    debounce: Debounce | None = None  # bursts of triggers become one run
     priority: int = 0  # the default priority of its runs (minutes of head start)
     schedule: Schedule | None = None  # cron (flowkeeper.schedules)
     timeout: timedelta | None = None  # fail a run not finished this long after its trigger
@@ -80,6 +83,7 @@ class Workflow:
         validate_name(self.name)
         self.concurrency = check_concurrency(self.name, self.concurrency)
         self.rate_limit = check_rate_limit(self.name, self.rate_limit)
+        self.debounce = check_debounce(self.name, self.debounce)
         self.priority = check_priority(self.priority, f"Workflow {self.name!r}")
         self.timeout = check_timeout(self.timeout, f"Workflow {self.name!r}: timeout")
         self.start_timeout = check_timeout(
@@ -185,6 +189,7 @@ class Workflow:
         return bool(
             self.concurrency
             or self.rate_limit
+            or self.debounce
             or self.priority
             or self.timeout
             or self.start_timeout
@@ -214,6 +219,7 @@ def define_workflow(
     cancel_on: Sequence[CancelOn] = (),
     concurrency: Concurrency | Sequence[Concurrency] | None = None,
     rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+    debounce: Debounce | None = None,
     priority: int = 0,
     cron: str | None = None,
     timezone: str | None = None,
@@ -234,7 +240,8 @@ def define_workflow(
     cancels a live run when an event matching one of its :class:`CancelOn`
     rules arrives.  ``concurrency`` (one :class:`Concurrency` or several) caps
     the runs executing at once per key; ``rate_limit`` (one :class:`RateLimit`
-    or several) spaces their starts; ``priority`` (0..1000) is its runs'
+    or several) spaces their starts; ``debounce`` merges a burst of triggers
+    into one run with the latest input; ``priority`` (0..1000) is its runs'
     default priority (see :mod:`flowkeeper.flowcontrol`).  ``cron`` (with
     ``timezone``, UTC by default, and ``catch_up``: "latest", "all" or
     "none") starts one run per slot, its input the slot time (see
@@ -263,6 +270,7 @@ def define_workflow(
         cancel_on=rules,
         concurrency=check_concurrency(name, concurrency),
         rate_limit=check_rate_limit(name, rate_limit),
+        debounce=check_debounce(name, debounce),
         priority=priority,
         schedule=check_schedule(name, cron, timezone, catch_up),
         timeout=check_timeout(timeout, f"Workflow {name!r}: timeout"),

@@ -49,7 +49,8 @@ LIMIT $1;
 -- name: queued_reason
 -- Why a live run has not started: parked on a key, or due later (throttled,
 -- debounced, a retry...), with the key's slot usage.
-SELECT r.status, r.blocked_key, r.due_at, r.priority, r.started_at,
+SELECT r.status, r.blocked_key, r.due_at, r.priority, r.started_at, r.debounce_key,
+       r.throttled_until,
        r.flow_limits[array_position(r.flow_keys, r.blocked_key)] AS key_limit,
        (SELECT count(*) FROM {schema}.slots s JOIN {schema}.runs x ON x.id = s.run_id
         WHERE s.key = r.blocked_key AND x.executing AND x.lease_token IS NOT NULL
@@ -59,3 +60,24 @@ SELECT r.status, r.blocked_key, r.due_at, r.priority, r.started_at,
           AND (b.priority > r.priority OR (b.priority = r.priority AND b.id < r.id))) AS ahead,
        {schema}.clock_now() AS now
 FROM {schema}.runs r WHERE r.id = $1;
+
+-- name: debounce_run
+-- A trigger of a debounced workflow: the key's run that has not started yet
+-- takes the latest input and is due once the key has been quiet for $5; else
+-- a new run.  A dispatch already in flight for it is called off (its lease
+-- dropped): the run starts after the new quiet period, with the new input.
+-- $6-$13: as insert_run's flow control.
+INSERT INTO {schema}.runs AS r (id, workflow, status, input, debounce_key, due_at,
+                                flow_keys, flow_limits, priority, deadline, start_deadline,
+                                rate_keys, rate_spacing)
+VALUES ($1, $2, 'queued', $3::json, $4, {schema}.clock_now() + $5::interval,
+        $6::text[], $7::integer[], $8::integer,
+        {schema}.clock_now() + $9::interval, {schema}.clock_now() + $10::interval,
+        $11::text[], $12::interval[])
+ON CONFLICT (workflow, debounce_key)
+    WHERE debounce_key IS NOT NULL AND status = 'queued' AND started_at IS NULL
+DO UPDATE SET input = excluded.input, due_at = excluded.due_at, lease_token = NULL,
+              flow_keys = excluded.flow_keys, flow_limits = excluded.flow_limits,
+              rate_keys = excluded.rate_keys, rate_spacing = excluded.rate_spacing,
+              updated_at = {schema}.clock_now()
+RETURNING id, (xmax = 0) AS created;

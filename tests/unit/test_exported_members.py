@@ -27,6 +27,7 @@ def test_public_api_is_exactly_this() -> None:
         "WaitInfo",
         "CancelOn",
         "Concurrency",
+        "Debounce",
         "RateLimit",
         "AttemptLostError",
         "ConfigurationError",
