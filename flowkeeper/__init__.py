@@ -49,6 +49,7 @@ from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
 from .flowcontrol import Concurrency, Debounce, RateLimit
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
+from .retention import Retention
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
 from .tokens import Token
@@ -79,6 +80,7 @@ __all__ = [
     "MigrationError",
     "NonRetriableError",
     "RateLimit",
+    "Retention",
     "RetryAfterError",
     "RetryPolicy",
     "RunCancelledError",

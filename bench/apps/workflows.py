@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowkeeper import Context, define_workflow
+from flowkeeper import Concurrency, Context, define_workflow
 
 
 async def noop(i: int) -> int:
@@ -41,4 +41,10 @@ WORKFLOWS = {
     "five": define_workflow("five", five),
     "five-with-sleep": define_workflow("five-with-sleep", five_with_sleep),
     "waiter": define_workflow("waiter", waiter),
+    # bench/flowcontrol.py: the same three steps under a limit that never binds.
+    "three-limited": define_workflow(
+        "three-limited",
+        three,
+        concurrency=[Concurrency(limit=1000, key=lambda n: f"c{n % 100}"), Concurrency(10_000)],
+    ),
 }

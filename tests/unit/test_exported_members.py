@@ -29,6 +29,7 @@ def test_public_api_is_exactly_this() -> None:
         "Concurrency",
         "Debounce",
         "RateLimit",
+        "Retention",
         "AttemptLostError",
         "ConfigurationError",
         "Context",

@@ -98,6 +98,9 @@ DECLARE
     woke integer;
 BEGIN
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
+        -- The common case, a limit that does not bind: nobody parked, one probe.
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM {schema}.runs b
+                                  WHERE b.blocked_key = keys[i] AND b.status = 'queued');
         free := limits[i] - {schema}.flow_held(keys[i], p_except);
         CONTINUE WHEN free <= 0;
         UPDATE {schema}.runs r
