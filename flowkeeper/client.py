@@ -357,8 +357,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations):
         if wf.debounce is not None:
             return await self._debounce(wf, input_json, flow, prio, idempotency_key, connection)
         if (
-            not wf.flow_controlled
-            and prio == 0
+            wf.debounce is None
+            and prio == wf.priority
             and connection is None
             and self.dispatcher is not None
             and self.dispatcher.supports_create

@@ -321,6 +321,46 @@ class Store:
         found = str(existing["id"])
         return found, found == run_id
 
+    async def create_gated(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        lease: timedelta,
+        flow: Any,
+        priority: int,
+        timeout: timedelta | None,
+        start_timeout: timedelta | None,
+    ) -> ClaimedRun | tuple[str, bool] | None:
+        """:meth:`create_claimed` for a flow-controlled run: inserted, then claimed through
+        the flow gate, in one transaction (one commit).  None: created but not claimed
+        (parked on a key, throttled, ...); a tuple: as :meth:`create_claimed`'s conflict."""
+        if not self._ready:
+            await self.ensure_schema()
+        token = uuid.uuid4()
+        async with self.db.acquire() as conn, conn.transaction():
+            created, _ = await self.insert_run(
+                run_id=run_id,
+                workflow=workflow,
+                input_json=input_json,
+                idempotency_key=idempotency_key,
+                lease_token=token,
+                lease=lease,
+                conn=conn,
+                flow_keys=flow.keys,
+                flow_limits=flow.limits,
+                priority=priority,
+                timeout=timeout,
+                start_timeout=start_timeout,
+                rate_keys=flow.rate_keys,
+                rate_spacing=flow.rate_spacing,
+            )
+            if created != run_id:
+                return created, False
+            return await self.claim(run_id, token, uuid.uuid4(), lease, conn=conn)
+
     async def create_claimed(
         self,
         *,
@@ -354,9 +394,17 @@ class Store:
         await self._call("execute", "release_push", uuid.UUID(run_id), token)
 
     async def claim(
-        self, run_id: str, token: uuid.UUID | None, new_token: uuid.UUID, lease: timedelta
+        self,
+        run_id: str,
+        token: uuid.UUID | None,
+        new_token: uuid.UUID,
+        lease: timedelta,
+        *,
+        conn: asyncpg.Connection | None = None,
     ) -> ClaimedRun | None:
-        row = await self._call("fetchrow", "claim_run", uuid.UUID(run_id), token, new_token, lease)
+        row = await self._call(
+            "fetchrow", "claim_run", uuid.UUID(run_id), token, new_token, lease, conn=conn
+        )
         if row is None:
             return None
         history = [
