@@ -41,9 +41,13 @@ WORKFLOWS = {
     "five": define_workflow("five", five),
     "five-with-sleep": define_workflow("five-with-sleep", five_with_sleep),
     "waiter": define_workflow("waiter", waiter),
-    # bench/flowcontrol.py: the same three steps under a limit that never binds.
+    # bench/flowcontrol.py: the same three steps under limits that never bind: one
+    # per key (100 keys), and the same plus one global limit over all its runs.
     "three-limited": define_workflow(
-        "three-limited",
+        "three-limited", three, concurrency=Concurrency(limit=1000, key=lambda n: f"c{n % 100}")
+    ),
+    "three-global": define_workflow(
+        "three-global",
         three,
         concurrency=[Concurrency(limit=1000, key=lambda n: f"c{n % 100}"), Concurrency(10_000)],
     ),
