@@ -74,14 +74,18 @@ END
 $$;
 
 -- Slots of key k held now by runs other than p_run.
+-- (PL/pgSQL, not SQL: its plan is cached per session instead of made per call.)
 CREATE FUNCTION {schema}.flow_held(k text, p_run uuid) RETURNS integer
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-    SELECT count(*)::integer
-    FROM {schema}.slots s JOIN {schema}.runs x ON x.id = s.run_id
-    WHERE s.key = k AND s.run_id <> p_run
-      AND x.executing AND x.lease_token IS NOT NULL AND x.due_at > {schema}.clock_now()
-    $$;
+BEGIN
+    RETURN (SELECT count(*)::integer
+            FROM {schema}.slots s JOIN {schema}.runs x ON x.id = s.run_id
+            WHERE s.key = k AND s.run_id <> p_run
+              AND x.executing AND x.lease_token IS NOT NULL
+              AND x.due_at > {schema}.clock_now());
+END
+$$;
 
 -- Make up to (limit - held) parked runs of each key due.  Called with the
 -- keys' locks held.  Waking one run too many costs one refused claim (it
