@@ -295,8 +295,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs, finished = args.runs, args.finished
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.quick:
-        args.small, args.large, args.keys = 1_000, 20_000, 1_000
-        args.runs, args.warmup, args.finished = 100, 20, 20_000
+        args.small, args.large, args.keys = 400, 4_000, 400
+        args.runs, args.warmup, args.finished = 60, 10, 5_000
         args.rounds = args.rounds or 1
     else:
         args.small, args.large, args.keys = 10_000, 1_000_000, 10_000

@@ -27,7 +27,7 @@ def test_flowcontrol_benchmark_prints_its_ratios() -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
-    assert re.search(r"ratio 20,000 / 1,000 queued: \d+\.\d\d \(target <= 1\.3\)", text), text
+    assert re.search(r"ratio 4,000 / 400 queued: \d+\.\d\d \(target <= 1\.3\)", text), text
     assert re.search(r"limits declared / none: \d+% \(target >= 90%\)", text), text
     assert re.search(r"while pruning / not: \d+% \(target >= 80%\)", text), text
     assert "command: " in text and "bench.flowcontrol --quick" in text
