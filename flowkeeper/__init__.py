@@ -55,8 +55,10 @@ from .errors import (
 from .eventlist import EventFilter, EventPage
 from .eventops import EventInfo, WaitInfo
 from .events import CancelOn, SentEvent
+from .flowcontrol import Concurrency, Debounce, RateLimit
 from .models import AttemptError, RunEvent, RunHandle, RunInfo, RunStatus, StepInfo, TickResult
 from .patches import PatchBranches, source_hash
+from .retention import Retention
 from .retry import RetryPolicy
 from .runlist import RunFilter, RunPage, RunSummary
 from .stepctx import StepContext, current_step
@@ -71,10 +73,12 @@ __all__ = [
     "ChildHandle",
     "ChildTimeoutError",
     "CodecKeyError",
+    "Concurrency",
     "ConfigurationError",
     "Context",
     "DatabaseError",
     "DatabaseRefusedError",
+    "Debounce",
     "DecryptionError",
     "DeterminismError",
     "DispatchError",
@@ -91,6 +95,8 @@ __all__ = [
     "MigrationError",
     "NonRetriableError",
     "PatchBranches",
+    "RateLimit",
+    "Retention",
     "RetryAfterError",
     "RetryPolicy",
     "RunCancelledError",

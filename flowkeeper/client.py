@@ -33,6 +33,7 @@ from .errors import (
 from .eventops import EventOperations
 from .events import CancelOn, EventBus
 from .executor import StepExecutor
+from .flowcontrol import Concurrency, Debounce, FlowKeys, RateLimit, check_priority
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
@@ -46,8 +47,10 @@ from .models import (
 from .obsops import ObservabilityOperations
 from .operations import RunOperations
 from .outbox import transaction_ended
+from .retention import Pruner, Retention, check_retention
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .scheduler import Scheduler
+from .schedules import Schedules
 from .serialization import json_or_none
 from .signing import KeyInput, RequestSigner, check_dashboard_password, check_signing_keys
 from .sql import validate_schema
@@ -185,6 +188,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         max_children: int = 100,
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
+        retention: Retention | None = None,
         allow_weak_secrets: bool = False,
         codec: Codec | None = None,
         step_logs: bool = True,
@@ -288,6 +292,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         self.events.trace_carrier = self._trace_carrier
         self.stream_tokens = StreamTokens(keys)
         self._scheduler: Scheduler | None = None  # the one fk.tick uses (it prunes events)
+        #: Cron schedules: list, pause, resume, run_now (flowkeeper.schedules).
+        self.schedules = Schedules(self.store, self.registry)
+        #: Retention of finished runs, pruned by every tick (flowkeeper.retention).
+        self.retention = check_retention(retention, "FlowKeeper")
+        self.pruner = Pruner(self.store, self.registry, self.retention)
+        self._deployed = False
         # Dashboard and failure alerts (flowkeeper.dashboard, flowkeeper.alerts).
         self.dashboard_password = (
             dashboard_password
@@ -338,13 +348,29 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         on_event: str | None = None,
         cancel_on: Sequence[CancelOn] = (),
         version: str | Callable[[Any], str] | None = None,
+        concurrency: Concurrency | Sequence[Concurrency] | None = None,
+        rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+        debounce: Debounce | None = None,
+        priority: int = 0,
+        cron: str | None = None,
+        timezone: str | None = None,
+        catch_up: str | None = None,
+        timeout: float | timedelta | None = None,
+        start_timeout: float | timedelta | None = None,
+        retention: Retention | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@fk.workflow("checkout")`` defines and registers a workflow.
 
         ``on_failure`` is called with a :class:`FailureAlert` when a run fails
         for good; ``on_event="user.signup"`` starts a run per such event;
         ``cancel_on=[CancelOn(...)]`` cancels live runs when a matching event
-        arrives (see :func:`define_workflow`).
+        arrives; ``concurrency=Concurrency(limit=5, key=...)`` caps the runs
+        executing at once per key; ``priority`` is its runs' default priority
+        (see :mod:`flowkeeper.flowcontrol`); ``cron="0 9 * * MON-FRI"`` with
+        ``timezone="Europe/Berlin"`` starts one run per slot (see
+        :mod:`flowkeeper.schedules`); ``timeout=timedelta(hours=1)`` and
+        ``start_timeout=...`` fail a run past that deadline with
+        :class:`RunTimeoutError` (see :func:`define_workflow`).
         """
 
         def decorator(fn: F) -> F:
@@ -357,6 +383,16 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                     on_event=on_event,
                     cancel_on=cancel_on,
                     version=version,
+                    concurrency=concurrency,
+                    rate_limit=rate_limit,
+                    debounce=debounce,
+                    priority=priority,
+                    cron=cron,
+                    timezone=timezone,
+                    catch_up=catch_up,
+                    timeout=timeout,
+                    start_timeout=start_timeout,
+                    retention=retention,
                 )
             )
             return fn
@@ -383,6 +419,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         *,
         idempotency_key: str | None = None,
         connection: asyncpg.Connection | None = None,
+        priority: int | None = None,
     ) -> RunHandle:
         """Start a run of ``workflow`` with ``input``; return its handle once it is stored.
 
@@ -396,16 +433,23 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         on asyncpg, or a psycopg 3 async connection) the run is inserted in that
         connection's transaction and exists only if it commits; on asyncpg it is
         pushed once the transaction ends, on psycopg the scheduler starts it
-        (see :mod:`flowkeeper.foreign`).
+        (see :mod:`flowkeeper.foreign`).  ``priority`` (0..1000, the workflow's
+        default when omitted) gives the run that many minutes of head start in
+        the due order (see :mod:`flowkeeper.flowcontrol`).
         """
         wf = self._workflow(workflow)
         input_json = wf.dump_input(input)
         idempotency_key = check_idempotency_key(idempotency_key, wf.name)
+        prio = wf.priority if priority is None else check_priority(priority, "trigger()")
+        flow = wf.flow(input_json)  # a concurrency key function that fails creates nothing
         run_id = new_run_id()
         await self._check_own_database()
         trace = self._trace_carrier()  # the caller's trace context (flowkeeper.tracing)
+        if wf.debounce is not None:
+            return await self._debounce(wf, input_json, flow, prio, idempotency_key, connection)
         if (
-            connection is None
+            prio == wf.priority
+            and connection is None
             and self.dispatcher is not None
             and self.dispatcher.supports_create
             and len(input_json) <= self.max_body_bytes - 1024
@@ -440,6 +484,14 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                 lease_token=None,
                 lease=timedelta(0),
                 code_version=wf.version,
+                # The endpoint would have applied the workflow's flow control: so do we.
+                flow_keys=flow.keys,
+                flow_limits=flow.limits,
+                priority=prio,
+                timeout=wf.timeout,
+                start_timeout=wf.start_timeout,
+                rate_keys=flow.rate_keys,
+                rate_spacing=flow.rate_spacing,
             )
             if not created:
                 await self._idempotency_hit(run_id, wf.name, idempotency_key, input_json)
@@ -464,6 +516,13 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             lease=self.dispatch_lease if push_now else timedelta(0),
             conn=connection,
             code_version=wf.version,
+            flow_keys=flow.keys,
+            flow_limits=flow.limits,
+            priority=prio,
+            timeout=wf.timeout,
+            start_timeout=wf.start_timeout,
+            rate_keys=flow.rate_keys,
+            rate_spacing=flow.rate_spacing,
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if created and trace:
@@ -557,6 +616,37 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                 "cannot be reached; check DATABASE_URL (or database_url=) in this process."
             ) from exc
 
+    async def _debounce(
+        self,
+        wf: Workflow,
+        input_json: str,
+        flow: FlowKeys,
+        priority: int,
+        idempotency_key: str | None,
+        connection: asyncpg.Connection | None,
+    ) -> RunHandle:
+        """A trigger of a debounced workflow: merge into the key's pending run (see Debounce)."""
+        assert wf.debounce is not None
+        if idempotency_key is not None:
+            raise ConfigurationError(
+                f"Workflow {wf.name!r} is debounced: triggers of one key merge into its pending "
+                "run (a retried trigger too), so idempotency_key does not apply; leave it out."
+            )
+        key = wf.debounce.key_for(wf.name, wf.load_input(input_json))
+        run_id, created = await self.store.debounce_run(
+            run_id=new_run_id(),
+            workflow=wf.name,
+            input_json=input_json,
+            debounce_key=key,
+            period=wf.debounce.period,
+            flow=flow,
+            priority=priority,
+            timeout=wf.timeout,
+            start_timeout=wf.start_timeout,
+            conn=connection,
+        )
+        return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+
     async def _push(self, run_id: str, token: uuid.UUID) -> None:
         assert self.dispatcher is not None
         delivery = await self.dispatcher.invoke(run_id, str(token))
@@ -642,8 +732,42 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                 dispatch_lease=self.dispatch_lease,
                 alerts=self.alerts,
                 event_retention=self.event_retention,
+                schedules=self.schedules,
+                pruner=self.pruner,
             )
+        await self.reconcile_once(authoritative=False)
         return await scheduler.tick(max_runs=max_runs, time_limit=time_limit)
+
+    # deploy -----------------------------------------------------------------------
+    async def reconcile(self, *, authoritative: bool = True) -> None:
+        """Write this process's cron schedules and retention policies into the database.
+
+        The serving app (``authoritative``) does it on its first request, and
+        stops what it no longer declares; ``fk.tick()`` only adds its own.
+        """
+        async with self.store.db.acquire() as conn, conn.transaction():
+            removed = await self.schedules.reconcile(conn, authoritative=authoritative)
+            await self.pruner.reconcile(conn, authoritative=authoritative)
+        for name in removed:
+            logger.info("schedule of workflow %r removed: no longer declared in code", name)
+        self._deployed = True
+
+    async def reconcile_once(self, *, authoritative: bool) -> None:
+        """:meth:`reconcile` the first time only; errors are logged, never raised."""
+        if self._deployed:
+            return
+        if (
+            not authoritative
+            and self.retention is None
+            and not any(wf.schedule is not None or wf.retention is not None for wf in self.registry)
+        ):
+            self._deployed = True
+            return
+        try:
+            await self.store.ensure_schema()
+            await self.reconcile(authoritative=authoritative)
+        except Exception:
+            logger.exception("could not write the schedules and retention policies; retried")
 
     # reading ---------------------------------------------------------------------
     async def get_run(self, run_id: str) -> RunInfo:

@@ -317,6 +317,8 @@ class Endpoint(TokenRoutes, StreamRoutes):
             run_id, lease, wait, create = _parse_invocation(body)
         except InvalidRequestError as exc:
             return refuse(request, 400, "invalid_body", str(exc))
+        # The serving app is where schedules are declared: write them once.
+        await self.fk.reconcile_once(authoritative=True)
         trace = _carried_trace(body) if self.fk.tracer is not None else None
         try:
             if create is not None:
@@ -441,6 +443,7 @@ class Endpoint(TokenRoutes, StreamRoutes):
         refusal = self._authorize_tick(request, body)
         if refusal is not None:
             return refusal
+        await self.fk.reconcile_once(authoritative=True)
         # On a host with a deadline, stop claiming early enough for the
         # dispatches in flight (each at most the ack timeout) to finish.
         budget = self._budget(request.scope)
@@ -571,6 +574,7 @@ def _refused(claim: ClaimRefused) -> JSONResponse:
         "finished": f"The run has already finished ({claim.status}).",
         "leased": "Another invocation holds the run right now.",
         "not_due": "The run is not due yet.",
+        "blocked": "The run waits for a concurrency slot; it starts when one frees.",
     }
     return JSONResponse(
         {

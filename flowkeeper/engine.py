@@ -111,7 +111,7 @@ class ClaimRefused:
     """Why an invocation could not take a run."""
 
     run_id: str
-    reason: str  # "not_found" | "finished" | "leased" | "not_due"
+    reason: str  # "not_found" | "finished" | "leased" | "not_due" | "blocked"
     status: str | None
 
 
@@ -299,6 +299,8 @@ class Engine:
         status = state["status"]
         if status in ("completed", "failed", "cancelled"):
             return ClaimRefused(run_id, "finished", status)
+        if state["blocked_key"] is not None:  # over a concurrency limit (flowcontrol)
+            return ClaimRefused(run_id, "blocked", status)
         return ClaimRefused(run_id, "leased" if state["leased"] else "not_due", status)
 
     async def create(
@@ -311,6 +313,23 @@ class Engine:
         outcome of claiming it as usual; or, when the idempotency key belongs
         to another run, that run's id.
         """
+        wf = self.registry.get(workflow) if workflow in self.registry else None
+        if wf is not None and wf.flow_controlled:  # through the flow gate (flowcontrol)
+            gated = await self.store.create_gated(
+                run_id=run_id,
+                workflow=workflow,
+                input_json=input_json,
+                idempotency_key=idempotency_key,
+                lease=self.lease,
+                flow=wf.flow(input_json),
+                priority=wf.priority,
+                timeout=wf.timeout,
+                start_timeout=wf.start_timeout,
+                code_version=wf.version,
+            )
+            if isinstance(gated, ClaimedRun) or (isinstance(gated, tuple) and not gated[1]):
+                return gated if isinstance(gated, ClaimedRun) else gated[0]
+            return await self.claim(run_id, None)  # why not (or an earlier create's replay)
         result = await self.store.create_claimed(
             run_id=run_id,
             workflow=workflow,

@@ -39,7 +39,9 @@ and what to do about it.
     ├── RunStateError             an action the run's status does not allow (replay a live run)
     ├── RunFailedError            fk.result() on a run that failed
     ├── RunCancelledError         fk.result() on a run that was cancelled
-    ├── RunTimeoutError           fk.result() gave up waiting (also a TimeoutError)
+    ├── RunTimeoutError           fk.result() gave up waiting (also a TimeoutError); as a
+    │                             run's error: it passed its timeout or start_timeout
+    ├── ScheduleNotFoundError     no cron schedule stored for that workflow
     ├── SignatureError            a request without a valid signature (HTTP 401)
     ├── InvalidRequestError       a malformed request to the endpoint or dashboard (HTTP 400)
     └── DispatchError             the endpoint could not be reached or refused an invocation
@@ -388,7 +390,15 @@ class RunCancelledError(FlowKeeperError):
 
 
 class RunTimeoutError(FlowKeeperError, TimeoutError):
-    """fk.result() stopped waiting before the run finished.  The run goes on."""
+    """fk.result() stopped waiting before the run finished (the run goes on).
+
+    Also the error type of a run failed by its workflow's ``timeout`` or
+    ``start_timeout``: its message names which deadline passed and when.
+    """
+
+
+class ScheduleNotFoundError(FlowKeeperError, LookupError):
+    """No cron schedule is stored for that workflow (or it was removed from the code)."""
 
 
 class SignatureError(FlowKeeperError):

@@ -268,6 +268,8 @@ class EventBus:
             )
         listeners = self.listeners(name)
         inputs = [(wf, wf.dump_input(data)) for wf in listeners]  # refused before anything
+        for wf, text in inputs:  # a concurrency key function that fails refuses the event
+            wf.flow(text)
         push = self.push is not None and connection is None
         lease = self.push_lease if self.push is not None else None
         if connection is not None:
@@ -318,6 +320,7 @@ class EventBus:
         started: list[str] = []
         carried = self.trace_carrier() if inputs else None
         for wf, input_json in inputs:
+            flow = wf.flow(input_json)  # checked above, before anything was written
             token = uuid.uuid4() if lease is not None else None
             rid, created = await self.store.insert_run(
                 run_id=new_run_id(),
@@ -328,6 +331,13 @@ class EventBus:
                 lease=lease or timedelta(0),
                 conn=conn,
                 code_version=wf.version,
+                flow_keys=flow.keys,
+                flow_limits=flow.limits,
+                priority=wf.priority,
+                timeout=wf.timeout,
+                start_timeout=wf.start_timeout,
+                rate_keys=flow.rate_keys,
+                rate_spacing=flow.rate_spacing,
             )
             if created:
                 started.append(rid)

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     import asyncpg
 
     from .client import FlowKeeper
+    from .retention import Pruner
+    from .schedules import Schedules
 
 logger = logging.getLogger("flowkeeper")
 
@@ -90,6 +92,8 @@ class Scheduler:
         breaker: int | None = None,
         alerts: AlertSender | None = None,
         event_retention: timedelta | None = timedelta(days=7),
+        schedules: Schedules | None = None,
+        pruner: Pruner | None = None,
     ) -> None:
         if batch_size < 1 or concurrency < 1:
             raise ConfigurationError("batch_size and concurrency must be at least 1")
@@ -98,6 +102,11 @@ class Scheduler:
         # at most every PRUNE_EVERY seconds per scheduler; None: never.
         self.event_retention = event_retention
         self._pruned_at = -math.inf
+        # Cron schedules fired by every tick (flowkeeper.schedules); the
+        # flow-control safety net swept now and then (flowkeeper.flowcontrol).
+        self.schedules = schedules
+        self.pruner = pruner  # retention: a small batch of old finished runs per tick
+        self._swept_at = -math.inf
         self.dispatcher = dispatcher
         self.dispatch_lease = dispatch_lease
         self.batch_size = batch_size
@@ -132,6 +141,7 @@ class Scheduler:
         errors: collections.Counter[str] = collections.Counter()
         claimed = dispatched = streak = 0
         more = True
+        await self._flow_upkeep()
         try:
             while True:
                 halted = (
@@ -185,6 +195,7 @@ class Scheduler:
         if self.alerts is not None:  # failure alerts left undelivered (flowkeeper.alerts)
             await self.alerts.deliver_due()
         await self._prune()
+        await self._retain()
         if claimed:
             logger.info("tick: claimed %d, dispatched %d, failed %d", claimed, dispatched, failed)
         result = TickResult(
@@ -194,6 +205,37 @@ class Scheduler:
         return result
 
     PRUNE_EVERY = 300.0
+    SWEEP_EVERY = 60.0
+
+    async def _retain(self) -> None:
+        """Delete a small batch of finished runs past their retention (never the tick's failure)."""
+        if self.pruner is None:
+            return
+        try:
+            deleted = await self.pruner.prune()
+        except Exception as exc:
+            logger.warning("tick: pruning finished runs failed: %s", exc)
+            return
+        if deleted:
+            logger.info("tick: deleted %d finished run(s) past their retention", deleted)
+
+    async def _flow_upkeep(self) -> None:
+        """Fire due cron slots; now and then wake runs parked on keys with free slots."""
+        if self.schedules is not None:
+            try:
+                await self.schedules.fire_due()
+            except Exception as exc:
+                logger.warning("tick: firing cron schedules failed: %s", exc)
+        now = time.monotonic()
+        if now - self._swept_at >= self.SWEEP_EVERY:
+            self._swept_at = now
+            try:
+                woken = await self.store.flow_sweep()
+            except Exception as exc:
+                logger.warning("tick: the concurrency-slot sweep failed: %s", exc)
+            else:
+                if woken:
+                    logger.info("tick: woke %d parked run(s) whose key had a free slot", woken)
 
     async def _prune(self) -> None:
         """Delete a batch of events no live run can still match (never the tick's failure)."""
@@ -299,6 +341,8 @@ class SchedulerLoop:
             concurrency=concurrency,
             alerts=fk.alerts,
             event_retention=fk.event_retention,
+            schedules=fk.schedules,
+            pruner=fk.pruner,
         )
         self.scheduler.driver = "loop"
         self.max_idle = max_idle

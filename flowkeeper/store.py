@@ -436,8 +436,19 @@ class Store:
         lease: timedelta,
         conn: asyncpg.Connection | None = None,
         code_version: str | None = None,
+        flow_keys: list[str] | None = None,
+        flow_limits: list[int] | None = None,
+        priority: int = 0,
+        timeout: timedelta | None = None,
+        start_timeout: timedelta | None = None,
+        rate_keys: list[str] | None = None,
+        rate_spacing: list[timedelta] | None = None,
     ) -> tuple[str, bool]:
-        """Insert a run; on an idempotency-key hit return the existing id."""
+        """Insert a run; on an idempotency-key hit return the existing id.
+
+        ``flow_keys``/``flow_limits``: its concurrency keys, ``priority``,
+        ``timeout``/``start_timeout`` (flowkeeper.flowcontrol).
+        """
         if conn is not None and not self._ready:
             await self.ensure_schema()
         args = (
@@ -447,6 +458,13 @@ class Store:
             idempotency_key,
             lease_token,
             lease,
+            flow_keys,
+            flow_limits,
+            priority,
+            timeout,
+            start_timeout,
+            rate_keys,
+            rate_spacing,
             code_version,
         )
         if conn is not None:
@@ -473,6 +491,48 @@ class Store:
             raise DatabaseError("the run conflicted with one that no longer exists; trigger again")
         found = str(existing["id"])
         return found, found == run_id
+
+    async def create_gated(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        lease: timedelta,
+        flow: Any,
+        priority: int,
+        timeout: timedelta | None,
+        start_timeout: timedelta | None,
+        code_version: str | None = None,
+    ) -> ClaimedRun | tuple[str, bool] | None:
+        """:meth:`create_claimed` for a flow-controlled run: inserted, then claimed through
+        the flow gate, in one transaction (one commit).  None: created but not claimed
+        (parked on a key, throttled, ...); a tuple: as :meth:`create_claimed`'s conflict."""
+        if not self._ready:
+            await self.ensure_schema()
+        token = uuid.uuid4()
+        async with self.db.acquire() as conn, conn.transaction():
+            created, _ = await self.insert_run(
+                run_id=run_id,
+                workflow=workflow,
+                input_json=input_json,
+                idempotency_key=idempotency_key,
+                lease_token=token,
+                lease=lease,
+                conn=conn,
+                code_version=code_version,
+                flow_keys=flow.keys,
+                flow_limits=flow.limits,
+                priority=priority,
+                timeout=timeout,
+                start_timeout=start_timeout,
+                rate_keys=flow.rate_keys,
+                rate_spacing=flow.rate_spacing,
+            )
+            if created != run_id:
+                return created, False
+            return await self.claim(run_id, token, uuid.uuid4(), lease, conn=conn)
 
     async def create_claimed(
         self,
@@ -508,9 +568,19 @@ class Store:
         await self._call("execute", "release_push", uuid.UUID(run_id), token)
 
     async def claim(
-        self, run_id: str, token: uuid.UUID | None, new_token: uuid.UUID, lease: timedelta
+        self,
+        run_id: str,
+        token: uuid.UUID | None,
+        new_token: uuid.UUID,
+        lease: timedelta,
+        *,
+        conn: asyncpg.Connection | None = None,
     ) -> ClaimedRun | None:
-        row = await self._write("claim_run", uuid.UUID(run_id), token, new_token, lease)
+        args = (uuid.UUID(run_id), token, new_token, lease)
+        if conn is not None:
+            row = await self._call("fetchrow", "claim_run", *args, conn=conn)
+        else:
+            row = await self._write("claim_run", *args)
         if row is None:
             return None
         history = [
@@ -655,6 +725,46 @@ class Store:
         """(next due time or None if no run is live, clock now), as unix seconds."""
         row = await self._call("fetchrow", "next_due")
         return row["due"], row["now"]
+
+    async def debounce_run(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        debounce_key: str,
+        period: timedelta,
+        flow: Any,
+        priority: int,
+        timeout: timedelta | None,
+        start_timeout: timedelta | None,
+        conn: asyncpg.Connection | None = None,
+    ) -> tuple[str, bool]:
+        """Merge a trigger into the key's pending run, or create it (flowcontrol.Debounce)."""
+        if conn is not None and not self._ready:
+            await self.ensure_schema()
+        row = await self._call(
+            "fetchrow",
+            "debounce_run",
+            uuid.UUID(run_id),
+            workflow,
+            input_json,
+            debounce_key,
+            period,
+            flow.keys,
+            flow.limits,
+            priority,
+            timeout,
+            start_timeout,
+            flow.rate_keys,
+            flow.rate_spacing,
+            conn=conn,
+        )
+        return str(row["id"]), bool(row["created"])
+
+    async def flow_sweep(self, max_keys: int = 200) -> int:
+        """Wake parked runs of keys with free slots (flowkeeper.flowcontrol's safety net)."""
+        return int(await self._call("fetchval", "flow_sweep", max_keys) or 0)
 
     # reading ------------------------------------------------------------------
     async def run_input_text(

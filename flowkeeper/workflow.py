@@ -6,6 +6,7 @@ import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pydantic
@@ -13,14 +14,30 @@ import pydantic_core
 
 from . import patches, serialization
 from .errors import (
+    ConfigurationError,
     DuplicateWorkflowError,
     InvalidInputError,
     UnknownWorkflowError,
     WorkflowError,
 )
 from .events import CancelOn, check_event_name
+from .flowcontrol import (
+    NO_KEYS,
+    Concurrency,
+    Debounce,
+    FlowKeys,
+    RateLimit,
+    check_concurrency,
+    check_debounce,
+    check_priority,
+    check_rate_limit,
+    check_timeout,
+    flow_keys,
+)
 from .names import name_problem, shown
+from .retention import Retention, check_retention
 from .retry import RetryPolicy
+from .schedules import Schedule, check_schedule
 
 WorkflowFunction = Callable[..., Awaitable[Any]]
 #: Called with a :class:`flowkeeper.alerts.FailureAlert` when a run fails for good.
@@ -51,12 +68,28 @@ class Workflow:
     on_event: str | None = None  # start a run per event of this name (its data the input)
     cancel_on: Sequence[CancelOn] = ()  # cancel live runs when a matching event arrives
     version: str | None = None  # the code version recorded on each run it starts
+    concurrency: Sequence[Concurrency] = ()  # flow control (flowkeeper.flowcontrol)
+    rate_limit: Sequence[RateLimit] = ()  # throttled starts (flowkeeper.flowcontrol)
+    debounce: Debounce | None = None  # bursts of triggers become one run
+    priority: int = 0  # the default priority of its runs (minutes of head start)
+    schedule: Schedule | None = None  # cron (flowkeeper.schedules)
+    timeout: timedelta | None = None  # fail a run not finished this long after its trigger
+    start_timeout: timedelta | None = None  # ... or not started this long after it
+    retention: Retention | None = None  # its own retention of finished runs
     takes_input: bool = field(init=False)
     input_type: Any = field(init=False)
     output_type: Any = field(init=False)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
+        self.concurrency = check_concurrency(self.name, self.concurrency)
+        self.rate_limit = check_rate_limit(self.name, self.rate_limit)
+        self.debounce = check_debounce(self.name, self.debounce)
+        self.priority = check_priority(self.priority, f"Workflow {self.name!r}")
+        self.timeout = check_timeout(self.timeout, f"Workflow {self.name!r}: timeout")
+        self.start_timeout = check_timeout(
+            self.start_timeout, f"Workflow {self.name!r}: start_timeout"
+        )
         if not inspect.iscoroutinefunction(self.fn):
             raise WorkflowError(
                 f"Workflow {self.name!r}: {getattr(self.fn, '__qualname__', self.fn)!r} must be "
@@ -84,6 +117,14 @@ class Workflow:
         self.takes_input = len(positional) == 2
         self.input_type = hints.get(positional[1].name, Any) if self.takes_input else None
         self.output_type = hints.get("return")
+        if self.schedule is not None and self.takes_input:
+            try:  # a cron run's input is its slot time
+                self.dump_input(datetime.now(UTC))
+            except InvalidInputError:
+                raise ConfigurationError(
+                    f"Workflow {self.name!r} runs on a cron schedule: its input is the slot "
+                    "time, so annotate it as datetime (or take no input)."
+                ) from None
         for what, tp in (("input", self.input_type), ("return", self.output_type)):
             if tp is None:
                 continue
@@ -143,6 +184,24 @@ class Workflow:
             return None
         return serialization.loads(text, self.input_type, what=f"Input of workflow {self.name!r}")
 
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether its runs carry anything the claim enforces (flowkeeper.flowcontrol)."""
+        return bool(
+            self.concurrency
+            or self.rate_limit
+            or self.debounce
+            or self.priority
+            or self.timeout
+            or self.start_timeout
+        )
+
+    def flow(self, input_json: str) -> FlowKeys:
+        """The concurrency keys of a run with this (stored) input; see flowcontrol."""
+        if not self.concurrency and not self.rate_limit:
+            return NO_KEYS
+        return flow_keys(self.name, self.concurrency, self.load_input(input_json), self.rate_limit)
+
     # output --------------------------------------------------------------
     def dump_output(self, value: Any) -> str:
         return serialization.dumps(value, what=f"The return value of workflow {self.name!r}")
@@ -160,6 +219,16 @@ def define_workflow(
     on_event: str | None = None,
     cancel_on: Sequence[CancelOn] = (),
     version: str | Callable[[WorkflowFunction], str] | None = None,
+    concurrency: Concurrency | Sequence[Concurrency] | None = None,
+    rate_limit: RateLimit | Sequence[RateLimit] | None = None,
+    debounce: Debounce | None = None,
+    priority: int = 0,
+    cron: str | None = None,
+    timezone: str | None = None,
+    catch_up: str | None = None,
+    timeout: float | timedelta | None = None,
+    start_timeout: float | timedelta | None = None,
+    retention: Retention | None = None,
 ) -> Workflow:
     """Define a workflow: ``fn`` is an ``async def`` taking ``(ctx)`` or ``(ctx, input)``.
 
@@ -173,6 +242,17 @@ def define_workflow(
     cancels a live run when an event matching one of its :class:`CancelOn`
     rules arrives.  ``version`` (a string, or :func:`flowkeeper.source_hash` to
     derive one from the function's source) is recorded on each run it starts.
+    ``concurrency`` (one :class:`Concurrency` or several) caps
+    the runs executing at once per key; ``rate_limit`` (one :class:`RateLimit`
+    or several) spaces their starts; ``debounce`` merges a burst of triggers
+    into one run with the latest input; ``priority`` (0..1000) is its runs'
+    default priority (see :mod:`flowkeeper.flowcontrol`).  ``cron`` (with
+    ``timezone``, UTC by default, and ``catch_up``: "latest", "all" or
+    "none") starts one run per slot, its input the slot time (see
+    :mod:`flowkeeper.schedules`).  ``timeout`` fails a run (with a
+    :class:`RunTimeoutError` naming the deadline) that has not finished that
+    long after it was triggered, ``start_timeout`` one not started by then.
+    ``retention`` keeps its finished runs that long (see :mod:`flowkeeper.retention`).
     Register the result with ``fk.register(wf)``.
     """
     if on_failure is not None and not callable(on_failure):
@@ -193,6 +273,14 @@ def define_workflow(
         on_event=on_event,
         cancel_on=rules,
         version=patches.code_version(name, fn, version),
+        concurrency=check_concurrency(name, concurrency),
+        rate_limit=check_rate_limit(name, rate_limit),
+        debounce=check_debounce(name, debounce),
+        priority=priority,
+        schedule=check_schedule(name, cron, timezone, catch_up),
+        timeout=check_timeout(timeout, f"Workflow {name!r}: timeout"),
+        start_timeout=check_timeout(start_timeout, f"Workflow {name!r}: start_timeout"),
+        retention=check_retention(retention, f"Workflow {name!r}"),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from flowkeeper import Context, define_workflow
+from flowkeeper import Concurrency, Context, define_workflow
 
 # Text that compresses about as well as prose (about 2.5x), made once.
 _WORDS = [f"w{i:x}{'abcdefgh'[i % 8] * (i % 7)}" for i in range(4000)]
@@ -114,4 +114,14 @@ WORKFLOWS = {
     "payload": define_workflow("payload", payload),
     "big": define_workflow("big", big),
     "many": define_workflow("many", many),
+    # bench/flowcontrol.py: the same three steps under limits that never bind: one
+    # per key (100 keys), and the same plus one global limit over all its runs.
+    "three-limited": define_workflow(
+        "three-limited", three, concurrency=Concurrency(limit=1000, key=lambda n: f"c{n % 100}")
+    ),
+    "three-global": define_workflow(
+        "three-global",
+        three,
+        concurrency=[Concurrency(limit=1000, key=lambda n: f"c{n % 100}"), Concurrency(10_000)],
+    ),
 }

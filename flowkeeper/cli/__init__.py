@@ -14,10 +14,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FlowKeeperError
-from . import dev, doctor, events, migrate, pgcron, runs, scheduler, tick
+from . import dev, doctor, events, migrate, pgcron, runs, scheduler, schedules, status, tick
 
 #: Modules that add commands: each has ``register(subparsers)``.
-COMMANDS = [dev, migrate, tick, scheduler, pgcron, runs, events, doctor]
+COMMANDS = [dev, migrate, tick, scheduler, pgcron, runs, events, schedules, status, doctor]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``flowkeeper runs list|show|replay|retry|cancel``: the dashboard's view, in a terminal.
+"""``flowkeeper runs list|show|replay|retry|cancel|prune``: the dashboard's view, in a terminal.
 
 The filters are the dashboard's (``--workflow``, ``--status``, ``--since 2h``,
 ``--until``, ``--search`` run id or idempotency key, ``--before`` cursor);
@@ -104,6 +104,18 @@ def register(sub: Any) -> None:
     p.add_argument("run_id")
     _action_options(p)
     p.set_defaults(handler=run_cancel)
+
+    p = actions.add_parser(
+        "prune", help="delete finished runs older than an age, in small batches (retention)"
+    )
+    p.add_argument("--older-than", required=True, metavar="AGE", help="finished before: 30d, 12h")
+    p.add_argument(
+        "--status", required=True, help="completed, failed or cancelled (live runs never)"
+    )
+    p.add_argument("--workflow", "-w", help="only this workflow")
+    p.add_argument("--batch", type=int, default=1000, help="runs per transaction (1000)")
+    _action_options(p)
+    p.set_defaults(handler=run_prune)
 
 
 def _filters(p: argparse.ArgumentParser, *, status: bool = True) -> None:
@@ -590,4 +602,27 @@ async def run_cancel(args: argparse.Namespace) -> int:
         print(f"run {args.run_id} had already finished; nothing to cancel")
         return 1
     print(f"run {args.run_id} cancelled")
+    return 0
+
+
+async def run_prune(args: argparse.Namespace) -> int:
+    from ..retention import parse_age
+
+    age = parse_age(args.older_than)
+    if args.batch < 1:
+        raise ConfigurationError("--batch must be at least 1")
+    fk = _connect(args)
+    try:
+        which = f" of {args.workflow}" if args.workflow else ""
+        if not _confirm(
+            args, f"Delete every {args.status} run{which} finished more than {age} ago?"
+        ):
+            print("nothing done")
+            return 1
+        deleted = await fk.pruner.prune_by_hand(
+            args.status, age, workflow=args.workflow, batch=args.batch
+        )
+    finally:
+        await fk.aclose()
+    print(f"deleted {deleted} {args.status} run(s) finished more than {age} ago")
     return 0

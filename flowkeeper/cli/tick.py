@@ -54,6 +54,8 @@ async def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         concurrency=args.concurrency,
         event_retention=fk.event_retention,
+        schedules=fk.schedules,
+        pruner=fk.pruner,
     )
     scheduler.driver = "cli"
     endpoint = fk.dispatcher.endpoint

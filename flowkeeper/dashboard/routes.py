@@ -2,7 +2,8 @@
 
 Mounted by the endpoint under ``dashboard_path`` (``/ui``): ``/`` the runs
 list, ``/runs/<id>`` a run, ``/events`` the events sent, ``/events/<number>``
-one event and the runs it woke, started or cancelled, ``/login`` and
+one event and the runs it woke, started or cancelled, ``/schedules`` the cron
+schedules, concurrency-key usage and the schema's size, ``/login`` and
 ``/logout``, ``/api/...`` the JSON
 the pages poll, ``/static/...`` the CSS and JavaScript shipped in the package.
 Pages and API need a session; actions (POST) need its CSRF token too.  Live
@@ -38,12 +39,22 @@ from ..errors import (
     InvalidRequestError,
     RunNotFoundError,
     RunStateError,
+    ScheduleNotFoundError,
 )
 from ..eventlist import EventFilter, parse_event_number
+from ..flowcontrol import FlowStatus
 from ..ids import check_run_id
 from ..runlist import RunFilter
 from .auth import Auth, Session, same_origin
-from .views import event_json, events_json, page_json, render, run_json, script_json
+from .views import (
+    event_json,
+    events_json,
+    page_json,
+    render,
+    run_json,
+    schedules_json,
+    script_json,
+)
 
 if TYPE_CHECKING:
     from ..client import FlowKeeper
@@ -358,7 +369,7 @@ class Dashboard:
         total = len(children)
         if total == 200:
             total = await self.fk.store.count_children(run_id)
-        return run_json(
+        data = run_json(
             info,
             now,
             await self._version(run_id),
@@ -368,6 +379,10 @@ class Dashboard:
             children=children,
             children_total=total,
         )
+        # Why a queued run has not started (flowkeeper.flowcontrol).
+        reason = await FlowStatus(self.fk.store).queued_reason(run_id)
+        data["queued_reason"] = reason.text if reason is not None else None
+        return data
 
     async def _version(self, run_id: str) -> str | None:
         """The run's version, and its logs' (stored just after the step they belong to)."""
@@ -453,6 +468,45 @@ class Dashboard:
         logger.info("dashboard: %s of run %s", action, run_id)
         return JSONResponse({"ok": True, "message": message, "run_id": run_id})
 
+    # schedules, concurrency keys, storage (flowkeeper.schedules, flowkeeper.flowcontrol) ------
+    async def _schedules_data(self) -> dict[str, Any]:
+        status = FlowStatus(self.fk.store)
+        return schedules_json(
+            await self.fk.schedules.list(),
+            await status.key_usage(50),
+            await status.schema_usage(),
+            self.fk.schema,
+        )
+
+    async def schedules_page(self, request: Request, session: Session) -> Response:
+        data = await self._schedules_data()
+        return HTMLResponse(self._shell(request, session, "schedules", "Schedules", data))
+
+    async def api_schedules(self, request: Request, session: Session) -> Response:
+        return JSONResponse(await self._schedules_data())
+
+    async def api_schedule_action(self, request: Request, session: Session) -> Response:
+        workflow = request.path_params["workflow"]
+        action = request.path_params["action"]
+        try:
+            if action == "pause":
+                await self.fk.schedules.pause(workflow)
+                message = f"Paused {workflow}."
+            elif action == "resume":
+                following = await self.fk.schedules.resume(workflow)
+                message = f"Resumed {workflow}; next slot {following.isoformat()}."
+            elif action == "run-now":
+                run_id = await self.fk.schedules.run_now(workflow)
+                message = f"Started run {run_id}."
+            else:
+                return _refuse(
+                    request, 404, "unknown_action", f"No action {action!r}: pause, resume, run-now."
+                )
+        except ScheduleNotFoundError as exc:
+            return _error(404, "schedule_not_found", str(exc))
+        logger.info("dashboard: %s of schedule %s", action, workflow)
+        return JSONResponse({"ok": True, "message": message})
+
     async def api_replay_failed(self, request: Request, session: Session) -> Response:
         body = await _json_body(request)
         workflow = _text(body.get("workflow"), "workflow")
@@ -513,6 +567,7 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
         Route("/", d.page(d.runs_page), methods=["GET"]),
         Route("/runs/{run_id}", d.page(d.run_page), methods=["GET"]),
         Route("/events", d.page(d.events_page), methods=["GET"]),
+        Route("/schedules", d.page(d.schedules_page), methods=["GET"]),
         Route("/events/{number}", d.page(d.event_page), methods=["GET"]),
         Route("/login", d.login_form, methods=["GET"]),
         Route("/login", d.login, methods=["POST"]),
@@ -521,6 +576,12 @@ def create_dashboard(fk: FlowKeeper) -> ASGIApp:
         Route("/api/patches", d.api(d.api_patches), methods=["GET"]),
         Route("/api/runs/{run_id}", d.api(d.api_run), methods=["GET"]),
         Route("/api/events", d.api(d.api_events), methods=["GET"]),
+        Route("/api/schedules", d.api(d.api_schedules), methods=["GET"]),
+        Route(
+            "/api/schedules/{workflow}/{action}",
+            d.api(d.api_schedule_action, action=True),
+            methods=["POST"],
+        ),
         Route("/api/events/{number}", d.api(d.api_event), methods=["GET"]),
         Route("/api/runs/{run_id}/stream", d.api(d.api_stream), methods=["GET"]),
         Route("/api/runs/{run_id}/{action}", d.api(d.api_action, action=True), methods=["POST"]),

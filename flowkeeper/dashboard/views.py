@@ -13,9 +13,11 @@ from typing import Any
 
 from ..eventlist import EventPage
 from ..eventops import EventInfo, WaitInfo
+from ..flowcontrol import KeyUsage, TableUsage
 from ..health import overdue_note
 from ..models import AttemptError, RunEvent, RunInfo, StepInfo
 from ..runlist import RunPage
+from ..schedules import ScheduleInfo
 from ..steplogs import LogLine
 from .timeline import build
 
@@ -200,3 +202,45 @@ def render(name: str, **values: str) -> str:
         for k, v in values.items()
     }
     return _template(name).substitute(safe)
+
+
+def schedules_json(
+    schedules: Sequence[ScheduleInfo],
+    keys: Sequence[KeyUsage],
+    tables: Sequence[TableUsage],
+    schema: str,
+) -> dict[str, Any]:
+    """The schedules page: cron schedules, concurrency-key usage, the schema's size."""
+
+    def iso(at: datetime | None) -> str | None:
+        return at.isoformat() if at is not None else None
+
+    return {
+        "schedules": [
+            {
+                "workflow": s.workflow,
+                "cron": s.cron,
+                "timezone": s.timezone,
+                "catch_up": s.catch_up,
+                "state": s.state,
+                "next_at": iso(s.next_at),
+                "last_slot": iso(s.last_slot),
+                "last_run": s.last_run,
+                "last_status": s.last_status,
+                "fired": s.fired,
+                "skipped": s.skipped,
+            }
+            for s in schedules
+        ],
+        "keys": [
+            {"key": k.key, "held": k.held, "parked": k.parked, "limit": k.limit} for k in keys
+        ],
+        "storage": {
+            "schema": schema,
+            "bytes": sum(t.bytes for t in tables),
+            "tables": [
+                {"name": t.name, "rows": t.rows, "estimated": t.estimated, "bytes": t.bytes}
+                for t in tables
+            ],
+        },
+    }

@@ -54,6 +54,9 @@ QUERY_FILES = (
     "fork.sql",
     "steplogs.sql",
     "health.sql",
+    "schedules.sql",
+    "flowcontrol.sql",
+    "retention.sql",
 )
 
 

@@ -312,10 +312,20 @@ BEGIN
         END LOOP;
     END IF;
 
+    -- Runs parked on a concurrency key that has a free slot (a woken run was
+    -- cancelled before it started, say) are woken: a safety net, see flow_sweep.
+    PERFORM {schema}.flow_sweep(100);
+    -- Finished runs past their retention: one small batch per policy (0010).
+    PERFORM {schema}.prune_runs(200);
+
     -- Failure alerts whose first delivery failed are retried by the endpoint's
-    -- own tick (the alerts module needs Python: webhooks, on_failure hooks), so
+    -- own tick (the alerts module needs Python: webhooks, on_failure hooks), and
+    -- cron slots are fired there (cron expressions are evaluated in Python), so
     -- when some are due, ask it for one.  One small signed POST, only then.
-    IF EXISTS (SELECT 1 FROM {schema}.alerts WHERE due_at <= {schema}.clock_now()) THEN
+    IF EXISTS (SELECT 1 FROM {schema}.alerts WHERE due_at <= {schema}.clock_now())
+       OR EXISTS (SELECT 1 FROM {schema}.schedules
+                  WHERE next_at <= {schema}.clock_now() AND NOT paused AND removed_at IS NULL)
+    THEN
         DECLARE
             tick_url text := regexp_replace(s.invoke_url, '/$', '') || '/tick';
             tick_sig text := {schema}.fk_signature(

@@ -7,10 +7,21 @@
 -- Create a run.  With a positive $6 the run starts leased to the trigger's
 -- own push (token $5); with $6 = 0 it is due at once for the scheduler.  A
 -- conflict (the same run id already created by the endpoint, or the
--- idempotency key taken) inserts nothing: see run_by_id_or_key.
+-- idempotency key taken) inserts nothing: see run_by_id_or_key.  Flow
+-- control (migration 0015): $7 the concurrency keys, $8 their limits, $9 the
+-- priority, a head start of that many minutes in the due order; $10 its
+-- timeout and $11 its start_timeout, from now (see runs_deadline_cap); $12
+-- its rate keys and $13 their spacing.  $14: the workflow's code version.
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
-                           code_version)
-VALUES ($1, $2, 'queued', $3::json, $4, $5, {schema}.clock_now() + $6::interval, $7)
+                           flow_keys, flow_limits, priority, deadline, start_deadline,
+                           rate_keys, rate_spacing, code_version)
+VALUES ($1, $2, 'queued', $3::json, $4, $5,
+        {schema}.clock_now() + $6::interval
+            - CASE WHEN $6::interval > interval '0' THEN interval '0'
+                   ELSE make_interval(mins => $9::integer) END,
+        $7::text[], $8::integer[], $9::integer,
+        {schema}.clock_now() + $10::interval, {schema}.clock_now() + $11::interval,
+        $12::text[], $13::interval[], $14)
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -36,7 +47,8 @@ LIMIT 1;
 -- name: release_push
 -- The trigger's push did not get through: make the run due now.
 UPDATE {schema}.runs
-SET lease_token = NULL, due_at = {schema}.clock_now(), updated_at = {schema}.clock_now()
+SET lease_token = NULL, due_at = {schema}.clock_now() - make_interval(mins => priority),
+    updated_at = {schema}.clock_now()
 WHERE id = $1 AND lease_token = $2;
 
 -- name: claim_run
@@ -46,7 +58,15 @@ WHERE id = $1 AND lease_token = $2;
 -- history in the same round trip.  A run still marked executing was held by
 -- an invocation that died inside a step: one more lost attempt (see
 -- migration 0005).  A finished run whose stopping invocation died is let go.
-WITH claimed AS (
+-- Flow control first (migration 0009): a run over a concurrency limit is
+-- parked by flow_gate, a run past a deadline is failed, and nothing is claimed.
+WITH gate AS (
+    SELECT coalesce(bool_and({schema}.flow_gate($1, $2)), true) AS ok
+    FROM {schema}.runs
+    WHERE id = $1
+      AND (flow_keys IS NOT NULL OR rate_keys IS NOT NULL OR deadline IS NOT NULL
+           OR start_deadline IS NOT NULL)
+), claimed AS (
     UPDATE {schema}.runs
     SET status = 'running',
         lease_token = $3,
@@ -60,6 +80,7 @@ WITH claimed AS (
     WHERE id = $1
       AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
+      AND (SELECT ok FROM gate)
     RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
               lost_attempts, created_at, parent_id
 ), stale AS (
@@ -86,7 +107,8 @@ FROM claimed c;
 SELECT status,
        (lease_token IS NOT NULL AND due_at > {schema}.clock_now()) AS leased,
        due_at,
-       workflow
+       workflow,
+       blocked_key
 FROM {schema}.runs WHERE id = $1;
 
 -- name: commit
@@ -94,7 +116,8 @@ FROM {schema}.runs WHERE id = $1;
 -- step records it has not written yet ($11-$23, one array per column; $29:
 -- how many chunks of each one's output were staged ahead, 0 if none), and
 -- events ($24-$27).  Refused (no row) when the lease token is no longer
--- current or the run was cancelled meanwhile (fencing).  Due time: unchanged
+-- current, the run was cancelled meanwhile (fencing) or its run timeout has
+-- passed (flowkeeper.flowcontrol).  Due time: unchanged
 -- when $28 (a mid-run flush: no indexed column changes, so the update can be
 -- HOT and the lease is kept alive by the heartbeat; the invocation goes on
 -- executing), else $6 (absolute), else now + $5, else none (finished).  Lost
@@ -119,6 +142,8 @@ WITH r AS (
         updated_at = {schema}.clock_now()
     WHERE id = $1 AND lease_token = $2
       AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
+      -- Past its run timeout nothing more is recorded: the next claim fails it.
+      AND NOT coalesce(deadline <= {schema}.clock_now(), false)
     RETURNING id, due_at
 ), s AS (
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
@@ -158,6 +183,7 @@ SELECT id, due_at FROM r;
 UPDATE {schema}.runs
 SET due_at = {schema}.clock_now() + $3::interval
 WHERE id = $1 AND lease_token = $2
+  AND NOT coalesce(deadline <= {schema}.clock_now(), false)  -- timed out: the step stops
 RETURNING status;
 
 -- name: release_stopped
@@ -494,11 +520,13 @@ WHERE r.id = c.id AND r.lease_token = c.token;
 -- name: next_due
 -- When the next run needs attention (NULL when no run is live) and the
 -- flowkeeper clock now, both as unix seconds.  min() over runs_due_idx reads
--- one index entry.
-SELECT extract(epoch FROM min(due_at))::float8 AS due,
-       extract(epoch FROM {schema}.clock_now())::float8 AS now
-FROM {schema}.runs
-WHERE due_at IS NOT NULL;
+-- one index entry; a cron schedule's next slot counts as due too (its tick
+-- creates the run), read from schedules_due_idx.
+SELECT extract(epoch FROM least(
+           (SELECT min(due_at) FROM {schema}.runs WHERE due_at IS NOT NULL),
+           (SELECT min(next_at) FROM {schema}.schedules
+            WHERE next_at IS NOT NULL AND NOT paused AND removed_at IS NULL)))::float8 AS due,
+       extract(epoch FROM {schema}.clock_now())::float8 AS now;
 
 -- name: stage_chunk
 -- One piece of a large step output, sent ahead of the commit that records the

@@ -7,7 +7,7 @@ in a one-row table, so a test can jump over a one-day sleep in an instant.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from ..sql import validate_schema
@@ -41,6 +41,14 @@ class FakeClock:
         """Move the clock forward (or back, with a negative value)."""
         delta = by if isinstance(by, timedelta) else timedelta(seconds=by)
         await self.conn.execute(f"UPDATE {self.schema}.fake_clock SET shift = shift + $1", delta)
+
+    async def travel_to(self, at: datetime) -> None:
+        """Set the clock to ``at`` (an aware datetime); it runs on from there."""
+        if at.tzinfo is None:
+            raise ValueError("travel_to() takes an aware datetime, e.g. datetime(..., tzinfo=UTC)")
+        await self.conn.execute(
+            f"UPDATE {self.schema}.fake_clock SET shift = $1::timestamptz - now()", at
+        )
 
     async def reset(self) -> None:
         await self.conn.execute(f"UPDATE {self.schema}.fake_clock SET shift = interval '0'")

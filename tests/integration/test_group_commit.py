@@ -26,6 +26,8 @@ from flowkeeper.store import Store
 from ..helpers import KEY, drive, make_fk, serve, shape
 
 LEASE = timedelta(seconds=30)
+# insert_run's arguments after the lease: no flow control, priority 0, no code version.
+REST = (None, None, 0, None, None, None, None, None)
 
 
 def _group(store: Store) -> Any:
@@ -224,7 +226,7 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
         await store.ensure_schema()
 
         def insert(key: str) -> tuple[str, tuple[Any, ...]]:
-            return ("insert_run", (uuid.uuid4(), "w", "1", key, None, timedelta(0), None))
+            return ("insert_run", (uuid.uuid4(), "w", "1", key, None, timedelta(0), *REST))
 
         # Another transaction holds k1 and then wants k0, which the batch holds
         # while it waits for k1: a deadlock, of which the batch (waiting first,

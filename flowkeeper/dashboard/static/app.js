@@ -418,6 +418,9 @@
         facts.push([run.status === "retrying" ? "Retry at" : run.status === "sleeping" ? "Wakes at" : "Due",
           el("span", { title: stamp(run.due_at), text: run.due_at ? `${stamp(run.due_at)} (${ago(run.due_at)})` : "–" })]);
       }
+      if (run.queued_reason) {
+        facts.push(["Not started", el("span", { id: "queued-reason", text: run.queued_reason })]);
+      }
       const waits = run.waits || [];
       const current = waits.filter((w) => w.kind !== "cancel" && w.state === "waiting").pop();
       if (run.status === "waiting" && current) {
@@ -997,10 +1000,91 @@
     poll(refresh, 3000);
   }
 
+  // schedules, concurrency keys, storage -----------------------------------------------
+  function bytes(n) {
+    let size = n;
+    for (const unit of ["B", "kB", "MB", "GB"]) {
+      if (size < 1024 || unit === "GB") return unit === "B" ? `${size} B` : `${size.toFixed(1)} ${unit}`;
+      size /= 1024;
+    }
+    return `${n} B`;
+  }
+
+  function schedulesPage(initial) {
+    let page = initial;
+    const schedCard = el("section", { class: "card flush", id: "schedules-card" });
+    const keysCard = el("section", { class: "card flush", id: "keys-card" });
+    const storageCard = el("section", { class: "card flush", id: "storage-card" });
+    app.replaceChildren(el("h1", { text: "Schedules" }), schedCard, keysCard, storageCard);
+
+    async function action(workflow, what) {
+      if (await act(`/api/schedules/${encodeURIComponent(workflow)}/${what}`, {})) refresh();
+    }
+
+    function render() {
+      const body = el("tbody");
+      for (const s of page.schedules) {
+        const buttons = el("td", { class: "actions" });
+        if (s.state === "active") buttons.append(el("button", { class: "ghost", dataset: { action: "pause" }, onclick: () => action(s.workflow, "pause"), text: "Pause" }));
+        if (s.state === "paused") buttons.append(el("button", { class: "ghost", dataset: { action: "resume" }, onclick: () => action(s.workflow, "resume"), text: "Resume" }));
+        if (s.state !== "removed") buttons.append(el("button", { class: "ghost", dataset: { action: "run-now" }, onclick: () => action(s.workflow, "run-now"), text: "Run now" }));
+        body.append(el("tr", { class: "row schedule", dataset: { workflow: s.workflow, state: s.state } },
+          el("td", {}, el("a", { href: `${BASE}/?workflow=${encodeURIComponent(s.workflow)}`, text: s.workflow })),
+          el("td", {}, el("code", { text: s.cron })),
+          el("td", { text: s.timezone }),
+          el("td", {}, el("span", { class: `badge st-${s.state}`, text: s.state })),
+          el("td", { title: s.next_at || "", text: s.next_at ? `${stamp(s.next_at)} (${ago(s.next_at)})` : "–" }),
+          el("td", {}, s.last_run ? [runLink(s.last_run), " ", s.last_status ? badge(s.last_status) : null] : "–"),
+          el("td", { text: `${s.fired} fired · ${s.skipped} skipped · catch-up ${s.catch_up}` }),
+          buttons));
+      }
+      if (!page.schedules.length) body.append(el("tr", {}, el("td", { colspan: 8, class: "empty", text: "No schedules. Declare one with @fk.workflow(..., cron=\"0 9 * * *\"); it is written when the app starts." })));
+      schedCard.replaceChildren(el("div", { class: "steps-bar" }, el("h2", { text: "Cron schedules" })),
+        el("table", { class: "runs", id: "schedules" }, el("thead", {}, el("tr", {},
+          ["Workflow", "Cron", "Time zone", "State", "Next slot", "Last run", "Slots", ""].map((t) => el("th", { text: t })))), body));
+
+      const keys = el("tbody");
+      for (const k of page.keys) {
+        keys.append(el("tr", { class: "row key", dataset: { key: k.key } },
+          el("td", {}, el("code", { text: k.key })),
+          el("td", { text: `${k.held} / ${k.limit ?? "?"}` }),
+          el("td", { text: String(k.parked) })));
+      }
+      if (!page.keys.length) keys.append(el("tr", {}, el("td", { colspan: 3, class: "empty", text: "No concurrency key holds a slot or has runs waiting." })));
+      keysCard.replaceChildren(el("div", { class: "steps-bar" }, el("h2", { text: "Concurrency keys" })),
+        el("table", { class: "runs", id: "keys" }, el("thead", {}, el("tr", {},
+          ["Key", "Slots held / limit", "Runs waiting"].map((t) => el("th", { text: t })))), keys));
+
+      const st = page.storage;
+      const tables = el("tbody");
+      for (const t of st.tables) {
+        tables.append(el("tr", { class: "row table", dataset: { table: t.name } },
+          el("td", {}, el("code", { text: t.name })),
+          el("td", { text: t.estimated ? `~${t.rows}` : String(t.rows) }),
+          el("td", { text: bytes(t.bytes) })));
+      }
+      storageCard.replaceChildren(el("div", { class: "steps-bar" },
+        el("h2", {}, "Storage ", el("span", { class: "muted", id: "schema-size", text: `schema ${st.schema}: ${bytes(st.bytes)} on disk` }))),
+        el("table", { class: "runs", id: "tables" }, el("thead", {}, el("tr", {},
+          ["Table", "Rows", "Size (with indexes)"].map((t) => el("th", { text: t })))), tables));
+    }
+
+    async function refresh() {
+      const response = await api("/api/schedules");
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      page = await response.json();
+      render();
+    }
+
+    render();
+    poll(refresh, 5000);
+  }
+
   // ================================================================================
   const data = JSON.parse(document.getElementById("fk-data").textContent);
   if (PAGE === "runs") runsPage(data);
   else if (PAGE === "run") runPage(data);
   else if (PAGE === "events") eventsPage(data);
   else if (PAGE === "event") eventPage(data);
+  else if (PAGE === "schedules") schedulesPage(data);
 })();

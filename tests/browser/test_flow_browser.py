@@ -1,0 +1,78 @@
+"""Schedules, concurrency keys, storage and a queued run's reason in a real Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowkeeper import Concurrency, Context
+
+from ..helpers import make_fk, serve, wait_for
+
+PASSWORD = "browser-test-password"
+UI = "/api/flowkeeper/ui"
+
+
+@pytest.mark.slow
+async def test_schedules_page_keys_storage_and_queued_reason(
+    database_url: str, browser_context: Any, artifacts_dir: Path
+) -> None:
+    fk = make_fk(database_url, dashboard_password=PASSWORD)
+    release = asyncio.Event()
+
+    @fk.workflow("digest", cron="0 9 * * MON-FRI", timezone="Europe/Berlin")
+    async def digest(ctx: Context, slot: datetime) -> None:
+        return None
+
+    @fk.workflow("exclusive", concurrency=Concurrency(limit=1, key=lambda n: f"c{n % 1}"))
+    async def exclusive(ctx: Context, n: int) -> int:
+        await ctx.step("hold", release.wait)
+        return n
+
+    async with serve(fk) as server:
+        try:
+            first = (await fk.trigger("exclusive", 1)).run_id
+            second = (await fk.trigger("exclusive", 2)).run_id
+
+            async def parked() -> bool:
+                reason = (await fk.get_run(second)).status.value == "queued"
+                await fk.tick()
+                return reason and (await fk.get_run(first)).status.value == "running"
+
+            await wait_for(parked)
+            page = await browser_context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{server.base_url}{UI}/runs/{second}")
+            await page.fill("#password", PASSWORD)
+            await page.click("#login")
+            reason = page.locator("#queued-reason")
+            await reason.wait_for()
+            assert "waiting for a concurrency slot of wf:exclusive:c0" in await reason.inner_text()
+            assert "1 of 1 held" in await reason.inner_text()
+
+            await page.click("#nav-schedules")
+            row = page.locator('tr.schedule[data-workflow="digest"]')
+            await row.wait_for()
+            assert "0 9 * * MON-FRI" in await row.inner_text()
+            assert await row.get_attribute("data-state") == "active"
+            key = page.locator('tr.key[data-key="wf:exclusive:c0"]')
+            await key.wait_for()
+            assert "1 / 1" in await key.inner_text()
+            assert "on disk" in await page.locator("#schema-size").inner_text()
+            assert await page.locator('tr.table[data-table="runs"]').count() == 1
+            await page.screenshot(path=str(artifacts_dir / "schedules.png"), full_page=True)
+
+            await row.locator('button[data-action="pause"]').click()
+            await page.locator('tr.schedule[data-state="paused"]').wait_for()
+            assert (await fk.schedules.list())[0].paused
+            await page.locator('button[data-action="resume"]').click()
+            await page.locator('tr.schedule[data-state="active"]').wait_for()
+            assert errors == []
+        finally:
+            release.set()
+            await fk.aclose()
