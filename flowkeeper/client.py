@@ -502,7 +502,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             connection = await foreign.unwrap(connection)
             if foreign.kind(connection) != "asyncpg":
                 return await self._trigger_foreign(
-                    connection, wf.name, run_id, input_json, idempotency_key
+                    connection, wf, run_id, input_json, idempotency_key, prio
                 )
         in_transaction = connection is not None and connection.is_in_transaction()
         push_now = self.dispatcher is not None and not in_transaction
@@ -557,8 +557,9 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             await self._push(parent, token)
 
     async def _trigger_foreign(
-        self, connection: Any, workflow: str, run_id: str, input_json: str, key: str | None
-    ) -> RunHandle:
+        self, connection: Any, wf: Workflow, run_id: str, input_json: str, key: str | None,
+        priority: int,
+    ) -> RunHandle:  # fmt: skip
         """Insert a run on a psycopg async connection; the scheduler starts it after commit."""
         if foreign.kind(connection) != "psycopg_async":
             raise ConfigurationError(
@@ -567,9 +568,31 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             )
         await self.store.ensure_schema()
         run_id, created = await foreign.insert_run_psycopg_async(
-            self.store.q, connection, run_id, workflow, input_json, key
+            self.store.q, connection, self._foreign_insert(wf, run_id, input_json, key, priority)
         )
-        return RunHandle(run_id=run_id, workflow=workflow, created=created, _fk=self)
+        return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
+
+    def _foreign_insert(
+        self, wf: Workflow, run_id: str, input_json: str, key: str | None, priority: int
+    ) -> tuple[Any, ...]:
+        """insert_run's arguments for another driver's connection: never leased."""
+        flow = wf.flow(input_json)
+        return self.store.insert_args(
+            run_id=run_id,
+            workflow=wf.name,
+            input_json=input_json,
+            idempotency_key=key,
+            lease_token=None,
+            lease=timedelta(0),
+            code_version=wf.version,
+            flow_keys=flow.keys,
+            flow_limits=flow.limits,
+            priority=priority,
+            timeout=wf.timeout,
+            start_timeout=wf.start_timeout,
+            rate_keys=flow.rate_keys,
+            rate_spacing=flow.rate_spacing,
+        )
 
     async def _idempotency_hit(
         self,

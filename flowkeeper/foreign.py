@@ -101,24 +101,17 @@ async def unwrap(conn: Any) -> Any:
 InsertArgs = tuple[uuid.UUID, str, str, str | None, uuid.UUID | None, timedelta]
 
 
-def _insert_args(run_id: str, workflow: str, input_json: str, key: str | None) -> InsertArgs:
-    # Never leased: the caller's transaction decides when the run exists, so
-    # nobody could push it now; the scheduler (NOTIFY) or an on-commit push does.
-    return (uuid.UUID(run_id), workflow, input_json, key, None, timedelta(0))
-
-
 async def insert_run_psycopg_async(
-    queries: dict[str, str],
-    conn: Any,
-    run_id: str,
-    workflow: str,
-    input_json: str,
-    idempotency_key: str | None,
+    queries: dict[str, str], conn: Any, insert: tuple[Any, ...]
 ) -> tuple[str, bool]:
-    """``insert_run`` on a psycopg 3 async connection; (run id, created)."""
-    sql, args = dbapi_query(
-        queries["insert_run"], _insert_args(run_id, workflow, input_json, idempotency_key)
-    )
+    """``insert_run`` on a psycopg 3 async connection; (run id, created).
+
+    ``insert``: the query's arguments (Store.insert_args), never leased: the
+    caller's transaction decides when the run exists, so nobody could push it
+    now; the scheduler (NOTIFY) or an on-commit push does.
+    """
+    run_id, workflow, idempotency_key = str(insert[0]), insert[1], insert[3]
+    sql, args = dbapi_query(queries["insert_run"], insert)
     async with conn.cursor() as cur:
         await cur.execute(sql, args)
         row = await cur.fetchone()
@@ -132,17 +125,14 @@ async def insert_run_psycopg_async(
 
 
 def insert_run_sync(
-    queries: dict[str, str],
-    conn: Any,
-    run_id: str,
-    workflow: str,
-    input_json: str,
-    idempotency_key: str | None,
+    queries: dict[str, str], conn: Any, insert: tuple[Any, ...]
 ) -> tuple[str, bool]:
-    """``insert_run`` on a sync psycopg 3 or Django connection; (run id, created)."""
-    sql, args = dbapi_query(
-        queries["insert_run"], _insert_args(run_id, workflow, input_json, idempotency_key)
-    )
+    """``insert_run`` on a sync psycopg 3 or Django connection; (run id, created).
+
+    ``insert``: as for :func:`insert_run_psycopg_async`.
+    """
+    run_id, workflow, idempotency_key = str(insert[0]), insert[1], insert[3]
+    sql, args = dbapi_query(queries["insert_run"], insert)
     if kind(conn) == "django":
         # Django's cursor wants strings for uuid and interval parameters on some backends.
         args = [str(a) if isinstance(a, uuid.UUID) else a for a in args]

@@ -425,6 +425,45 @@ class Store:
         return applied
 
     # runs ---------------------------------------------------------------------
+    def insert_args(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        lease_token: uuid.UUID | None,
+        lease: timedelta,
+        code_version: str | None = None,
+        flow_keys: list[str] | None = None,
+        flow_limits: list[int] | None = None,
+        priority: int = 0,
+        timeout: timedelta | None = None,
+        start_timeout: timedelta | None = None,
+        rate_keys: list[str] | None = None,
+        rate_spacing: list[timedelta] | None = None,
+    ) -> tuple[Any, ...]:
+        """The ``insert_run`` query's arguments, in order (its input sealed when a codec is on).
+
+        Also what flowkeeper.foreign sends on another driver's connection.
+        """
+        return (
+            uuid.UUID(run_id),
+            workflow,
+            self.sealer.seal_json(input_json),
+            idempotency_key,
+            lease_token,
+            lease,
+            flow_keys,
+            flow_limits,
+            priority,
+            timeout,
+            start_timeout,
+            rate_keys,
+            rate_spacing,
+            code_version,
+        )
+
     async def insert_run(
         self,
         *,
@@ -451,21 +490,21 @@ class Store:
         """
         if conn is not None and not self._ready:
             await self.ensure_schema()
-        args = (
-            uuid.UUID(run_id),
-            workflow,
-            self.sealer.seal_json(input_json),
-            idempotency_key,
-            lease_token,
-            lease,
-            flow_keys,
-            flow_limits,
-            priority,
-            timeout,
-            start_timeout,
-            rate_keys,
-            rate_spacing,
-            code_version,
+        args = self.insert_args(
+            run_id=run_id,
+            workflow=workflow,
+            input_json=input_json,
+            idempotency_key=idempotency_key,
+            lease_token=lease_token,
+            lease=lease,
+            code_version=code_version,
+            flow_keys=flow_keys,
+            flow_limits=flow_limits,
+            priority=priority,
+            timeout=timeout,
+            start_timeout=start_timeout,
+            rate_keys=rate_keys,
+            rate_spacing=rate_spacing,
         )
         if conn is not None:
             row = await self._call("fetchrow", "insert_run", *args, conn=conn)

@@ -119,7 +119,9 @@ class SyncFlowKeeper:
 
         self._call(ready)
         run_id, created = foreign.insert_run_sync(
-            fk.store.q, connection, new_run_id(), wf.name, input_json, key
+            fk.store.q,
+            connection,
+            fk._foreign_insert(wf, new_run_id(), input_json, key, wf.priority),
         )
         if created:
             if foreign.sync_in_transaction(connection):

@@ -42,7 +42,7 @@ def test_compare_prints_the_table_for_flowkeeper_alone() -> None:
     # Commits are read unsettled here (--stats-settle=0): any number, even below 0.
     row = r"^flowkeeper \S+ +workflow of 3 steps \(HTTP endpoint\) +\d+ +\d+-\d+ +-?\d+\.\d\d$"
     assert re.search(row, text, re.M), text
-    assert re.search(r"pgbench single-row INSERT tps, 8 clients +\d+", text), text
+    assert re.search(r"pgbench single-row INSERT tps, 8 clients \(each round\) +\d+", text), text
     # Checkpointing: a 5-step workflow costs one HTTP invocation, one with a sleep two.
     assert re.search(r"per 5-step workflow, no sleep +1\.00$", text, re.M), text
     assert re.search(r"per 5-step workflow, one sleep +2\.00$", text, re.M), text

@@ -26,8 +26,6 @@ from flowkeeper.store import Store
 from ..helpers import KEY, drive, make_fk, serve, shape
 
 LEASE = timedelta(seconds=30)
-# insert_run's arguments after the lease: no flow control, priority 0, no code version.
-REST = (None, None, 0, None, None, None, None, None)
 
 
 def _group(store: Store) -> Any:
@@ -225,8 +223,18 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
         store = fk.store
         await store.ensure_schema()
 
+        def args(key: str) -> tuple[Any, ...]:
+            return store.insert_args(
+                run_id=str(uuid.uuid4()),
+                workflow="w",
+                input_json="1",
+                idempotency_key=key,
+                lease_token=None,
+                lease=timedelta(0),
+            )
+
         def insert(key: str) -> tuple[str, tuple[Any, ...]]:
-            return ("insert_run", (uuid.uuid4(), "w", "1", key, None, timedelta(0), *REST))
+            return ("insert_run", args(key))
 
         # Another transaction holds k1 and then wants k0, which the batch holds
         # while it waits for k1: a deadlock, of which the batch (waiting first,
@@ -234,16 +242,10 @@ async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_u
         await other.execute("SET deadlock_timeout = '10s'")
         tx = other.transaction()
         await tx.start()
-        await other.execute(
-            store.q["insert_run"], uuid.uuid4(), "w", "1", "k1", None, timedelta(0), None
-        )
+        await other.execute(store.q["insert_run"], *args("k1"))
         batch = asyncio.create_task(store._call_many([insert("k0"), insert("k1")]))
         await asyncio.sleep(0.3)
-        blocked = asyncio.create_task(
-            other.execute(
-                store.q["insert_run"], uuid.uuid4(), "w", "1", "k0", None, timedelta(0), None
-            )
-        )
+        blocked = asyncio.create_task(other.execute(store.q["insert_run"], *args("k0")))
         with pytest.raises(BatchRefused):
             await batch
         await blocked

@@ -36,7 +36,7 @@ V01_SCHEMA = 5
 async def _future_migration(conn: asyncpg.Connection, requires: int | None) -> int:
     """What a newer deploy's migration leaves behind: a new column, and its record."""
     future = latest_version() + 1
-    await conn.execute("ALTER TABLE flowkeeper.runs ADD COLUMN priority integer")
+    await conn.execute("ALTER TABLE flowkeeper.runs ADD COLUMN future_column integer")
     await conn.execute(
         "INSERT INTO flowkeeper.migrations (version, name, requires_library) "
         "VALUES ($1, 'priorities', $2)",
