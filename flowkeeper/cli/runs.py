@@ -46,7 +46,7 @@ _WAIT_GLYPH = "="  # a wait for an event or a token, whatever its outcome
 
 def register(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
-        "runs", help="list, inspect, replay, retry and cancel runs"
+        "runs", help="list, inspect, replay, retry, cancel, fork and prune runs"
     )
     actions = parser.add_subparsers(dest="runs_command", metavar="ACTION")
     actions.required = True
