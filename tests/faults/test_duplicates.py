@@ -94,6 +94,9 @@ async def test_duplicate_and_stale_invocations_run_each_step_once(
             "FLOWKEEPER_SIGNING_KEY": KEY,
             "FLOWKEEPER_ENDPOINT": endpoint,
             "FAULT_STEP_DELAY": "0.2",  # runs live long enough to be replayed mid-way
+            # Longer than a loaded CI machine stalls the app: a lease lost to a stall
+            # re-runs an unrecorded step legitimately, which this test would count.
+            "FAULT_LEASE": "4",
         },
     )
     server.start()
