@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigurationError, DatabaseError
+from .errors import ConfigurationError
 from .signing import RequestSigner
 from .store import Store
 from .workflow import Registry
@@ -165,7 +165,7 @@ class AlertSender:
         """
         try:
             rows = await self.store.claim_alerts(limit, _LEASE)
-        except DatabaseError as exc:
+        except Exception as exc:  # never the tick's failure: the alerts stay due
             logger.warning("failure alerts: could not claim due alerts (%s)", exc)
             return 0
         for row in rows:

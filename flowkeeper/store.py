@@ -953,7 +953,24 @@ class Store:
         rows: list[asyncpg.Record] = await self._call("fetch", "claim_alerts", limit, lease, rid)
         if not self.sealer.on:
             return rows
-        return [_opened(r, self.sealer, ("input",), ("error",)) for r in rows]
+        return [self._alert_opened(r) for r in rows]
+
+    def _alert_opened(self, row: asyncpg.Record) -> dict[str, Any]:
+        """An alert's run, opened; what this process cannot decrypt is said, not raised.
+
+        An alert is most needed for the run whose key was dropped (it failed
+        with DecryptionError): one unreadable row must not hold up the rest.
+        """
+        try:
+            return _opened(row, self.sealer, ("input",), ("error",))
+        except DecryptionError as exc:
+            out = dict(row)
+            out["input"] = json.dumps(f"<not readable here: {exc}>")
+            try:
+                out["error"] = _opened(row, self.sealer, (), ("error",))["error"]
+            except DecryptionError:
+                out["error"] = display_json({"type": "DecryptionError", "message": str(exc)})
+            return out
 
     async def alert_result(
         self,
