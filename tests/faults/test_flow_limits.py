@@ -50,6 +50,9 @@ async def test_limits_hold_with_many_drivers_and_kills(
         "FLOWKEEPER_ENDPOINT": fk.dispatcher.endpoint,  # type: ignore[union-attr]
         "FLOW_LIMIT": str(LIMIT),
         "FLOW_STEP": "0.2",
+        # Longer than a loaded CI machine stalls the app: a lease lost to a stall
+        # counts a lost attempt, and two SIGKILLs plus one could fail a run.
+        "FAULT_LEASE": "4",
     }
     server = app_server("tests.apps.flow_app", fk.test_port, env)  # type: ignore[attr-defined]
     server.start()
