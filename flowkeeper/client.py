@@ -71,6 +71,21 @@ _ENDED = (Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED)
 
 logger = logging.getLogger("flowkeeper")
 
+
+def _run_fields(wf: Workflow, flow: Any, priority: int) -> dict[str, Any]:
+    """What a new run of ``wf`` records besides its input: code version and flow control."""
+    return {
+        "code_version": wf.version,
+        "flow_keys": flow.keys,
+        "flow_limits": flow.limits,
+        "priority": priority,
+        "timeout": wf.timeout,
+        "start_timeout": wf.start_timeout,
+        "rate_keys": flow.rate_keys,
+        "rate_spacing": flow.rate_spacing,
+    }
+
+
 F = TypeVar("F", bound=WorkflowFunction)
 
 
@@ -483,15 +498,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                 idempotency_key=idempotency_key,
                 lease_token=None,
                 lease=timedelta(0),
-                code_version=wf.version,
                 # The endpoint would have applied the workflow's flow control: so do we.
-                flow_keys=flow.keys,
-                flow_limits=flow.limits,
-                priority=prio,
-                timeout=wf.timeout,
-                start_timeout=wf.start_timeout,
-                rate_keys=flow.rate_keys,
-                rate_spacing=flow.rate_spacing,
+                **_run_fields(wf, flow, prio),
             )
             if not created:
                 await self._idempotency_hit(run_id, wf.name, idempotency_key, input_json)
@@ -515,14 +523,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             lease_token=token,
             lease=self.dispatch_lease if push_now else timedelta(0),
             conn=connection,
-            code_version=wf.version,
-            flow_keys=flow.keys,
-            flow_limits=flow.limits,
-            priority=prio,
-            timeout=wf.timeout,
-            start_timeout=wf.start_timeout,
-            rate_keys=flow.rate_keys,
-            rate_spacing=flow.rate_spacing,
+            **_run_fields(wf, flow, prio),
         )
         handle = RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
         if created and trace:
@@ -576,7 +577,6 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         self, wf: Workflow, run_id: str, input_json: str, key: str | None, priority: int
     ) -> tuple[Any, ...]:
         """insert_run's arguments for another driver's connection: never leased."""
-        flow = wf.flow(input_json)
         return self.store.insert_args(
             run_id=run_id,
             workflow=wf.name,
@@ -584,14 +584,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             idempotency_key=key,
             lease_token=None,
             lease=timedelta(0),
-            code_version=wf.version,
-            flow_keys=flow.keys,
-            flow_limits=flow.limits,
-            priority=priority,
-            timeout=wf.timeout,
-            start_timeout=wf.start_timeout,
-            rate_keys=flow.rate_keys,
-            rate_spacing=flow.rate_spacing,
+            **_run_fields(wf, wf.flow(input_json), priority),
         )
 
     async def _idempotency_hit(
