@@ -1,13 +1,23 @@
 """Encryption at rest: ``FlowKeeper(codec=...)`` seals payloads before they reach Postgres.
 
 Sealed: run inputs and outputs, step inputs and results (ctx.step and
-ctx.transaction), and the message and traceback of every error (a run's, a
-step's, a failed attempt's, a replay's record of the previous error).  Not
-sealed: what flowkeeper itself must read in SQL — names, statuses, due
-times, error *types*, patch markers — and event data, which waits match on
-inside Postgres (keep secrets out of the fields you match on, or seal them
-yourself with :meth:`Codec.encrypt`).  pg_cron dispatch never reads
-payloads, so it works unchanged.
+ctx.transaction), event data and approval-token data, what a wait or a
+cancel_on rule matches on, stream messages (ctx.publish), captured step log
+lines, and the message and traceback of every error (a
+run's, a step's, a failed attempt's, a replay's record of the previous
+error).  Not sealed: what flowkeeper itself must read in SQL — names,
+statuses, due times, error *types*, patch markers, and the field *names*
+(not values) of event data.  pg_cron dispatch never reads payloads, so it
+works unchanged.
+
+Waits match events inside Postgres, so event data is stored twice: sealed
+(what a wait returns), and as a *match index* — the same structure with
+every value replaced by a keyed hash (HMAC-SHA-256 under a key derived from
+each codec key, 128 bits).  A wait's match values are hashed the same way,
+so equality — and only equality — still works in SQL, with jsonb's own
+rules (``42`` equals ``42.0``, ``"42"`` does not).  An event is indexed
+under every configured key and a wait under the first, so rotation never
+makes a sleeping wait miss its event.
 
 A sealed value is stored as a JSON string ``"fk:enc:<token>"`` (the columns
 stay valid ``json``); a value without the prefix is read as it is, so
@@ -23,9 +33,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, Protocol
 
 from .errors import CodecKeyError, ConfigurationError, DecryptionError
@@ -36,10 +48,19 @@ PREFIX = "fk:enc:"
 _AAD = b"flowkeeper.v1"
 _TOKEN = "aesgcm1"
 _SEALED_FIELDS = ("message", "traceback")
+#: What a hashed match value starts with (a JSON string in the match index).
+HASHED = "fk:h:"
 
 
 class Codec(Protocol):
-    """What ``FlowKeeper(codec=...)`` takes: bytes in, an ASCII token out, and back."""
+    """What ``FlowKeeper(codec=...)`` takes: bytes in, an ASCII token out, and back.
+
+    A codec may also have ``match_keys() -> list[tuple[str, bytes]]`` (key id,
+    secret; the current one first), as :class:`AesGcmCodec` does: event data
+    and wait matches are then indexed by keyed hashes.  Without it, the
+    values of event fields stay readable in ``event_log.data`` (the sealed
+    copy is what waits return) so that waits can match on them.
+    """
 
     def encrypt(self, plaintext: bytes) -> str: ...
 
@@ -88,6 +109,7 @@ class AesGcmCodec:
         if not listed:
             raise CodecKeyError("AesGcmCodec needs at least one key.")
         self._ciphers: dict[str, Any] = {}
+        self._match: list[tuple[str, bytes]] = []
         self._first = ""
         for key in listed:
             raw = _key_bytes(key)
@@ -95,6 +117,8 @@ class AesGcmCodec:
             if kid in self._ciphers:
                 raise CodecKeyError("The same AES-GCM key is listed twice.")
             self._ciphers[kid] = AESGCM(raw)
+            # A separate secret for the match index: its hashes reveal nothing of the key.
+            self._match.append((kid, hashlib.sha256(b"flowkeeper.match" + raw).digest()))
             self._first = self._first or kid
 
     @staticmethod
@@ -105,6 +129,10 @@ class AesGcmCodec:
     @property
     def key_ids(self) -> list[str]:
         return list(self._ciphers)
+
+    def match_keys(self) -> list[tuple[str, bytes]]:
+        """(key id, match-index secret) for every key, the encrypting key's first."""
+        return list(self._match)
 
     def encrypt(self, plaintext: bytes) -> str:
         nonce = os.urandom(12)
@@ -151,10 +179,44 @@ class Sealer:
                 f"(e.g. flowkeeper.codec.AesGcmCodec([key])), got {codec!r}."
             )
         self.codec = codec
+        keys = getattr(codec, "match_keys", None)
+        #: (key id, secret) of the match index, the current key first (empty: not hashed).
+        self.match_keys: list[tuple[str, bytes]] = list(keys()) if callable(keys) else []
 
     @property
     def on(self) -> bool:
         return self.codec is not None
+
+    # the match index of events and waits --------------------------------------------------
+    def event_index(self, payload: str) -> str | None:
+        """What SQL matches waits on for event data ``payload`` (None: the data itself).
+
+        One hashed copy of the data per key, each under the key's scope: a wait
+        registered under any listed key finds its event.
+        """
+        if not self.match_keys:
+            return None
+        # Numbers as Decimal: hashed exactly as jsonb compares them.
+        data = json.loads(payload, parse_float=Decimal, parse_int=Decimal)
+        return json.dumps({_scope(kid): _hashed(data, secret) for kid, secret in self.match_keys})
+
+    def wait_index(
+        self, paths: Sequence[str], values: Sequence[Any], containment: dict[str, Any]
+    ) -> tuple[list[str], list[Any], dict[str, Any]]:
+        """A wait's match paths, values and containment as the match index holds them."""
+        if not self.match_keys:
+            return list(paths), list(values), containment
+        kid, secret = self.match_keys[0]
+        scoped = [f"{_scope(kid)}.{p}" for p in paths]
+        hashed = [_hash_scalar(_number(v), secret) for v in values]
+        nested: dict[str, Any] = {}
+        for path, value in zip(scoped, hashed, strict=True):
+            node = nested
+            *parents, last = path.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return scoped, hashed, nested
 
     # whole JSON values (inputs, outputs) --------------------------------------------------
     def seal_json(self, text: str | None) -> str | None:
@@ -173,13 +235,15 @@ class Sealer:
         """A copy with every ``message``/``traceback`` string sealed, at any depth."""
         if self.codec is None:
             return value
-        return self._walk(value, self._seal_text)
+        return self._walk(value, self.seal_text)
 
     def open_error(self, value: Any) -> Any:
         return self._walk(value, self.open_text)
 
-    def _seal_text(self, text: str) -> str:
-        assert self.codec is not None
+    def seal_text(self, text: str) -> str:
+        """A string sealed as a string (a log line); as it is without a codec."""
+        if self.codec is None:
+            return text
         return PREFIX + self.codec.encrypt(text.encode("utf-8", "surrogatepass"))
 
     def open_text(self, text: str | None) -> str | None:
@@ -204,3 +268,61 @@ class Sealer:
                 "codec=AesGcmCodec([...]) with the key it was written with."
             )
         return self.codec.decrypt(token)
+
+
+def _scope(kid: str) -> str:
+    return f"fk-{kid}"
+
+
+def _number(value: Any) -> Any:
+    """A match value as the index compares it (floats by their JSON text, as jsonb reads them)."""
+    if isinstance(value, float) and not isinstance(value, bool):
+        return Decimal(repr(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    return value
+
+
+def _hashed(value: Any, secret: bytes) -> Any:
+    """``value`` with each scalar replaced by its keyed hash (objects and arrays kept)."""
+    if isinstance(value, dict):
+        return {k: _hashed(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_hashed(v, secret) for v in value]
+    if value is None:
+        return None
+    return _hash_scalar(value, secret)
+
+
+def _hash_scalar(value: Any, secret: bytes) -> str:
+    # Typed, so that "1", 1 and true stay unequal; numbers normalised, so that
+    # 42, 42.0 and 4.2e1 are equal (as jsonb has them).
+    if isinstance(value, bool):
+        text = b"b1" if value else b"b0"
+    elif isinstance(value, Decimal):
+        text = b"n" + _canonical_number(value).encode()
+    elif isinstance(value, str):
+        text = b"s" + value.encode("utf-8", "surrogatepass")
+    else:
+        text = b"x" + repr(value).encode()
+    digest = hmac.new(secret, text, hashlib.sha256).digest()[:16]
+    return HASHED + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _canonical_number(value: Decimal) -> str:
+    """One text per numeric value: digits without trailing zeros and an exponent.
+
+    By hand rather than ``Decimal.normalize``, which rounds to the context's
+    28 digits and would make two different large numbers equal.
+    """
+    if not value.is_finite():
+        return str(value)
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    kept = list(digits)
+    while len(kept) > 1 and kept[-1] == 0:
+        kept.pop()
+        exponent += 1
+    if kept == [0]:
+        return "0"
+    return f"{'-' if sign else ''}{''.join(map(str, kept))}e{exponent}"

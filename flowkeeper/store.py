@@ -181,6 +181,28 @@ def _opened(
     return out
 
 
+def _wait_opened(step: dict[str, Any], sealer: Sealer) -> dict[str, Any]:
+    """A wait's history entry with the match it recorded opened (it is sealed inside)."""
+    text = step.get("input")
+    if step.get("kind") == "wait" and isinstance(text, str) and '"fk:enc:' in text:
+        recorded = json.loads(text)
+        sealed = recorded.get("match")
+        if isinstance(sealed, str):
+            recorded["match"] = json.loads(sealer.open_json(json.dumps(sealed)) or "null")
+            step["input"] = json.dumps(recorded)
+    return step
+
+
+def _shown(row: Any, sealer: Sealer, column: str) -> dict[str, Any]:
+    """A row for display with ``column`` opened; one whose key is gone says so instead."""
+    try:
+        return _opened(row, sealer, (column,), ())
+    except DecryptionError as exc:
+        out = dict(row)
+        out[column] = json.dumps(f"(sealed, cannot be opened here: {exc})")
+        return out
+
+
 def _postgres_error() -> type[BaseException]:
     import asyncpg
 
@@ -837,7 +859,10 @@ class Store:
         opened = self.sealer
         return (
             _opened(run, opened, ("input", "output"), ("error",)),
-            [_opened(s, opened, ("input", "output"), ("error",)) for s in steps],
+            [
+                _wait_opened(_opened(s, opened, ("input", "output"), ("error",)), opened)
+                for s in steps
+            ],
             [_opened(e, opened, (), ("detail",)) for e in events],
         )
 
@@ -1074,7 +1099,11 @@ class Store:
         expires: datetime | None,
         started: datetime,
     ) -> tuple[str, str | None, datetime | None]:
-        """Record a wait; ('resolved', payload) at once, ('waiting', due) or ('lost', None)."""
+        """Record a wait; ('resolved', payload) at once, ('waiting', due) or ('lost', None).
+
+        The payload is as stored: sealed under a codec (the engine opens it).
+        """
+        paths, values, containment = self.sealer.wait_index(paths, values, containment)
         row = await self._call(
             "fetchrow",
             "register_wait",
@@ -1085,9 +1114,9 @@ class Store:
             name,
             kind,
             event,
-            list(paths),
-            json.dumps(list(values)),
-            json.dumps(match) if match is not None else None,
+            paths,
+            json.dumps(values),
+            self.sealer.seal_json(json.dumps(match)) if match is not None else None,
             json.dumps(containment),
             token_id,
             lookback,
@@ -1220,9 +1249,10 @@ class Store:
             "send_event",
             name,
             key,
-            payload,
+            self.sealer.seal_json(payload),
             uuid.UUID(run_id) if run_id else None,
             lease,
+            self.sealer.event_index(payload),  # hashed before the payload is sealed
             conn=conn,
         )
         return rows
@@ -1243,29 +1273,29 @@ class Store:
         self, token_id: str, payload: str, lease: timedelta | None
     ) -> tuple[str, str | None, uuid.UUID | None]:
         """('completed' | 'already_completed' | 'expired' | 'not_found', run id, push token)."""
-        row = await self._call("fetchrow", "complete_token", token_id, payload, lease)
+        row = await self._call(
+            "fetchrow", "complete_token", token_id, self.sealer.seal_json(payload), lease
+        )
         rid = str(row["run_id"]) if row["run_id"] is not None else None
         return str(row["outcome"]), rid, row["lease"]
 
     async def list_events(
         self, *, before: int | None, limit: int, name: str | None, key: str | None
-    ) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await self._call(
-            "fetch", "list_events", before, limit, name, key
-        )
-        return rows
+    ) -> list[dict[str, Any]]:
+        rows = await self._call("fetch", "list_events", before, limit, name, key)
+        return [_shown(r, self.sealer, "payload") for r in rows]
 
-    async def get_event(self, event_id: int) -> asyncpg.Record | None:
-        row: asyncpg.Record | None = await self._call("fetchrow", "get_event", event_id)
-        return row
+    async def get_event(self, event_id: int) -> dict[str, Any] | None:
+        row = await self._call("fetchrow", "get_event", event_id)
+        return None if row is None else _shown(row, self.sealer, "payload")
 
     async def event_effects(self, event_id: int) -> list[asyncpg.Record]:
         rows: list[asyncpg.Record] = await self._call("fetch", "event_effects", event_id)
         return rows
 
-    async def run_waits(self, run_id: str) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await self._call("fetch", "run_waits", uuid.UUID(run_id))
-        return rows
+    async def run_waits(self, run_id: str) -> list[dict[str, Any]]:
+        rows = await self._call("fetch", "run_waits", uuid.UUID(run_id))
+        return [_shown(r, self.sealer, "match") for r in rows]
 
     async def prune_events(self, older_than: timedelta, limit: int = 1000) -> int:
         """Delete events no live run can still match; how many went."""
@@ -1287,6 +1317,7 @@ class Store:
         since: datetime,
     ) -> str:
         """'registered' | 'exists' | 'cancelled' (an earlier event matched) | 'lost'."""
+        paths, values, containment = self.sealer.wait_index(paths, values, containment)
         outcome: str = await self._call(
             "fetchval",
             "register_cancel_rule",
@@ -1294,9 +1325,9 @@ class Store:
             token,
             key,
             event,
-            list(paths),
-            json.dumps(list(values)),
-            json.dumps(match, default=str),
+            paths,
+            json.dumps(values),
+            self.sealer.seal_json(json.dumps(match, default=str)),
             json.dumps(containment),
             since,
         )
@@ -1313,6 +1344,8 @@ class Store:
         if not messages:
             return None
         topics, keys, attempts, data = (list(c) for c in zip(*messages, strict=True))
+        if self.sealer.on:
+            data = [self.sealer.seal_json(d) for d in data]
         row = await self._call(
             "fetchrow", "stream_append", uuid.UUID(run_id), topics, keys, attempts, data
         )
@@ -1321,11 +1354,9 @@ class Store:
 
     async def stream_read(
         self, run_id: str, after: int, topic: str | None, limit: int
-    ) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await self._call(
-            "fetch", "stream_read", uuid.UUID(run_id), after, topic, limit
-        )
-        return rows
+    ) -> list[dict[str, Any]]:
+        rows = await self._call("fetch", "stream_read", uuid.UUID(run_id), after, topic, limit)
+        return [_shown(r, self.sealer, "data") for r in rows]
 
     async def stream_run_status(self, run_id: str) -> str | None:
         status: str | None = await self._call("fetchval", "stream_run_status", uuid.UUID(run_id))
@@ -1384,13 +1415,21 @@ class Store:
         if not rows:
             return
         cols = [list(c) for c in zip(*rows, strict=True)]
+        if self.sealer.on:  # the run's byte cap then counts sealed bytes
+            cols[4] = [self.sealer.seal_text(m) for m in cols[4]]
         await self._call("execute", "step_logs_append", uuid.UUID(run_id), *cols, run_bytes)
 
-    async def step_logs_read(self, run_id: str, limit: int) -> list[asyncpg.Record]:
-        rows: list[asyncpg.Record] = await self._call(
-            "fetch", "step_logs_read", uuid.UUID(run_id), limit
-        )
-        return rows
+    async def step_logs_read(self, run_id: str, limit: int) -> list[dict[str, Any]]:
+        rows = await self._call("fetch", "step_logs_read", uuid.UUID(run_id), limit)
+        out = []
+        for row in rows:
+            line = dict(row)
+            try:
+                line["message"] = self.sealer.open_text(line["message"])
+            except DecryptionError as exc:
+                line["message"] = f"(sealed, cannot be opened here: {exc})"
+            out.append(line)
+        return out
 
     async def step_logs_version(self, run_id: str) -> int:
         return int(await self._call("fetchval", "step_logs_version", uuid.UUID(run_id)))

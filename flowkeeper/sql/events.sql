@@ -14,8 +14,10 @@ FROM {schema}.register_wait($1, $2, $3, $4, $5, $6, $7, $8::text[], $9::jsonb, $
 SELECT status, payload FROM {schema}.resume_wait($1, $2, $3, $4);
 
 -- name: send_event
+-- Event $1 (dedup id $2, payload $3, sealed under a codec) sent by run $4;
+-- waits match on $6, the data's match index (NULL: the payload itself).
 SELECT kind, event_id, run_id, lease
-FROM {schema}.send_event($1, $2, $3::json, $4, $5::interval);
+FROM {schema}.send_event($1, $2, $3::json, $4, $5::interval, $6::jsonb);
 
 -- name: event_started
 -- Runs started by event $1 (workflows with on_event=its name).
