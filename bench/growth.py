@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.growth                  # everything (about 8 minutes)
     .venv/bin/python -m bench.growth --only payloads  # or: history, steps, memory, burst,
-                                                      #     latency, groupcommit
+                                                      #     latency, groupcommit, lean
     .venv/bin/python -m bench.growth --quick          # small sizes: a smoke test
 
 Every section measures its cases side by side in one run, interleaved round by
@@ -23,6 +23,8 @@ latency      trigger-to-completion p50/p99 of a 3-step workflow at concurrency
              1 and 64 (completion: the run's finished_at, same clock).
 groupcommit  3-step workflows/s and commits per workflow with group commit on
              and off (two endpoints, interleaved).
+lean         3-step workflows/s with the lean step write (no events to write:
+             commit_lean) vs the full commit statement for every write.
 
 Runs on a private PostgreSQL with default durability (fsync on).
 """
@@ -58,7 +60,7 @@ from .common import (
     table,
 )
 
-SECTIONS = ("history", "steps", "payloads", "memory", "burst", "latency", "groupcommit")
+SECTIONS = ("history", "steps", "payloads", "memory", "burst", "latency", "groupcommit", "lean")
 
 
 # plumbing -----------------------------------------------------------------------------
@@ -386,6 +388,38 @@ async def groupcommit(admin_url: str, args: argparse.Namespace) -> list[list[str
     ]  # fmt: skip
 
 
+async def lean(admin_url: str, args: argparse.Namespace) -> list[list[str]]:
+    urls = {
+        label: await create_database(admin_url, f"growth_lean_{label}")
+        for label in ("lean", "full")
+    }
+    rates: dict[str, list[float]] = {"lean": [], "full": []}
+    with (
+        env(FLOWKEEPER_BENCH_LEAN_COMMIT="1"),
+        served_app(urls["lean"]) as ep_lean,
+        env(FLOWKEEPER_BENCH_LEAN_COMMIT="0"),
+        served_app(urls["full"]) as ep_full,
+    ):
+        endpoints = {"lean": ep_lean, "full": ep_full}
+        for label in rates:
+            await run_many(urls[label], endpoints[label], "three", range(100), 64)
+        for r in range(args.rounds):
+            order = list(rates) if r % 2 == 0 else list(reversed(rates))
+            for label in order:
+                print(f"lean commit round {r + 1}: {label}", file=sys.stderr)
+                await quiesce(urls[label])
+                res = await run_many(
+                    urls[label], endpoints[label], "three", range(args.workflows), 64
+                )
+                rates[label].append(res["per_second"])
+    ratios = [a / b for a, b in zip(rates["lean"], rates["full"], strict=True)]
+    return [
+        ["lean step write: workflows/s", spread(rates["lean"], "{:.0f}")],
+        ["full commit statement: workflows/s", spread(rates["full"], "{:.0f}")],
+        ["lean / full", spread(ratios)],
+    ]
+
+
 RUNNERS = {
     "history": history,
     "steps": steps,
@@ -394,6 +428,7 @@ RUNNERS = {
     "burst": burst,
     "latency": latency,
     "groupcommit": groupcommit,
+    "lean": lean,
 }
 
 

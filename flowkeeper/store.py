@@ -306,6 +306,8 @@ class Store:
         self.auto_migrate = auto_migrate
         #: Whether concurrent writes share transactions (flowkeeper.groupcommit).
         self.group_commit = group_commit
+        #: Step writes without events use the lean statement (bench.growth compares both).
+        self.lean_commit = True
         self._groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit[Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -695,7 +697,7 @@ class Store:
         for i, (step, stored) in enumerate(zip(steps, outputs, strict=True)):
             if stored is not None and len(stored) > STAGE_ABOVE:
                 staged[i] = await self._stage(run_uuid, token, step.key, stored)
-        args = (
+        head = (
             run_uuid,
             token,
             status,
@@ -707,15 +709,16 @@ class Store:
             step_key,
             step_attempt,
             *_step_columns(steps, outputs, staged, self.sealer),
-            *_event_columns(events, self.sealer),
-            keep_due,
-            staged,
         )
+        if events or any(staged) or not self.lean_commit:
+            query, args = "commit", (*head, *_event_columns(events, self.sealer), keep_due, staged)
+        else:  # the common case (sql/queries.sql: commit_lean)
+            query, args = "commit_lean", (*head, keep_due)
         try:
             if conn is not None:  # a transaction step: the user's transaction
-                row = await self._call("fetchrow", "commit", *args, conn=conn)
+                row = await self._call("fetchrow", query, *args, conn=conn)
             else:
-                row = await self._write("commit", *args)
+                row = await self._write(query, *args)
         finally:
             if any(staged):
                 try:

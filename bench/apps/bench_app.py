@@ -12,6 +12,8 @@ fk = FlowKeeper(
     pool_size=int(os.environ.get("FLOWKEEPER_POOL_SIZE", "5")),
     group_commit=os.environ.get("FLOWKEEPER_GROUP_COMMIT", "1") != "0",
 )
+# bench.growth --only lean: the full commit statement for every write, to compare.
+fk.store.lean_commit = os.environ.get("FLOWKEEPER_BENCH_LEAN_COMMIT", "1") != "0"
 for wf in WORKFLOWS.values():
     fk.register(wf)
 

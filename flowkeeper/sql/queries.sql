@@ -176,6 +176,55 @@ WITH r AS (
 )
 SELECT id, due_at FROM r;
 
+-- name: commit_lean
+-- commit (above) when there are no events to write and no output was staged
+-- ahead, the common case: no empty events insert, no per-step look at staged
+-- chunks, five parameters fewer.  Fencing, due time and the step insert are
+-- commit's, word for word (tests/unit/test_commit_sql.py holds them equal).
+WITH r AS (
+    UPDATE {schema}.runs
+    SET status = $3,
+        lease_token = $4,
+        due_at = CASE WHEN $24::boolean THEN due_at
+                      WHEN $6::timestamptz IS NOT NULL THEN $6::timestamptz
+                      WHEN $5::interval IS NOT NULL THEN {schema}.clock_now() + $5::interval
+                 END,
+        output = $7::json,
+        error = $8::jsonb,
+        step_key = $9,
+        step_attempt = $10,
+        executing = $24::boolean,
+        lost_attempts = 0,
+        finished_at = CASE WHEN $3 IN ('completed', 'failed', 'cancelled')
+                           THEN {schema}.clock_now() END,
+        updated_at = {schema}.clock_now()
+    WHERE id = $1 AND lease_token = $2
+      AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
+      -- Past its run timeout nothing more is recorded: the next claim fails it.
+      AND NOT coalesce(deadline <= {schema}.clock_now(), false)
+    RETURNING id, due_at
+), s AS (
+    INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,
+                                output_type, error, attempts, started_at, finished_at, wake_at)
+    SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, x.output,
+           x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
+           CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) ELSE x.wake_at END
+    FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
+                   $16::json[], $17::json[], $18::text[], $19::jsonb[], $20::integer[],
+                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
+         AS x(key, position, name, kind, status, input, output, output_type, error,
+              attempts, started_at, finished_at, wake_at)
+    -- A parallel branch's retry state (status 'retrying', migration 0009) is
+    -- replaced by the step's next record; nothing else is ever overwritten.
+    ON CONFLICT (run_id, key) DO UPDATE
+    SET status = EXCLUDED.status, input = EXCLUDED.input, output = EXCLUDED.output,
+        output_type = EXCLUDED.output_type, error = EXCLUDED.error,
+        attempts = EXCLUDED.attempts, finished_at = EXCLUDED.finished_at,
+        wake_at = EXCLUDED.wake_at
+    WHERE {schema}.steps.status = 'retrying'
+)
+SELECT id, due_at FROM r;
+
 -- name: heartbeat
 -- Keep the lease of a live invocation from expiring during a long step.  The
 -- status tells the invocation when the run was cancelled under it: the lease

@@ -20,12 +20,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flowkeeper import Context, DatabaseRefusedError, FlowKeeper
+from flowkeeper import Context, DatabaseRefusedError, FlowKeeper, RetryPolicy
 from flowkeeper.store import Store
 
 from ..helpers import KEY, drive, make_fk, serve, shape
 
 LEASE = timedelta(seconds=30)
+FAST = RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.01)
 
 
 def _group(store: Store) -> Any:
@@ -179,14 +180,25 @@ async def test_results_are_identical_with_group_commit_on_and_off(pg: Any, runs:
         2**63,
     ]
 
-    async def workload(url: str, group_commit: bool) -> tuple[dict[int, Any], int]:
+    async def workload(
+        url: str, group_commit: bool, lean: bool = True
+    ) -> tuple[dict[int, Any], int]:
         fk = make_fk(url, group_commit=group_commit, pool_size=2)
+        fk.store.lean_commit = lean  # off: every write takes the full commit statement
+        tried: set[int] = set()
+
+        def flaky(n: int) -> int:
+            if n % 5 == 0 and n not in tried:  # a failed attempt: a commit with an event
+                tried.add(n)
+                raise RuntimeError(f"first attempt of {n}")
+            return n
 
         @fk.workflow("three")
         async def three(ctx: Context, n: int) -> Any:
             a = await ctx.step("a", lambda: values[n % len(values)])
             b = await ctx.step("b", lambda: {"n": n, "a": a})
-            return await ctx.step("c", lambda: [b, a])
+            c = await ctx.step("flaky", flaky, n, retry=FAST)
+            return await ctx.step("c", lambda: [b, a, c])
 
         try:
             async with serve(fk):
@@ -196,22 +208,28 @@ async def test_results_are_identical_with_group_commit_on_and_off(pg: Any, runs:
                 out = {}
                 for n, h in enumerate(handles):
                     info = await fk.get_run(h.run_id)
-                    out[n] = shape((info.output, [s.output for s in info.steps]))
+                    out[n] = shape(
+                        (
+                            info.output,
+                            [(s.output, s.attempts, len(s.failed_attempts)) for s in info.steps],
+                        )
+                    )
                 return out, _group(fk.store).batches if group_commit else 0
         finally:
             await fk.aclose()
 
     admin = await asyncpg.connect(pg.url)
     try:
-        for name in ("gc_on", "gc_off"):
+        for name in ("gc_on", "gc_off", "gc_full"):
             await admin.execute(f"DROP DATABASE IF EXISTS {name}")
             await admin.execute(f"CREATE DATABASE {name}")
     finally:
         await admin.close()
     on, batches = await workload(pg.dsn("gc_on"), True)
     off, _ = await workload(pg.dsn("gc_off"), False)
+    full, _ = await workload(pg.dsn("gc_full"), True, lean=False)
     assert batches > 0, "group commit never combined writes: the test proves nothing"
-    assert on == off
+    assert on == off == full
 
 
 async def test_a_deadlocked_batch_is_rolled_back_whole_and_sent_again(database_url: str) -> None:
