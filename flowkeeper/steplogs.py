@@ -294,6 +294,9 @@ class StepLogs(Observer):
         buffer: _Buffer | None = inv.state.pop(_STATE_KEY, None)
         if buffer is None:
             return
+        # The callback holds the buffer that holds it: break the cycle, or every
+        # invocation would leave its state for the garbage collector to find.
+        buffer.on_first = None
         await self._flush(inv, buffer, self._flushes.get(inv.run_id), None)
 
     async def _flush(
