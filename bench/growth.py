@@ -23,8 +23,10 @@ latency      trigger-to-completion p50/p99 of a 3-step workflow at concurrency
              1 and 64 (completion: the run's finished_at, same clock).
 groupcommit  3-step workflows/s and commits per workflow with group commit on
              and off (two endpoints, interleaved).
-lean         3-step workflows/s with the lean step write (no events to write:
-             commit_lean) vs the full commit statement for every write.
+lean         3-step workflows/s by write path: a group commit batch's lean step
+             writes as one statement (the default), the lean statement per
+             write (no events to write: commit_lean), the full commit statement
+             per write.
 
 Runs on a private PostgreSQL with default durability (fsync on).
 """
@@ -389,35 +391,40 @@ async def groupcommit(admin_url: str, args: argparse.Namespace) -> list[list[str
 
 
 async def lean(admin_url: str, args: argparse.Namespace) -> list[list[str]]:
-    urls = {
-        label: await create_database(admin_url, f"growth_lean_{label}")
-        for label in ("lean", "full")
-    }
-    rates: dict[str, list[float]] = {"lean": [], "full": []}
+    paths = ("merged", "lean", "full")
+    urls = {p: await create_database(admin_url, f"growth_write_{p}") for p in paths}
+    rates: dict[str, list[float]] = {p: [] for p in paths}
     with (
-        env(FLOWKEEPER_BENCH_LEAN_COMMIT="1"),
+        env(FLOWKEEPER_BENCH_WRITE_PATH="merged"),
+        served_app(urls["merged"]) as ep_merged,
+        env(FLOWKEEPER_BENCH_WRITE_PATH="lean"),
         served_app(urls["lean"]) as ep_lean,
-        env(FLOWKEEPER_BENCH_LEAN_COMMIT="0"),
+        env(FLOWKEEPER_BENCH_WRITE_PATH="full"),
         served_app(urls["full"]) as ep_full,
     ):
-        endpoints = {"lean": ep_lean, "full": ep_full}
-        for label in rates:
-            await run_many(urls[label], endpoints[label], "three", range(100), 64)
+        endpoints = {"merged": ep_merged, "lean": ep_lean, "full": ep_full}
+        for p in paths:
+            await run_many(urls[p], endpoints[p], "three", range(100), 64)
         for r in range(args.rounds):
-            order = list(rates) if r % 2 == 0 else list(reversed(rates))
-            for label in order:
-                print(f"lean commit round {r + 1}: {label}", file=sys.stderr)
-                await quiesce(urls[label])
-                res = await run_many(
-                    urls[label], endpoints[label], "three", range(args.workflows), 64
-                )
-                rates[label].append(res["per_second"])
-    ratios = [a / b for a, b in zip(rates["lean"], rates["full"], strict=True)]
+            for p in paths[r % 3 :] + paths[: r % 3]:  # each path first in turn
+                print(f"write path round {r + 1}: {p}", file=sys.stderr)
+                await quiesce(urls[p])
+                res = await run_many(urls[p], endpoints[p], "three", range(args.workflows), 64)
+                rates[p].append(res["per_second"])
+
+    def ratio(a: str, b: str) -> str:
+        return spread([x / y for x, y in zip(rates[a], rates[b], strict=True)])
+
+    def rate(p: str) -> str:
+        return spread(rates[p], "{:.0f}")
+
     return [
-        ["lean step write: workflows/s", spread(rates["lean"], "{:.0f}")],
-        ["full commit statement: workflows/s", spread(rates["full"], "{:.0f}")],
-        ["lean / full", spread(ratios)],
-    ]
+        ["write path: batch as one statement (default), workflows/s", rate("merged")],
+        ["write path: lean statement per write, workflows/s", rate("lean")],
+        ["write path: full commit statement per write, workflows/s", rate("full")],
+        ["write path: lean / full", ratio("lean", "full")],
+        ["write path: one statement per batch / lean per write", ratio("merged", "lean")],
+    ]  # fmt: skip
 
 
 RUNNERS = {

@@ -1,0 +1,211 @@
+"""One statement for a batch of step writes (commit_lean_many) does what they do one by one.
+
+Group commit sends the consecutive lean step writes of a batch as one
+statement.  Each run must still be fenced on its own, a refused run must
+write no steps, a run's two writes (parallel branches) must stay two, and the
+tables must end up exactly as if every write had gone alone: checked with
+hypothesis on batches of hostile values against a twin schema written one by
+one.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowkeeper import FlowKeeper
+from flowkeeper.groupcommit import BatchRefused
+from flowkeeper.store import StepRecord, Store, _statements
+
+from ..helpers import KEY
+
+LEASE = timedelta(seconds=60)
+T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8
+)
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(_text, c, max_size=3),
+    max_leaves=6,
+).map(lambda v: json.dumps(v, ensure_ascii=False))
+
+_step = st.builds(
+    lambda key, output, kind, failed: (key, output, kind, failed),
+    st.sampled_from(["a", "b", "a:1", "key with spaces", "é", "fk:enc:x", "$refs"]),
+    _json,
+    st.sampled_from(["step", "sleep"]),
+    st.booleans(),
+)
+_write = st.fixed_dictionaries(
+    {
+        "run": st.integers(0, 5),
+        "stale": st.booleans(),
+        "ending": st.sampled_from(["flush", "sleep", "completed", "failed", "at"]),
+        "output": _json,
+        "steps": st.lists(_step, max_size=3, unique_by=lambda s: s[0]),
+    }
+)
+
+
+def _record(position: int, key: str, output: str, kind: str, failed: bool) -> StepRecord:
+    return StepRecord(
+        key=key,
+        position=position,
+        name=key,
+        kind=kind,
+        status="sleeping" if kind == "sleep" else ("failed" if failed else "completed"),
+        input=None,
+        output=None if kind == "sleep" else output,
+        output_type=None,
+        error={"type": "E", "message": output} if failed and kind == "step" else None,
+        attempts=1,
+        started_at=T0,
+        finished_at=None if kind == "sleep" else T0,
+        wake_at=T0 + timedelta(hours=1) if kind == "sleep" else None,
+    )
+
+
+def _args(store: Store, run_id: str, token: uuid.UUID, w: dict[str, Any], base: int) -> tuple:
+    """commit_lean's arguments for one generated write (as Store.commit builds them)."""
+    from flowkeeper.store import _step_columns, _stored_outputs
+
+    steps = [_record(base + i, *s) for i, s in enumerate(w["steps"])]
+    outputs = _stored_outputs(steps, store.sealer)
+    ending = w["ending"]
+    status = {"flush": "running", "sleep": "sleeping", "at": "sleeping"}.get(ending, ending)
+    return (
+        uuid.UUID(run_id),
+        token,
+        status,
+        token if ending == "flush" else None,
+        timedelta(minutes=5) if ending == "sleep" else None,
+        T0 + timedelta(days=1) if ending == "at" else None,
+        w["output"] if ending == "completed" else None,
+        json.dumps({"type": "E", "message": w["output"]}) if ending == "failed" else None,
+        "a" if ending == "flush" else None,
+        1,
+        *_step_columns(steps, outputs, [0] * len(steps), store.sealer),
+        ending == "flush",
+    )
+
+
+async def _fresh(fk: FlowKeeper, runs: int) -> tuple[list[str], list[uuid.UUID]]:
+    store = fk.store
+    await store.ensure_schema()
+    async with fk.db.acquire() as conn:
+        await conn.execute(f"TRUNCATE {store.schema}.runs CASCADE")
+    ids, tokens = [], []
+    for n in range(runs):
+        run_id, token = str(uuid.UUID(int=n + 1)), uuid.UUID(int=1000 + n)
+        claimed = await store.create_claimed(
+            run_id=run_id, workflow="w", input_json="null", idempotency_key=None,
+            lease_token=token, lease=LEASE,
+        )  # fmt: skip
+        assert not isinstance(claimed, tuple)
+        ids.append(run_id)
+        tokens.append(token)
+    return ids, tokens
+
+
+async def _tables(fk: FlowKeeper) -> Any:
+    s = fk.store.schema
+    async with fk.db.acquire() as conn:
+        runs = await conn.fetch(
+            f"SELECT id, status, lease_token, output::text, error::text, step_key, step_attempt, "
+            f"executing, lost_attempts, due_at IS NULL AS undue, finished_at IS NULL AS live "
+            f"FROM {s}.runs ORDER BY id"
+        )
+        steps = await conn.fetch(
+            f"SELECT run_id, key, position, kind, status, output::text, error::text, wake_at "
+            f"FROM {s}.steps ORDER BY run_id, key"
+        )
+    return [tuple(r) for r in runs], [tuple(r) for r in steps]
+
+
+@pytest.fixture
+async def twins(database_url: str) -> Any:
+    merged = FlowKeeper(database_url, signing_key=KEY, schema="fk_merged", pool_size=2)
+    alone = FlowKeeper(database_url, signing_key=KEY, schema="fk_alone", pool_size=2)
+    yield merged, alone
+    await merged.aclose()
+    await alone.aclose()
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(_write, min_size=2, max_size=8))
+async def test_a_merged_batch_writes_what_its_writes_write_alone(
+    twins: tuple[FlowKeeper, FlowKeeper], batch: list[dict[str, Any]]
+) -> None:
+    merged, alone = twins
+    results = {}
+    for fk in (merged, alone):
+        ids, tokens = await _fresh(fk, 6)
+        positions = [0] * 6
+        writes = []
+        for w in batch:
+            token = uuid.uuid4() if w["stale"] else tokens[w["run"]]
+            writes.append(
+                ("commit_lean", _args(fk.store, ids[w["run"]], token, w, positions[w["run"]]))
+            )
+            positions[w["run"]] += len(w["steps"])
+        if fk is merged:
+            try:
+                rows = await fk.store._call_many(writes)
+            except BatchRefused:
+                pytest.fail("a batch of storable writes was refused")
+        else:
+            rows = [await fk.store._call("fetchrow", n, *a) for n, a in writes]
+        results[fk is merged] = ([r is None for r in rows], await _tables(fk))
+    assert results[True] == results[False]
+
+
+def test_a_runs_two_writes_stay_two_statements() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    writes = [
+        ("commit_lean", (a,)),
+        ("commit_lean", (b,)),
+        ("commit_lean", (a,)),  # a's second write: a new statement after a's first
+        ("claim_run", (b,)),
+        ("commit_lean", (b,)),
+    ]
+    assert [(n, len(g)) for n, g in _statements(writes)] == [
+        ("commit_lean_many", 2),
+        ("commit_lean", 1),
+        ("claim_run", 1),
+        ("commit_lean", 1),
+    ]
+
+
+async def test_a_refused_value_in_a_merged_statement_refuses_the_batch_whole(
+    twins: tuple[FlowKeeper, FlowKeeper],
+) -> None:
+    fk, _ = twins
+    ids, tokens = await _fresh(fk, 3)
+    good = {"ending": "completed", "output": '"ok"', "steps": []}
+    bad = list(_args(fk.store, ids[1], tokens[1], {**good, "ending": "failed"}, 0))
+    bad[7] = r'{"type": "E", "message": "x\u0000"}'  # jsonb refuses \u0000
+    writes = [
+        ("commit_lean", _args(fk.store, ids[0], tokens[0], good, 0)),
+        ("commit_lean", tuple(bad)),
+        ("commit_lean", _args(fk.store, ids[2], tokens[2], good, 0)),
+    ]
+    with pytest.raises(BatchRefused):
+        await fk.store._call_many(writes)
+    runs, _ = await _tables(fk)
+    assert {r[1] for r in runs} == {"running"}  # nothing of the batch was committed
