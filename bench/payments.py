@@ -57,6 +57,12 @@ async def main_async(args: argparse.Namespace) -> None:
                             url, endpoint, workflow, args.workflows, args.concurrency, settle=settle
                         )
                     )
+            # One at a time no two runs' writes share a transaction (group
+            # commit): what each step's record itself costs.
+            alone = {
+                w: await run_batch(url, endpoint, w, args.alone, 1, settle=settle)
+                for w in WORKLOADS
+            }
             os.environ["BENCH_CODEC_KEY"] = AesGcmCodec.generate_key()
             try:
                 with served_app(url, module="bench.apps.payments_app") as sealed:
@@ -88,6 +94,12 @@ async def main_async(args: argparse.Namespace) -> None:
         f"transaction step commits/run minus plain: {tx - plain:+.2f}; "
         f"minus plain step writing on its own connection: {tx - write:+.2f}"
     )
+    one = {w: alone[w]["commits_per_run"] for w in WORKLOADS}
+    print(
+        f"one run at a time ({args.alone} each; no group commit sharing): commits/run "
+        + ", ".join(f"{w} {one[w]:.2f}" for w in WORKLOADS)
+        + f"; transaction minus plain {one['three-tx'] - one['three']:+.2f}"
+    )
     fraction = figures["three-tx"][0] / figures["three"][0]
     print(f"transaction workflows/s as a fraction of plain: {fraction:.0%}")
     plain_rate, sealed_rate = median(rates["plain"]), median(rates["sealed"])
@@ -114,11 +126,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--codec-rounds", type=int, default=None)
+    parser.add_argument("--alone", type=int, default=None, help="runs per workload one at a time")
     args = parser.parse_args()
     args.workflows = args.workflows or (40 if args.quick else 500)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.warmup = args.warmup or (10 if args.quick else 100)
     args.codec_rounds = args.codec_rounds or (1 if args.quick else 5)
+    args.alone = args.alone or (10 if args.quick else 100)
     asyncio.run(main_async(args))
 
 
