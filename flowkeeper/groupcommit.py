@@ -8,8 +8,10 @@ process that is not saturated adds no latency; writes that arrive while all
 of those are busy queue up and go, when one finishes, together in one
 transaction: one commit for the lot.
 
-Nothing about a write changes: each is the same statement with the same
-fencing (its ``WHERE lease_token = ...``), answered with its own row.  A
+Nothing about a write changes: each keeps its own fencing (its ``WHERE
+lease_token = ...``) and is answered with its own row.  (The store sends a
+batch's consecutive step writes of different runs as one statement, each
+run fenced on its own: ``Store._call_many``, ``commit_lean_many``.)  A
 batch in which Postgres refuses one statement is rolled back whole (nothing
 of it was committed) and its writes are sent again one by one, so the refusal
 reaches only the write that caused it.  When the connection fails mid-batch,
