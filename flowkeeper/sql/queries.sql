@@ -36,6 +36,14 @@ ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
           lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
 
+-- name: create_gated_run
+-- create_claimed_run for a flow-controlled run (migration 0018): insert_run's
+-- arguments; outcome 'claimed' with the run, 'gated' (not claimed: see the
+-- run) or 'conflict' (see run_by_id_or_key).
+SELECT * FROM {schema}.create_gated($1, $2, $3::json, $4, $5, $6::interval, $7::text[],
+                                    $8::integer[], $9::integer, $10::interval,
+                                    $11::interval, $12::text[], $13::interval[], $14);
+
 -- name: run_by_id_or_key
 -- After an insert that conflicted: the run with this id, else the run holding
 -- the idempotency key.
