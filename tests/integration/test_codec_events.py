@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from typing import Any
 
 import asyncpg
@@ -218,7 +219,7 @@ async def test_hashed_matching_is_jsonb_equality(
                 "w", event="v", match={"tag": inp["tag"], "v": inp["v"]}, lookback=60
             )
 
-        tag = f"t{id(wanted)}-{id(sent)}"
+        tag = str(uuid.uuid4())  # examples share the database: no earlier event may match
         if first:  # sent before the wait exists: the look-back's containment must agree
             await fk.send_event("v", {"tag": tag, "v": sent})
         handle = await fk.trigger("match-one", {"tag": tag, "v": wanted})
