@@ -276,7 +276,7 @@ def _scope(kid: str) -> str:
 
 def _number(value: Any) -> Any:
     """A match value as the index compares it (floats by their JSON text, as jsonb reads them)."""
-    if isinstance(value, float) and not isinstance(value, bool):
+    if isinstance(value, float):
         return Decimal(repr(value))
     if isinstance(value, int) and not isinstance(value, bool):
         return Decimal(value)

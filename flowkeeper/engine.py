@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import deploys, observe, patches, serialization, stepctx
 from .codec import DecryptionError
@@ -64,6 +64,7 @@ if TYPE_CHECKING:
 from .workflow import Registry, Workflow, validate_name
 
 logger = logging.getLogger("flowkeeper")
+_T = TypeVar("_T")
 
 _MAX_TRACEBACK = 16_000
 # Tasks renewing the leases of runs whose invocation ended during a sync step.
@@ -1499,16 +1500,21 @@ class Execution:
         )
 
     def _opened(self, entry: HistoryEntry) -> tuple[str | None, dict[str, Any] | None]:
-        """A recorded step's result and error, opened when sealed (flowkeeper.codec).
-
-        A value that cannot be opened (its key is gone) fails the run, whatever
-        the workflow does with the exception: nothing wrong is replayed.
-        """
+        """A recorded step's result and error, opened when sealed (flowkeeper.codec)."""
         sealer = self.store.sealer
+        return self.unsealed(
+            f"step {entry.key!r}",
+            lambda: (sealer.open_json(entry.output), sealer.open_error(entry.error)),
+        )
+
+    def unsealed(self, where: str, open_: Callable[[], _T]) -> _T:
+        """``open_()``, which opens recorded values; when one cannot be opened (its key
+        is gone) the run fails, whatever the workflow does with the exception:
+        nothing wrong is replayed."""
         try:
-            return sealer.open_json(entry.output), sealer.open_error(entry.error)
+            return open_()
         except DecryptionError as exc:
-            self._broken = WorkflowError(f"Run {self.run_id}, step {entry.key!r}: {exc}")
+            self._broken = WorkflowError(f"Run {self.run_id}, {where}: {exc}")
             raise self._broken from exc
 
     def _charge_lost(self, key: str, prior: int, lost: int, policy: RetryPolicy) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from . import serialization
-from .errors import DecryptionError, StepUsageError, WorkflowError
+from .errors import StepUsageError
 from .events import Match, check_event_name
 
 if TYPE_CHECKING:
@@ -83,12 +83,8 @@ def _duration(value: timedelta | float | None, what: str) -> timedelta | None:
 
 
 def _restore(execution: Execution, key: str, payload: str | None, model: Any) -> Any:
-    try:
-        payload = execution.store.sealer.open_json(payload)  # flowkeeper.codec
-    except DecryptionError as exc:
-        # As for a step's result: nothing unreadable is replayed; the run fails.
-        execution._broken = WorkflowError(f"Run {execution.run_id}, wait {key!r}: {exc}")
-        raise execution._broken from exc
+    sealer = execution.store.sealer  # flowkeeper.codec
+    payload = execution.unsealed(f"wait {key!r}", lambda: sealer.open_json(payload))
     return serialization.loads(payload, model, None, what=f"The payload that resolved wait {key!r}")
 
 
