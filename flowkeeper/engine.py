@@ -428,6 +428,8 @@ class Execution:
         self.run_id = claimed.run_id
         self.token = claimed.lease_token
         self.workflow = workflow
+        # Its writes may release concurrency slots (Store.commit's ``flow``).
+        self._flow = bool(workflow.concurrency)
         self.deadline = deadline
         self._t0 = time.monotonic()
         # Patch markers take no position (flowkeeper.patches): kept aside.
@@ -562,7 +564,9 @@ class Execution:
         """One write, with ``self._writing`` held."""
         try:
             await self._publisher.flush()  # a step's messages are stored before its result
-            return await self.store.commit(self.run_id, self.token, status=status, **fields)
+            return await self.store.commit(
+                self.run_id, self.token, status=status, flow=self._flow, **fields
+            )
         except DatabaseRefusedError as exc:
             raise await self._refused(exc) from exc
         except DatabaseError as exc:

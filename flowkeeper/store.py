@@ -197,6 +197,9 @@ def _wait_opened(step: dict[str, Any], sealer: Sealer) -> dict[str, Any]:
 _RUN_COLUMNS = 10
 _STEP_COLUMNS = 13
 _KEEP_DUE = _RUN_COLUMNS + _STEP_COLUMNS
+#: create_gated_run's arguments (Store.insert_args): its concurrency and rate keys.
+_GATE_KEYS = 6
+_GATE_RATE_KEYS = 11
 
 
 def _statements(
@@ -337,6 +340,9 @@ class Store:
         #: --only lean turns each off to compare).
         self.lean_commit = True
         self.merge_commits = True
+        #: Runs with a flow-controlled write in flight (concurrency keys whose slots
+        #: its end releases): a batch of several takes their keys first.
+        self._flow_writes: dict[uuid.UUID, int] = {}
         self._groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, GroupCommit[Any]] = (
             weakref.WeakKeyDictionary()
         )
@@ -384,6 +390,9 @@ class Store:
             try:
                 rows: list[Any] = []
                 async with own.transaction():
+                    prelock = self._prelock(writes)
+                    if prelock is not None:
+                        await own.execute(self.q["flow_prelock"], *prelock)
                     statements = (
                         _statements(writes) if self.merge_commits else ((n, [a]) for n, a in writes)
                     )
@@ -407,6 +416,27 @@ class Store:
                 raise BatchRefused(name) from exc
             _raise_mapped(name, exc, privilege_hint(self.schema, self.db.role, exc))
             raise
+
+    def _prelock(
+        self, writes: Sequence[tuple[str, tuple[Any, ...]]]
+    ) -> tuple[list[uuid.UUID], list[str], list[str]] | None:
+        """flow_prelock's arguments for a batch of two or more writes that lock
+        flow-control keys (migration 0019), else None: one such write alone takes
+        its keys in order by itself, and other writes take none."""
+        runs: list[uuid.UUID] = []
+        keys: list[str] = []
+        rate_keys: list[str] = []
+        for name, args in writes:
+            if name == "create_gated_run":
+                keys += args[_GATE_KEYS] or ()
+                rate_keys += args[_GATE_RATE_KEYS] or ()
+                if args[_GATE_KEYS] or args[_GATE_RATE_KEYS]:
+                    runs.append(args[0])  # an earlier create of the same run, replayed
+            elif args and args[0] in self._flow_writes:
+                runs.append(args[0])
+        if len(runs) < 2:
+            return None
+        return runs, keys, rate_keys
 
     async def _commit_many(
         self, conn: asyncpg.Connection, writes: Sequence[tuple[Any, ...]]
@@ -641,12 +671,9 @@ class Store:
             rate_keys=flow.rate_keys,
             rate_spacing=flow.rate_spacing,
         )
-        if not self._ready:
-            await self.ensure_schema()
-        # Alone, not in a group commit batch: the gate takes its keys' locks in key
-        # order, and a batch of several runs' gates would take them in any order
-        # (deadlocks between batches, measured: one per 1,000 runs).
-        row = await self._call("fetchrow", "create_gated_run", *args)
+        # In a group commit batch with other gates and releases, their keys are
+        # taken first, in key order (_prelock): batches cannot deadlock.
+        row = await self._write("create_gated_run", *args)
         if row["outcome"] == "conflict":
             return await self._existing(run_id, workflow, idempotency_key)
         if row["outcome"] == "gated":
@@ -739,11 +766,15 @@ class Store:
         steps: Sequence[StepRecord] = (),
         events: Sequence[EventRecord] = (),
         keep_due: bool = False,
+        flow: bool = False,
         conn: asyncpg.Connection | None = None,
     ) -> datetime | bool | None:
         """Write under the lease.  Returns False if the lease was lost, else the new due_at.
 
         ``keep_due`` leaves due_at (the lease expiry) as it is: a mid-run flush.
+        ``flow``: the run holds concurrency slots, which a write that ends the
+        invocation (not ``keep_due``) releases, so a group commit batch with it
+        and another such write takes their keys first.
         ``conn``: write on this connection, inside its open transaction
         (ctx.transaction records its step with the user's own writes).
         """
@@ -773,6 +804,14 @@ class Store:
         try:
             if conn is not None:  # a transaction step: the user's transaction
                 row = await self._call("fetchrow", query, *args, conn=conn)
+            elif flow and not keep_due:  # ends the invocation: releases its slots
+                self._flow_writes[run_uuid] = self._flow_writes.get(run_uuid, 0) + 1
+                try:
+                    row = await self._write(query, *args)
+                finally:
+                    left = self._flow_writes.pop(run_uuid) - 1
+                    if left:
+                        self._flow_writes[run_uuid] = left
             else:
                 row = await self._write(query, *args)
         finally:

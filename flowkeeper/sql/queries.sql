@@ -667,3 +667,9 @@ LIMIT 3;
 -- name: run_input_text
 -- A run's input as the exact text stored (an idempotency-key hit compares it).
 SELECT input::text AS input FROM {schema}.runs WHERE id = $1;
+
+-- name: flow_prelock
+-- A group commit batch of several flow-controlled writes takes their rows and
+-- keys first, in order (migration 0019): $1 the runs it writes, $2 the
+-- concurrency keys and $3 the rate keys of the runs it creates.
+SELECT {schema}.flow_prelock($1::uuid[], $2::text[], $3::text[]);
