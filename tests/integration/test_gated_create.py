@@ -64,3 +64,75 @@ async def test_created_claimed_parked_replayed_and_conflicting(database_url: str
         assert statuses == {first: "completed", second: "completed"}
     finally:
         await fk.aclose()
+
+
+async def test_a_run_created_with_room_is_the_run_an_insert_and_a_claim_make(
+    database_url: str,
+) -> None:
+    """The one-row create (migration 0019) leaves what insert_run + claim_run leave."""
+    fk = make_fk(database_url)
+
+    @fk.workflow(
+        "roomy",
+        concurrency=[Concurrency(limit=5, key=lambda inp: inp["k"]), Concurrency(limit=50)],
+        priority=7,
+        timeout=timedelta(hours=1),
+        start_timeout=timedelta(minutes=10),
+        version="v1",
+    )
+    async def roomy(ctx: Context, inp: dict[str, Any]) -> None:
+        return None
+
+    wf = fk.registry.get("roomy")
+    store = fk.store
+    text = '{"k": "k1"}'
+    flow = wf.flow(text)
+    common: dict[str, Any] = {
+        "workflow": "roomy",
+        "input_json": text,
+        "idempotency_key": None,
+        "timeout": wf.timeout,
+        "start_timeout": wf.start_timeout,
+        "code_version": "v1",
+    }
+    try:
+        await store.ensure_schema()
+        fast = str(uuid.uuid4())
+        made = await store.create_gated(
+            run_id=fast, lease=LEASE, flow=flow, priority=wf.priority, **common
+        )
+        assert isinstance(made, ClaimedRun)
+        slow = str(uuid.uuid4())
+        await store.insert_run(
+            run_id=slow,
+            lease_token=None,
+            lease=timedelta(0),
+            flow_keys=flow.keys,
+            flow_limits=flow.limits,
+            priority=wf.priority,
+            **common,
+        )
+        assert await store.claim(slow, None, uuid.uuid4(), LEASE) is not None
+        async with fk.db.acquire() as conn:
+            rows = {
+                str(r["id"]): dict(r)
+                for r in await conn.fetch(
+                    """SELECT id, workflow, status, input::text AS input, invocations,
+                              executing, flow_keys, flow_limits, priority, code_version,
+                              blocked_key, rate_keys, lost_attempts, step_key,
+                              started_at IS NOT NULL AS started,
+                              round(extract(epoch FROM deadline - started_at)) AS timeout,
+                              round(extract(epoch FROM start_deadline - created_at)) AS st,
+                              round(extract(epoch FROM due_at - started_at)) AS lease,
+                              (SELECT array_agg(key ORDER BY key) FROM flowkeeper.slots s
+                               WHERE s.run_id = r.id) AS slots
+                       FROM flowkeeper.runs r"""
+                )
+            }
+        a, b = rows.pop(fast), rows.pop(slow)
+        a.pop("id"), b.pop("id")
+        assert a == b
+        assert a["status"] == "running" and a["slots"] == sorted(flow.keys or [])
+        assert a["timeout"] == 3600 and a["st"] == 600 and a["lease"] == 30
+    finally:
+        await fk.aclose()
