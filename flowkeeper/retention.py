@@ -5,8 +5,9 @@ sets the default; ``@fk.workflow(..., retention=Retention(...))`` a workflow's
 own.  The serving app writes the policies into the ``retention`` table when it
 starts (like the cron schedules), so every driver prunes alike, pg_cron
 included: each tick deletes a small batch per policy (``prune_runs`` in
-migration 0010: short transactions, SKIP LOCKED, never a run still held by an
-invocation nor one whose failure alert is undelivered).  A status left out
+migration 0016: short transactions, SKIP LOCKED, never a run still held by an
+invocation nor one whose failure alert is undelivered), and a driver spends at
+most ``Scheduler.RETAIN_SHARE`` of its time on it.  A status left out
 (``None``) is kept for ever.  ``flowkeeper runs prune --older-than 30d
 --status completed`` deletes by hand.
 

@@ -106,6 +106,7 @@ class Scheduler:
         # flow-control safety net swept now and then (flowkeeper.flowcontrol).
         self.schedules = schedules
         self.pruner = pruner  # retention: a small batch of old finished runs per tick
+        self._retain_after = -math.inf
         self._swept_at = -math.inf
         self.dispatcher = dispatcher
         self.dispatch_lease = dispatch_lease
@@ -206,16 +207,31 @@ class Scheduler:
 
     PRUNE_EVERY = 300.0
     SWEEP_EVERY = 60.0
+    #: At most this share of a driver's time goes to retention.  A scheduler
+    #: loop under load ticks back to back, and pruning on every one of those
+    #: ticks would take a Postgres backend's worth of CPU from the runs.
+    RETAIN_SHARE = 0.1
 
     async def _retain(self) -> None:
-        """Delete a small batch of finished runs past their retention (never the tick's failure)."""
+        """Delete a small batch of finished runs past their retention (never the tick's failure).
+
+        Every tick, unless the last batch was so recent that pruning now would
+        take more than RETAIN_SHARE of this driver's time: a batch that took t
+        seconds is followed by none for t * (1 / RETAIN_SHARE - 1).
+        """
         if self.pruner is None:
+            return
+        t0 = time.monotonic()
+        if t0 < self._retain_after:
             return
         try:
             deleted = await self.pruner.prune()
         except Exception as exc:
             logger.warning("tick: pruning finished runs failed: %s", exc)
             return
+        finally:
+            spent = time.monotonic() - t0
+            self._retain_after = t0 + spent / self.RETAIN_SHARE
         if deleted:
             logger.info("tick: deleted %d finished run(s) past their retention", deleted)
 
