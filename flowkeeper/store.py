@@ -431,7 +431,8 @@ class Store:
                 keys += args[_GATE_KEYS] or ()
                 rate_keys += args[_GATE_RATE_KEYS] or ()
                 if args[_GATE_KEYS] or args[_GATE_RATE_KEYS]:
-                    runs.append(args[0])  # an earlier create of the same run, replayed
+                    # Counted; its row is locked too if it exists (a replayed create).
+                    runs.append(args[0])
             elif args and args[0] in self._flow_writes:
                 runs.append(args[0])
         if len(runs) < 2:
