@@ -215,23 +215,26 @@ class Scheduler:
     async def _retain(self) -> None:
         """Delete a small batch of finished runs past their retention (never the tick's failure).
 
-        Every tick, unless the last batch was so recent that pruning now would
-        take more than RETAIN_SHARE of this driver's time: a batch that took t
-        seconds is followed by none for t * (1 / RETAIN_SHARE - 1).
+        Every tick, unless a backlog is being worked off and pruning now would
+        take more than RETAIN_SHARE of this driver's time: a batch that deleted
+        runs (or failed) in t seconds is followed by none for
+        t * (1 / RETAIN_SHARE - 1).  A batch with nothing to delete is cheap
+        and sets no pause.
         """
         if self.pruner is None:
             return
         t0 = time.monotonic()
         if t0 < self._retain_after:
             return
+        deleted = 1  # a failure paces as a full batch would
         try:
             deleted = await self.pruner.prune()
         except Exception as exc:
             logger.warning("tick: pruning finished runs failed: %s", exc)
             return
         finally:
-            spent = time.monotonic() - t0
-            self._retain_after = t0 + spent / self.RETAIN_SHARE
+            if deleted:
+                self._retain_after = t0 + (time.monotonic() - t0) / self.RETAIN_SHARE
         if deleted:
             logger.info("tick: deleted %d finished run(s) past their retention", deleted)
 

@@ -15,9 +15,10 @@ from flowkeeper.scheduler import Scheduler
 
 
 class SlowPruner:
-    def __init__(self, seconds: float, *, fails: bool = False) -> None:
+    def __init__(self, seconds: float, *, fails: bool = False, deletes: int = 200) -> None:
         self.seconds = seconds
         self.fails = fails
+        self.deletes = deletes
         self.calls = 0
         self.busy = 0.0
 
@@ -28,7 +29,7 @@ class SlowPruner:
         self.busy += time.monotonic() - t0
         if self.fails:
             raise RuntimeError("the database went away")
-        return 200
+        return self.deletes
 
 
 async def _tick_back_to_back(pruner: SlowPruner, seconds: float) -> float:
@@ -61,3 +62,9 @@ async def test_the_first_tick_prunes_and_a_quiet_driver_prunes_every_tick() -> N
         await scheduler._retain()
         scheduler._retain_after -= 1.0  # as if a second had passed
     assert pruner.calls == 5
+
+
+async def test_with_nothing_to_delete_every_tick_looks() -> None:
+    pruner = SlowPruner(0.02, deletes=0)  # no backlog: each look is cheap, none paced
+    await _tick_back_to_back(pruner, 0.5)
+    assert pruner.calls >= 15, pruner.calls
