@@ -226,15 +226,14 @@ class Scheduler:
         t0 = time.monotonic()
         if t0 < self._retain_after:
             return
-        deleted = 1  # a failure paces as a full batch would
+        deleted: int | None
         try:
             deleted = await self.pruner.prune()
         except Exception as exc:
             logger.warning("tick: pruning finished runs failed: %s", exc)
-            return
-        finally:
-            if deleted:
-                self._retain_after = t0 + (time.monotonic() - t0) / self.RETAIN_SHARE
+            deleted = None  # paced as a full batch would be
+        if deleted != 0:
+            self._retain_after = t0 + (time.monotonic() - t0) / self.RETAIN_SHARE
         if deleted:
             logger.info("tick: deleted %d finished run(s) past their retention", deleted)
 

@@ -32,7 +32,9 @@ from flowkeeper.store import ClaimedRun
 from ..helpers import KEY
 
 LEASE = timedelta(seconds=60)
-KEYS = ["a", "b", "c", "d", "e", "f"]
+# Keys that look like SQL, quoting and array syntax, or are not ASCII: they
+# travel as text[] through flow_prelock and the gates.
+KEYS = ["a", "b", "k'; --", 'q"{,}', "é🙂", "f"]
 
 
 def _counting_refusals(fk: FlowKeeper) -> list[BaseException]:
