@@ -1,13 +1,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
+import pydantic_core
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from flowkeeper import SerializationError
-from flowkeeper.serialization import dumps, loads, return_hint, type_tag
+from flowkeeper.serialization import dumps, has_nonfinite, loads, return_hint, type_tag
 
 
 class Charge(BaseModel):
@@ -109,3 +113,34 @@ def test_a_large_value_stays_bytes_and_reads_back(monkeypatch: pytest.MonkeyPatc
     back = serialization.loads(data, None, None, what="x")
     assert back == value and list(back) == ["b", "a"]
     assert isinstance(serialization.dumps_for_storage([1], what="x"), str)
+
+
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True)
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | _FLOATS | st.text(alphabet='NaInfity"\\ ,:[]{}x'),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _has_nonfinite_float(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, list):
+        return any(_has_nonfinite_float(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_nonfinite_float(v) for v in value.values())
+    return False
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSONISH)
+def test_nonfinite_detection_agrees_with_the_value(value: Any) -> None:
+    # The one-byte prefilter must never hide a bare NaN/Infinity, and the words
+    # inside strings (keys included) must never count as one.
+    data = pydantic_core.to_json(value)
+    expected = _has_nonfinite_float(value)
+    assert has_nonfinite(data) is expected
+    assert has_nonfinite(data.decode()) is expected
