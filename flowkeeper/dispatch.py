@@ -93,14 +93,13 @@ class HTTPClient:
         import aiohttp
 
         self._aiohttp = aiohttp
+        self._ssl_context = ssl_context
         trace = aiohttp.TraceConfig()
         trace.on_connection_reuseconn.append(_note_reuse)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=max_connections,
                 limit_per_host=0,
-                # Verified against the system's CAs (SSL_CERT_FILE honoured) unless given.
-                ssl=ssl_context if ssl_context is not None else ssl.create_default_context(),
             ),
             # sock_read: from the request's sending to the answer's first byte, and
             # between any two reads after it.  The wait for a free connection is not
@@ -121,6 +120,7 @@ class HTTPClient:
             try:
                 async with self._session.post(
                     url,
+                    ssl=self._tls() if parts.scheme == "https" else True,
                     data=content,
                     headers=headers,
                     allow_redirects=False,
@@ -156,6 +156,16 @@ class HTTPClient:
             except aiohttp.ClientError as exc:
                 raise HTTPError(f"request to {where} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _tls(self) -> ssl.SSLContext:
+        """Verified against the system's CAs (SSL_CERT_FILE honoured) unless given.
+
+        Made at the first https request, not with the client: reading the CA
+        bundle takes about 50 ms, which a plain-http endpoint never needs.
+        """
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
 
     async def aclose(self) -> None:
         await self._session.close()

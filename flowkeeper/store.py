@@ -374,7 +374,8 @@ class Store:
             raise
 
     async def _call_many(self, writes: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Run each (statement, arguments), in order, in one transaction.
+        """Run each (statement, arguments), in order, in one transaction (a single
+        statement, the common batch, on its own: it is atomic without BEGIN).
 
         Raises :class:`BatchRefused` (nothing committed) when Postgres refuses
         one of them permanently or rolls the transaction back (a deadlock), so
@@ -386,21 +387,24 @@ class Store:
             await self.ensure_schema()
         name = writes[0][0]
         try:
+            prelock = self._prelock(writes)
+            statements = (
+                list(_statements(writes)) if self.merge_commits else [(n, [a]) for n, a in writes]
+            )
             own = await self.db.get()
             try:
                 rows: list[Any] = []
-                async with own.transaction():
-                    prelock = self._prelock(writes)
-                    if prelock is not None:
-                        await own.execute(self.q["flow_prelock"], *prelock)
-                    statements = (
-                        _statements(writes) if self.merge_commits else ((n, [a]) for n, a in writes)
-                    )
-                    for name, group in statements:
-                        if name == "commit_lean_many":
-                            rows += await self._commit_many(own, group)
-                        else:
-                            rows.append(await own.fetchrow(self.q[name], *group[0]))
+                if prelock is None and len(statements) == 1:
+                    # One statement is atomic by itself: no BEGIN and COMMIT round
+                    # trips (the common batch: every write one merged statement).
+                    name, group = statements[0]
+                    rows = await self._statement(own, name, group)
+                else:
+                    async with own.transaction():
+                        if prelock is not None:
+                            await own.execute(self.q["flow_prelock"], *prelock)
+                        for name, group in statements:
+                            rows += await self._statement(own, name, group)
             except BaseException as exc:
                 # After a refusal the transaction was rolled back: reusable.
                 refusal = isinstance(exc, _postgres_error() | asyncpg.DataError | UnicodeError)
@@ -416,6 +420,14 @@ class Store:
                 raise BatchRefused(name) from exc
             _raise_mapped(name, exc, privilege_hint(self.schema, self.db.role, exc))
             raise
+
+    async def _statement(
+        self, conn: asyncpg.Connection, name: str, group: list[tuple[Any, ...]]
+    ) -> list[Any]:
+        """One statement of a batch (see _statements): a row per write it holds."""
+        if name == "commit_lean_many":
+            return await self._commit_many(conn, group)
+        return [await conn.fetchrow(self.q[name], *group[0])]
 
     def _prelock(
         self, writes: Sequence[tuple[str, tuple[Any, ...]]]

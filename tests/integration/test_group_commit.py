@@ -103,6 +103,59 @@ async def test_a_stale_lease_in_a_batch_is_fenced_alone(database_url: str) -> No
         await fk.aclose()
 
 
+async def test_a_refused_step_in_one_merged_statement_reaches_only_its_own_run(
+    database_url: str,
+) -> None:
+    # Lean step writes of different runs go as one statement, without BEGIN and
+    # COMMIT: the refusal of one value must still roll back the statement whole,
+    # leave the connection usable, and reach only its own run when each is sent
+    # again alone.
+    from flowkeeper.store import StepRecord
+
+    fk = FlowKeeper(database_url, signing_key=KEY, pool_size=1)
+    try:
+        store = fk.store
+        await store.ensure_schema()
+        tokens: dict[str, uuid.UUID] = {}
+        for _ in range(30):
+            run_id, token = str(uuid.uuid4()), uuid.uuid4()
+            claimed = await store.create_claimed(
+                run_id=run_id, workflow="w", input_json="null", idempotency_key=None,
+                lease_token=token, lease=LEASE,
+            )  # fmt: skip
+            assert not isinstance(claimed, tuple)
+            tokens[run_id] = token
+        bad = list(tokens)[17]
+        now = await store.clock_now()
+
+        def record(run_id: str) -> StepRecord:
+            return StepRecord(
+                key="s", position=0, name="s", kind="step", status="completed", input=None,
+                output='{"not json' if run_id == bad else '"fine\\u0000"', output_type=None,
+                error=None, attempts=1, started_at=now, finished_at=now,
+            )  # fmt: skip
+
+        async def write(run_id: str) -> Any:
+            return await store.commit(
+                run_id, tokens[run_id], status="running", keep_due=True, steps=[record(run_id)]
+            )
+
+        results = dict(
+            zip(tokens, await asyncio.gather(*map(write, tokens), return_exceptions=True),
+                strict=True)
+        )  # fmt: skip
+        assert _group(store).batches >= 1, "the writes never shared a statement"
+        assert isinstance(results.pop(bad), DatabaseRefusedError)
+        assert all(not isinstance(r, BaseException) and r is not False for r in results.values())
+        async with fk.db.acquire() as conn:
+            rows = await conn.fetch("SELECT run_id, output::text AS o FROM flowkeeper.steps")
+        assert {str(r["run_id"]): r["o"] for r in rows} == {r: '"fine\\u0000"' for r in results}
+        # The one connection came back usable: the refused run can still write.
+        assert await store.commit(bad, tokens[bad], status="completed", output="1") is not False
+    finally:
+        await fk.aclose()
+
+
 async def test_duplicate_triggers_crossing_each_other_never_fail(database_url: str) -> None:
     # Two batches inserting the same idempotency keys in opposite orders can
     # deadlock; the batch that Postgres rolls back is sent again write by write.
