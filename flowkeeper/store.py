@@ -202,24 +202,35 @@ _GATE_KEYS = 6
 _GATE_RATE_KEYS = 11
 
 
-def _statements(
-    writes: Sequence[tuple[str, tuple[Any, ...]]],
-) -> Iterator[tuple[str, list[tuple[Any, ...]]]]:
-    """A batch's writes as statements, in order: consecutive commit_lean writes of
-    different runs become one commit_lean_many; every other write stays itself."""
-    i = 0
-    while i < len(writes):
-        name, args = writes[i]
-        j, runs = i, set()
-        while j < len(writes) and writes[j][0] == "commit_lean" and writes[j][1][0] not in runs:
-            runs.add(writes[j][1][0])  # a run's two writes (parallel branches) stay apart
+def _statements(writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, list[int]]]:
+    """A batch's writes as statements, each with the positions of the writes it holds.
+
+    Two or more creates of new runs (create_claimed_run) become one
+    create_claimed_many, sent first: no other write of the batch can be of a
+    run not created yet, and conflicts among them resolve as one by one (the
+    first wins).  Then, in order, consecutive commit_lean writes of different
+    runs become one commit_lean_many; every other write stays itself.
+    """
+    creates = [i for i, (name, _) in enumerate(writes) if name == "create_claimed_run"]
+    rest = list(range(len(writes)))
+    if len(creates) > 1:
+        yield "create_claimed_many", creates
+        rest = [i for i in rest if writes[i][0] != "create_claimed_run"]
+    k = 0
+    while k < len(rest):
+        j, runs = k, set()
+        while j < len(rest) and writes[rest[j]][0] == "commit_lean":
+            run = writes[rest[j]][1][0]
+            if run in runs:
+                break  # a run's two writes (parallel branches) stay apart
+            runs.add(run)
             j += 1
-        if j - i > 1:
-            yield "commit_lean_many", [a for _, a in writes[i:j]]
-            i = j
+        if j - k > 1:
+            yield "commit_lean_many", rest[k:j]
+            k = j
         else:
-            yield name, [args]
-            i += 1
+            yield writes[rest[k]][0], [rest[k]]
+            k += 1
 
 
 def _shown(row: Any, sealer: Sealer, column: str) -> dict[str, Any]:
@@ -389,22 +400,26 @@ class Store:
         try:
             prelock = self._prelock(writes)
             statements = (
-                list(_statements(writes)) if self.merge_commits else [(n, [a]) for n, a in writes]
+                list(_statements(writes))
+                if self.merge_commits
+                else [(n, [i]) for i, (n, _) in enumerate(writes)]
             )
             own = await self.db.get()
             try:
-                rows: list[Any] = []
+                rows: list[Any] = [None] * len(writes)
                 if prelock is None and len(statements) == 1:
                     # One statement is atomic by itself: no BEGIN and COMMIT round
                     # trips (the common batch: every write one merged statement).
-                    name, group = statements[0]
-                    rows = await self._statement(own, name, group)
+                    name, at = statements[0]
+                    rows = await self._statement(own, name, [writes[i][1] for i in at])
                 else:
                     async with own.transaction():
                         if prelock is not None:
                             await own.execute(self.q["flow_prelock"], *prelock)
-                        for name, group in statements:
-                            rows += await self._statement(own, name, group)
+                        for name, at in statements:
+                            took = await self._statement(own, name, [writes[i][1] for i in at])
+                            for i, row in zip(at, took, strict=True):
+                                rows[i] = row
             except BaseException as exc:
                 # After a refusal the transaction was rolled back: reusable.
                 refusal = isinstance(exc, _postgres_error() | asyncpg.DataError | UnicodeError)
@@ -427,7 +442,23 @@ class Store:
         """One statement of a batch (see _statements): a row per write it holds."""
         if name == "commit_lean_many":
             return await self._commit_many(conn, group)
+        if name == "create_claimed_many":
+            return await self._create_many(conn, group)
         return [await conn.fetchrow(self.q[name], *group[0])]
+
+    async def _create_many(
+        self, conn: asyncpg.Connection, creates: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Several create_claimed_run writes as one statement; a row each, None where
+        the run was not created (its id or idempotency key taken, as alone: by an
+        earlier run, or by an earlier write of this batch)."""
+        columns = [list(column) for column in zip(*creates, strict=True)]
+        made = await conn.fetch(self.q["create_claimed_many"], *columns)
+        # Of the writes with one id, workflow and idempotency key (a create handed
+        # over twice), only the first can have been inserted: the others conflict
+        # with it.  Writes that differ in any of them conflict or not on their own.
+        took = {(row["id"], row["workflow"], row["idempotency_key"]): row for row in made}
+        return [took.pop((args[0], args[1], args[3]), None) for args in creates]
 
     def _prelock(
         self, writes: Sequence[tuple[str, tuple[Any, ...]]]

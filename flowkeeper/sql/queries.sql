@@ -36,6 +36,24 @@ ON CONFLICT DO NOTHING
 RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
           lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
 
+-- name: create_claimed_many
+-- Several create_claimed_run writes as one statement (group commit,
+-- flowkeeper.groupcommit): one array per create_claimed_run argument.  A row
+-- that conflicts (its id or idempotency key taken, by an existing run or by an
+-- earlier row of the same arrays: they are inserted in order) is not
+-- inserted, as alone.  Returns the runs created.
+INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
+                           started_at, invocations, executing, code_version)
+SELECT c.id, c.workflow, 'running', c.input, c.idempotency_key, c.lease_token,
+       {schema}.clock_now() + c.lease, {schema}.clock_now(), 1, true, c.code_version
+FROM unnest($1::uuid[], $2::text[], $3::json[], $4::text[], $5::uuid[], $6::interval[],
+            $7::text[]) WITH ORDINALITY
+     AS c(id, workflow, input, idempotency_key, lease_token, lease, code_version, ord)
+ORDER BY c.ord
+ON CONFLICT DO NOTHING
+RETURNING id, workflow, idempotency_key, input::text AS input, step_key, step_attempt,
+          invocations, lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
+
 -- name: create_gated_run
 -- create_claimed_run for a flow-controlled run (migration 0018): insert_run's
 -- arguments; outcome 'claimed' with the run, 'gated' (not claimed: see the

@@ -209,3 +209,114 @@ async def test_a_refused_value_in_a_merged_statement_refuses_the_batch_whole(
         await fk.store._call_many(writes)
     runs, _ = await _tables(fk)
     assert {r[1] for r in runs} == {"running"}  # nothing of the batch was committed
+
+
+# Creates of new runs handed over by trigger(): ids and idempotency keys that
+# collide with each other in the batch and with runs that exist already, keys
+# that look like SQL or array syntax, and inputs of every JSON shape.
+_create = st.fixed_dictionaries(
+    {
+        "id": st.integers(1, 8),  # 1-3 exist before the batch
+        "workflow": st.sampled_from(["w", "other", 'w"{,}']),
+        "key": st.none() | st.sampled_from(["k", "k2", "{a,b}", "NULL", "'); --", "é"]),
+        "input": _json,
+    }
+)
+
+
+def _create_args(store: Store, c: dict[str, Any]) -> tuple[Any, ...]:
+    """create_claimed_run's arguments, as Store.create_claimed builds them."""
+    return (
+        uuid.UUID(int=c["id"]),
+        c["workflow"],
+        store.sealer.seal_json(c["input"]),
+        c["key"],
+        uuid.UUID(int=5000 + c["id"]),
+        LEASE,
+        None,
+    )
+
+
+async def _created_tables(fk: FlowKeeper) -> Any:
+    s = fk.store.schema
+    async with fk.db.acquire() as conn:
+        rows = await conn.fetch(
+            f"SELECT id, workflow, status, input::text, idempotency_key, lease_token, "
+            f"invocations, executing FROM {s}.runs ORDER BY id"
+        )
+    return [tuple(r) for r in rows]
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    creates=st.lists(_create, min_size=2, max_size=8),
+    commits=st.lists(st.integers(0, 2), max_size=3, unique=True),
+    seed=st.randoms(use_true_random=False),
+)
+async def test_merged_creates_create_what_they_create_alone(
+    twins: tuple[FlowKeeper, FlowKeeper],
+    creates: list[dict[str, Any]],
+    commits: list[int],
+    seed: Any,
+) -> None:
+    merged, alone = twins
+    results = {}
+    order = list(range(len(creates) + len(commits)))
+    seed.shuffle(order)  # creates and step writes of other runs, interleaved
+    for fk in (merged, alone):
+        store = fk.store
+        await store.ensure_schema()
+        async with fk.db.acquire() as conn:
+            await conn.execute(f"TRUNCATE {store.schema}.runs CASCADE")
+        for n in (1, 2, 3):  # existing runs, holding keys k and k2 of workflow w
+            await store.create_claimed(
+                run_id=str(uuid.UUID(int=n)), workflow="w", input_json="null",
+                idempotency_key={1: "k", 2: "k2"}.get(n), lease_token=uuid.UUID(int=5000 + n),
+                lease=LEASE,
+            )  # fmt: skip
+        done = {"ending": "completed", "output": '"ok"', "steps": [], "stale": False}
+        items = [("create_claimed_run", _create_args(store, c)) for c in creates] + [
+            ("commit_lean", _args(store, str(uuid.UUID(int=n + 1)), uuid.UUID(int=5001 + n),
+                                  done, 0))
+            for n in commits
+        ]  # fmt: skip
+        writes = [items[i] for i in order]
+        if fk is merged:
+            try:
+                rows = await store._call_many(writes)
+            except BatchRefused:
+                pytest.fail("a batch of storable creates was refused")
+        else:
+            rows = [await store._call("fetchrow", n, *a) for n, a in writes]
+        # Clock readings differ between the twins; the merged row also names its key.
+        skip = ("db_now", "created_at", "due_at", "idempotency_key")
+        shown = [None if r is None else {k: v for k, v in r.items() if k not in skip}
+                 for r in rows]  # fmt: skip
+        results[fk is merged] = (shown, await _created_tables(fk))
+    assert results[True] == results[False]
+
+
+def test_creates_go_first_as_one_statement_and_step_writes_merge_around_them() -> None:
+    a, b, c, d = (uuid.uuid4() for _ in range(4))
+    writes = [
+        ("commit_lean", (a,)),
+        ("create_claimed_run", (c,)),
+        ("commit_lean", (b,)),
+        ("create_claimed_run", (d,)),
+        ("commit_lean", (a,)),
+    ]
+    assert list(_statements(writes)) == [
+        ("create_claimed_many", [1, 3]),
+        ("commit_lean_many", [0, 2]),
+        ("commit_lean", [4]),
+    ]
+    # One create stays create_claimed_run, in its place.
+    assert list(_statements(writes[:3])) == [
+        ("commit_lean", [0]),
+        ("create_claimed_run", [1]),
+        ("commit_lean", [2]),
+    ]

@@ -67,6 +67,36 @@ async def test_a_refused_value_reaches_only_its_own_write(database_url: str) -> 
         await fk.aclose()
 
 
+async def test_a_refused_input_in_merged_creates_reaches_only_its_own_run(
+    database_url: str,
+) -> None:
+    # The endpoint's creates of runs handed over by trigger() go as one statement.
+    fk = FlowKeeper(database_url, signing_key=KEY, pool_size=1)
+    try:
+        store = fk.store
+        await store.ensure_schema()
+        ids = [str(uuid.uuid4()) for _ in range(30)]
+        bad = ids[11]
+
+        async def create(run_id: str) -> Any:
+            return await store.create_claimed(
+                run_id=run_id, workflow="w", input_json='{"not json' if run_id == bad else "[1]",
+                idempotency_key=f"key-{run_id}", lease_token=uuid.uuid4(), lease=LEASE,
+            )  # fmt: skip
+
+        results = dict(
+            zip(ids, await asyncio.gather(*map(create, ids), return_exceptions=True), strict=True)
+        )
+        assert _group(store).batches >= 1, "the creates never shared a statement"
+        assert isinstance(results.pop(bad), DatabaseRefusedError)
+        assert {r: c.run_id for r, c in results.items()} == {r: r for r in results}
+        async with fk.db.acquire() as conn:
+            rows = await conn.fetch("SELECT id, input::text AS i FROM flowkeeper.runs")
+        assert {str(r["id"]): r["i"] for r in rows} == {r: "[1]" for r in results}
+    finally:
+        await fk.aclose()
+
+
 async def test_a_stale_lease_in_a_batch_is_fenced_alone(database_url: str) -> None:
     fk = FlowKeeper(database_url, signing_key=KEY, pool_size=1)
     try:
