@@ -202,20 +202,30 @@ _GATE_KEYS = 6
 _GATE_RATE_KEYS = 11
 
 
+#: Creates of new runs a batch sends as one statement each kind (see _statements).
+_MERGED_CREATES = {
+    "create_claimed_run": "create_claimed_many",
+    "create_gated_run": "create_gated_many",
+}
+
+
 def _statements(writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, list[int]]]:
     """A batch's writes as statements, each with the positions of the writes it holds.
 
-    Two or more creates of new runs (create_claimed_run) become one
-    create_claimed_many, sent first: no other write of the batch can be of a
-    run not created yet, and conflicts among them resolve as one by one (the
-    first wins).  Then, in order, consecutive commit_lean writes of different
-    runs become one commit_lean_many; every other write stays itself.
+    Two or more creates of new runs of one kind (create_claimed_run, or
+    create_gated_run for flow-controlled ones) become one statement, sent
+    first: no other write of the batch can be of a run not created yet, the
+    batch's writes are concurrent (any order is one they could have arrived
+    in), and conflicts among the creates resolve as one by one.  Then, in
+    order, consecutive commit_lean writes of different runs become one
+    commit_lean_many; every other write stays itself.
     """
-    creates = [i for i, (name, _) in enumerate(writes) if name == "create_claimed_run"]
     rest = list(range(len(writes)))
-    if len(creates) > 1:
-        yield "create_claimed_many", creates
-        rest = [i for i in rest if writes[i][0] != "create_claimed_run"]
+    for one, many in _MERGED_CREATES.items():
+        creates = [i for i in rest if writes[i][0] == one]
+        if len(creates) > 1:
+            yield many, creates
+            rest = [i for i in rest if writes[i][0] != one]
     k = 0
     while k < len(rest):
         j, runs = k, set()
@@ -444,6 +454,8 @@ class Store:
             return await self._commit_many(conn, group)
         if name == "create_claimed_many":
             return await self._create_many(conn, group)
+        if name == "create_gated_many":
+            return await self._create_gated_many(conn, group)
         return [await conn.fetchrow(self.q[name], *group[0])]
 
     async def _create_many(
@@ -459,6 +471,18 @@ class Store:
         # with it.  Writes that differ in any of them conflict or not on their own.
         took = {(row["id"], row["workflow"], row["idempotency_key"]): row for row in made}
         return [took.pop((args[0], args[1], args[3]), None) for args in creates]
+
+    async def _create_gated_many(
+        self, conn: asyncpg.Connection, creates: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Several create_gated_run writes (Store.insert_args) as one statement; a row
+        each, its outcome, in order."""
+        scalars = [[w[i] for w in creates] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 13)]
+        counts = [[None if w[i] is None else len(w[i]) for w in creates] for i in (6, 7, 11, 12)]
+        ragged = [[x for w in creates for x in (w[i] or ())] for i in (6, 7, 11, 12)]
+        made = await conn.fetch(self.q["create_gated_many"], *scalars, *counts, *ragged)
+        by_ord = {row["ord"]: row for row in made}
+        return [by_ord.get(k) for k in range(1, len(creates) + 1)]
 
     def _prelock(
         self, writes: Sequence[tuple[str, tuple[Any, ...]]]
