@@ -420,16 +420,14 @@ class Store:
                 if prelock is None and len(statements) == 1:
                     # One statement is atomic by itself: no BEGIN and COMMIT round
                     # trips (the common batch: every write one merged statement).
-                    name, at = statements[0]
-                    rows = await self._statement(own, name, [writes[i][1] for i in at])
+                    name = statements[0][0]
+                    await self._statement(own, writes, *statements[0], rows)
                 else:
                     async with own.transaction():
                         if prelock is not None:
                             await own.execute(self.q["flow_prelock"], *prelock)
                         for name, at in statements:
-                            took = await self._statement(own, name, [writes[i][1] for i in at])
-                            for i, row in zip(at, took, strict=True):
-                                rows[i] = row
+                            await self._statement(own, writes, name, at, rows)
             except BaseException as exc:
                 # After a refusal the transaction was rolled back: reusable.
                 refusal = isinstance(exc, _postgres_error() | asyncpg.DataError | UnicodeError)
@@ -447,16 +445,26 @@ class Store:
             raise
 
     async def _statement(
-        self, conn: asyncpg.Connection, name: str, group: list[tuple[Any, ...]]
-    ) -> list[Any]:
-        """One statement of a batch (see _statements): a row per write it holds."""
+        self,
+        conn: asyncpg.Connection,
+        writes: Sequence[tuple[str, tuple[Any, ...]]],
+        name: str,
+        at: list[int],
+        rows: list[Any],
+    ) -> None:
+        """One statement of a batch (see _statements), holding the writes at ``at``:
+        their rows go to the same places of ``rows``."""
+        group = [writes[i][1] for i in at]
         if name == "commit_lean_many":
-            return await self._commit_many(conn, group)
-        if name == "create_claimed_many":
-            return await self._create_many(conn, group)
-        if name == "create_gated_many":
-            return await self._create_gated_many(conn, group)
-        return [await conn.fetchrow(self.q[name], *group[0])]
+            took = await self._commit_many(conn, group)
+        elif name == "create_claimed_many":
+            took = await self._create_many(conn, group)
+        elif name == "create_gated_many":
+            took = await self._create_gated_many(conn, group)
+        else:
+            took = [await conn.fetchrow(self.q[name], *group[0])]
+        for i, row in zip(at, took, strict=True):
+            rows[i] = row
 
     async def _create_many(
         self, conn: asyncpg.Connection, creates: Sequence[tuple[Any, ...]]
