@@ -224,14 +224,15 @@ _create = st.fixed_dictionaries(
 )
 
 
-def _create_args(store: Store, c: dict[str, Any]) -> tuple[Any, ...]:
-    """create_claimed_run's arguments, as Store.create_claimed builds them."""
+def _create_args(store: Store, c: dict[str, Any], n: int) -> tuple[Any, ...]:
+    """create_claimed_run's arguments, as Store.create_claimed builds them: each
+    write its own lease token, so the tables show which of a run id's writes took."""
     return (
         uuid.UUID(int=c["id"]),
         c["workflow"],
         store.sealer.seal_json(c["input"]),
         c["key"],
-        uuid.UUID(int=5000 + c["id"]),
+        uuid.UUID(int=10_000 + n),
         LEASE,
         None,
     )
@@ -279,7 +280,9 @@ async def test_merged_creates_create_what_they_create_alone(
                 lease=LEASE,
             )  # fmt: skip
         done = {"ending": "completed", "output": '"ok"', "steps": [], "stale": False}
-        items = [("create_claimed_run", _create_args(store, c)) for c in creates] + [
+        items = [
+            ("create_claimed_run", _create_args(store, c, n)) for n, c in enumerate(creates)
+        ] + [
             ("commit_lean", _args(store, str(uuid.UUID(int=n + 1)), uuid.UUID(int=5001 + n),
                                   done, 0))
             for n in commits
