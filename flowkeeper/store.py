@@ -209,6 +209,51 @@ _MERGED_CREATES = {
 }
 
 
+#: A merged statement's values stop growing past this many characters or bytes:
+#: the next write starts another statement (a bind message is held whole by
+#: the driver and by the server, which refuses one over 1 GB).
+MERGE_BYTES = 16 * 1024 * 1024
+
+
+#: Where the values that can be large sit in each mergeable write's arguments:
+#: plain ones, and per-step lists (commit_lean's step inputs, outputs, errors).
+_LARGE_VALUES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "create_claimed_run": ((2,), ()),
+    "create_gated_run": ((2,), ()),
+    "commit_lean": ((6, 7), (_RUN_COLUMNS + 5, _RUN_COLUMNS + 6, _RUN_COLUMNS + 8)),
+}
+
+
+def _size(name: str, args: tuple[Any, ...]) -> int:
+    """About how large a write's values are (characters or bytes)."""
+    plain, lists = _LARGE_VALUES[name]
+    total = 0
+    for i in plain:
+        if args[i] is not None:
+            total += len(args[i])
+    for i in lists:
+        for value in args[i]:
+            if value is not None:
+                total += len(value)
+    return total
+
+
+def _capped(at: list[int], writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Iterator[list[int]]:
+    """``at`` cut into runs of writes whose values add up to at most MERGE_BYTES
+    (a write larger than that alone)."""
+    group: list[int] = []
+    size = 0
+    for i in at:
+        grows = _size(*writes[i])
+        if group and size + grows > MERGE_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(i)
+        size += grows
+    if group:
+        yield group
+
+
 def _statements(writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple[str, list[int]]]:
     """A batch's writes as statements, each with the positions of the writes it holds.
 
@@ -218,13 +263,15 @@ def _statements(writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple
     batch's writes are concurrent (any order is one they could have arrived
     in), and conflicts among the creates resolve as one by one.  Then, in
     order, consecutive commit_lean writes of different runs become one
-    commit_lean_many; every other write stays itself.
+    commit_lean_many; every other write stays itself.  A merged statement
+    holds at most MERGE_BYTES of values (see _capped).
     """
     rest = list(range(len(writes)))
     for one, many in _MERGED_CREATES.items():
         creates = [i for i in rest if writes[i][0] == one]
         if len(creates) > 1:
-            yield many, creates
+            for group in _capped(creates, writes):
+                yield (many if len(group) > 1 else one), group
             rest = [i for i in rest if writes[i][0] != one]
     k = 0
     while k < len(rest):
@@ -236,7 +283,8 @@ def _statements(writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Iterator[tuple
             runs.add(run)
             j += 1
         if j - k > 1:
-            yield "commit_lean_many", rest[k:j]
+            for group in _capped(rest[k:j], writes):
+                yield ("commit_lean_many" if len(group) > 1 else "commit_lean"), group
             k = j
         else:
             yield writes[rest[k]][0], [rest[k]]

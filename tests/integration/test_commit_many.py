@@ -175,14 +175,28 @@ async def test_a_merged_batch_writes_what_its_writes_write_alone(
     assert results[True] == results[False]
 
 
+def _plan(
+    name: str, run: uuid.UUID, value: Any = None, *, inputs: Any = (), outputs: Any = ()
+) -> tuple[str, tuple[Any, ...]]:
+    """A write of ``run`` for the statement plan alone: ``value`` is a create's
+    input or a step write's run output, ``inputs``/``outputs`` its steps'."""
+    args: list[Any] = [run] + [None] * 23
+    if name == "commit_lean":
+        args[6] = value
+        args[15], args[16], args[18] = list(inputs), list(outputs), [None] * len(outputs)
+    else:
+        args[2] = value
+    return name, tuple(args)
+
+
 def test_a_runs_two_writes_stay_two_statements() -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
     writes = [
-        ("commit_lean", (a,)),
-        ("commit_lean", (b,)),
-        ("commit_lean", (a,)),  # a's second write: a new statement after a's first
-        ("claim_run", (b,)),
-        ("commit_lean", (b,)),
+        _plan("commit_lean", a),
+        _plan("commit_lean", b),
+        _plan("commit_lean", a),  # a's second write: a new statement after a's first
+        _plan("claim_run", b),
+        _plan("commit_lean", b),
     ]
     assert [(n, len(g)) for n, g in _statements(writes)] == [
         ("commit_lean_many", 2),
@@ -306,11 +320,11 @@ async def test_merged_creates_create_what_they_create_alone(
 def test_creates_go_first_as_one_statement_and_step_writes_merge_around_them() -> None:
     a, b, c, d = (uuid.uuid4() for _ in range(4))
     writes = [
-        ("commit_lean", (a,)),
-        ("create_claimed_run", (c,)),
-        ("commit_lean", (b,)),
-        ("create_claimed_run", (d,)),
-        ("commit_lean", (a,)),
+        _plan("commit_lean", a),
+        _plan("create_claimed_run", c),
+        _plan("commit_lean", b),
+        _plan("create_claimed_run", d),
+        _plan("commit_lean", a),
     ]
     assert list(_statements(writes)) == [
         ("create_claimed_many", [1, 3]),
@@ -408,3 +422,27 @@ async def test_merged_gated_creates_gate_as_they_gate_alone(
         shown = [(r["outcome"], r["id"], r["input"]) for r in rows]
         results[fk is merged] = (shown, await _gated_tables(fk))
     assert results[True] == results[False]
+
+
+def test_a_merged_statement_stops_growing_past_its_byte_cap() -> None:
+    # Large values of many runs at once: each merged statement holds at most
+    # MERGE_BYTES of them (one bind message the driver and the server hold
+    # whole), and a write larger than that goes alone.
+    from flowkeeper.store import MERGE_BYTES
+
+    third = "x" * (MERGE_BYTES // 3)
+    runs = [uuid.uuid4() for _ in range(6)]
+    writes = [
+        _plan("create_claimed_run", runs[0], third),
+        _plan("create_claimed_run", runs[1], third),
+        _plan("commit_lean", runs[2], inputs=[third], outputs=[b"y" * MERGE_BYTES]),  # alone
+        _plan("commit_lean", runs[3], outputs=[third, third]),
+        _plan("commit_lean", runs[4], third),
+        _plan("commit_lean", runs[5], '"small"'),
+    ]
+    assert list(_statements(writes)) == [
+        ("create_claimed_many", [0, 1]),
+        ("commit_lean", [2]),
+        ("commit_lean_many", [3, 4]),
+        ("commit_lean", [5]),
+    ]
