@@ -143,11 +143,25 @@ async def twins(database_url: str) -> Any:
     await alone.aclose()
 
 
-@settings(
+#: The twin tests' hypothesis settings: each example goes through the real database.
+_twin_settings = settings(
     max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+async def _sent(fk: FlowKeeper, merged: FlowKeeper, writes: list[Any], what: str) -> list[Any]:
+    """A batch's rows: through _call_many on the merged twin, write by write on the other."""
+    if fk is merged:
+        try:
+            return await fk.store._call_many(writes)
+        except BatchRefused:
+            pytest.fail(f"a batch of storable {what} was refused")
+    return [await fk.store._call("fetchrow", n, *a) for n, a in writes]
+
+
+@_twin_settings
 @given(batch=st.lists(_write, min_size=2, max_size=8))
 async def test_a_merged_batch_writes_what_its_writes_write_alone(
     twins: tuple[FlowKeeper, FlowKeeper], batch: list[dict[str, Any]]
@@ -164,13 +178,7 @@ async def test_a_merged_batch_writes_what_its_writes_write_alone(
                 ("commit_lean", _args(fk.store, ids[w["run"]], token, w, positions[w["run"]]))
             )
             positions[w["run"]] += len(w["steps"])
-        if fk is merged:
-            try:
-                rows = await fk.store._call_many(writes)
-            except BatchRefused:
-                pytest.fail("a batch of storable writes was refused")
-        else:
-            rows = [await fk.store._call("fetchrow", n, *a) for n, a in writes]
+        rows = await _sent(fk, merged, writes, "writes")
         results[fk is merged] = ([r is None for r in rows], await _tables(fk))
     assert results[True] == results[False]
 
@@ -262,11 +270,7 @@ async def _created_tables(fk: FlowKeeper) -> Any:
     return [tuple(r) for r in rows]
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@_twin_settings
 @given(
     creates=st.lists(_create, min_size=2, max_size=8),
     commits=st.lists(st.integers(0, 2), max_size=3, unique=True),
@@ -302,13 +306,7 @@ async def test_merged_creates_create_what_they_create_alone(
             for n in commits
         ]  # fmt: skip
         writes = [items[i] for i in order]
-        if fk is merged:
-            try:
-                rows = await store._call_many(writes)
-            except BatchRefused:
-                pytest.fail("a batch of storable creates was refused")
-        else:
-            rows = [await store._call("fetchrow", n, *a) for n, a in writes]
+        rows = await _sent(fk, merged, writes, "creates")
         # Clock readings differ between the twins; the merged row also names its key.
         skip = ("db_now", "created_at", "due_at", "idempotency_key")
         shown = [None if r is None else {k: v for k, v in r.items() if k not in skip}
@@ -391,11 +389,7 @@ async def _gated_tables(fk: FlowKeeper) -> Any:
     return [tuple(r) for r in runs], [tuple(r) for r in slots], [tuple(r) for r in rates]
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@_twin_settings
 @given(creates=st.lists(_gated, min_size=2, max_size=8))
 async def test_merged_gated_creates_gate_as_they_gate_alone(
     twins: tuple[FlowKeeper, FlowKeeper], creates: list[dict[str, Any]]
@@ -412,13 +406,7 @@ async def test_merged_gated_creates_gate_as_they_gate_alone(
                  "input": "null"}  # fmt: skip
         await store._call("fetchrow", "create_gated_run", *_gated_args(store, first))
         writes = [("create_gated_run", _gated_args(store, g)) for g in creates]
-        if fk is merged:
-            try:
-                rows = await store._call_many(writes)
-            except BatchRefused:
-                pytest.fail("a batch of storable gated creates was refused")
-        else:
-            rows = [await store._call("fetchrow", n, *a) for n, a in writes]
+        rows = await _sent(fk, merged, writes, "gated creates")
         shown = [(r["outcome"], r["id"], r["input"]) for r in rows]
         results[fk is merged] = (shown, await _gated_tables(fk))
     assert results[True] == results[False]

@@ -33,6 +33,20 @@ def _group(store: Store) -> Any:
     return store._group()
 
 
+async def _claimed_runs(store: Store, count: int) -> dict[str, uuid.UUID]:
+    """``count`` runs created leased to this process: their lease tokens by run id."""
+    tokens: dict[str, uuid.UUID] = {}
+    for _ in range(count):
+        run_id, token = str(uuid.uuid4()), uuid.uuid4()
+        claimed = await store.create_claimed(
+            run_id=run_id, workflow="w", input_json="null", idempotency_key=None,
+            lease_token=token, lease=LEASE,
+        )  # fmt: skip
+        assert not isinstance(claimed, tuple)
+        tokens[run_id] = token
+    return tokens
+
+
 async def test_a_refused_value_reaches_only_its_own_write(database_url: str) -> None:
     fk = FlowKeeper(database_url, signing_key=KEY, pool_size=1)
     try:
@@ -102,19 +116,7 @@ async def test_a_stale_lease_in_a_batch_is_fenced_alone(database_url: str) -> No
     try:
         store = fk.store
         await store.ensure_schema()
-        tokens: dict[str, uuid.UUID] = {}
-        for _ in range(40):
-            run_id, token = str(uuid.uuid4()), uuid.uuid4()
-            claimed = await store.create_claimed(
-                run_id=run_id,
-                workflow="w",
-                input_json="null",
-                idempotency_key=None,
-                lease_token=token,
-                lease=LEASE,
-            )
-            assert not isinstance(claimed, tuple)
-            tokens[run_id] = token
+        tokens = await _claimed_runs(store, 40)
         stale = set(list(tokens)[::3])
 
         async def finish(run_id: str) -> Any:
@@ -146,15 +148,7 @@ async def test_a_refused_step_in_one_merged_statement_reaches_only_its_own_run(
     try:
         store = fk.store
         await store.ensure_schema()
-        tokens: dict[str, uuid.UUID] = {}
-        for _ in range(30):
-            run_id, token = str(uuid.uuid4()), uuid.uuid4()
-            claimed = await store.create_claimed(
-                run_id=run_id, workflow="w", input_json="null", idempotency_key=None,
-                lease_token=token, lease=LEASE,
-            )  # fmt: skip
-            assert not isinstance(claimed, tuple)
-            tokens[run_id] = token
+        tokens = await _claimed_runs(store, 30)
         bad = list(tokens)[17]
         now = await store.clock_now()
 
