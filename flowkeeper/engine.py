@@ -1725,12 +1725,21 @@ class Execution:
                 detail={"timeout": seconds, "threads_hung": self.engine.executor.abandoned},
             )
         )
-        await self._report_hung(key, attempt)
         waited = time.monotonic()
         try:
-            await self._wait_thread(wrapped)
+            await self._report_hung(key, attempt)
         except asyncio.CancelledError:
-            raise
+            # Interrupted (a cancel, a lost lease, a run timeout) while the report
+            # was being written: the thread still runs, so wait for it all the
+            # same before this body ends and the run may be let go of.
+            if self._interrupted is None:
+                raise  # the host cancelled us: run() keeps the lease until it returns
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                task.uncancel()
+            await self._wait_thread(wrapped)
+            raise asyncio.CancelledError from None
+        await self._wait_thread(wrapped)
         late = time.monotonic() - waited
         return StepTimeoutError(
             f"Step attempt exceeded its timeout of {seconds:g}s; it was a sync function, "

@@ -467,3 +467,58 @@ async def test_a_host_cancelling_the_invocation_keeps_the_lease_while_the_thread
     assert [a.error_type for a in info.steps[0].failed_attempts] == [
         "flowkeeper.errors.AttemptLostError"
     ]
+
+
+async def test_a_cancel_landing_while_the_timeout_is_being_reported_still_waits_for_the_thread(
+    fk: FlowKeeper, database_url: str
+) -> None:
+    # The sync step overruns its timeout; the write that reports it is held up
+    # (a test transaction locks the steps table), and meanwhile the run is
+    # cancelled and the heartbeat interrupts the step body in that write.  The
+    # body must still wait for its thread before the run is let go of: a
+    # replay must be refused until the thread has returned.
+    import asyncpg
+
+    spans = Spans()
+    entered = threading.Event()
+
+    def overruns() -> str:
+        span = spans.start("overruns")
+        entered.set()
+        time.sleep(1.5)
+        span[1] = time.monotonic()
+        return "late"
+
+    @fk.workflow("overruns-reported")
+    async def wf(ctx: Context) -> str:
+        return await ctx.step("overruns", overruns, timeout=0.3)
+
+    handle = await fk.trigger("overruns-reported")
+    locker = await asyncpg.connect(database_url)
+    try:
+        task = asyncio.create_task(fk.advance(handle.run_id))
+        await asyncio.to_thread(entered.wait, 5)
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("LOCK TABLE flowkeeper.steps IN SHARE MODE")
+        for _ in range(100):  # until the timeout's report waits for the lock
+            if await locker.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the timeout's report never waited for the lock")
+        assert await fk.cancel(handle.run_id)
+        await asyncio.sleep(0.4)  # the heartbeat (lease/3) sees the cancel mid-write
+        await lock.commit()
+        await asyncio.sleep(0.1)
+        assert spans.spans["overruns"][0][1] == float("inf")  # the thread still runs
+        with pytest.raises(RunStateError, match="has not stopped yet"):
+            await fk.replay(handle.run_id)
+        result = await asyncio.wait_for(task, 5)
+        assert isinstance(result, SegmentResult) and result.outcome is Outcome.CANCELLED
+        assert spans.spans["overruns"][0][1] != float("inf")
+    finally:
+        await locker.close()
+    await fk.replay(handle.run_id)
+    await finish(fk, handle.run_id)
+    assert spans.overlaps("overruns") == 0
