@@ -576,16 +576,25 @@ class Execution:
         logger.error("run %s: %s; the run fails with this error", self.run_id, exc)
         error = error_info(exc)
         error["traceback"] = None
-        try:
-            ok = await self.store.commit(self.run_id, self.token, status="failed", error=error)
-        except DatabaseRefusedError as again:  # pragma: no cover - the error is plain text
-            raise _Abort(DatabaseError(str(again))) from again
-        except DatabaseError as lost:
-            raise _Abort(lost) from lost
-        if ok is False:
-            return _Suspend(await self._lost())
-        self._ended = SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
-        return _Suspend(self._ended)
+
+        async def fail() -> SegmentResult:
+            # Failing the run lets go of it, and a failed run may be replayed:
+            # not while a step thread of this invocation still runs (a sibling
+            # branch's, or the hung one whose report was refused).
+            while live := [t for t in self._threads if not t.done()]:
+                await asyncio.wait(live)
+            try:
+                ok = await self.store.commit(self.run_id, self.token, status="failed", error=error)
+            except DatabaseRefusedError as again:  # pragma: no cover - the error is plain text
+                raise _Abort(DatabaseError(str(again))) from again
+            except DatabaseError as lost:
+                raise _Abort(lost) from lost
+            if ok is False:
+                return await self._lost_now()
+            return SegmentResult(self.run_id, Outcome.FAILED, self._executed, error=error)
+
+        # The other branches' bodies are stopped first, as for any end of the segment.
+        return _Suspend(await self._end_once("refused", fail))
 
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.engine.lease.total_seconds() / 3)
@@ -620,8 +629,10 @@ class Execution:
         """
         if self._bodies and self._interrupted is None:
             self._interrupted = reason
+            current = asyncio.current_task()  # a body ending the segment itself goes on
             for task in list(self._bodies):
-                task.cancel()
+                if task is not current:
+                    task.cancel()
 
     async def _run(self) -> SegmentResult:
         ctx = Context(self)

@@ -522,3 +522,67 @@ async def test_a_cancel_landing_while_the_timeout_is_being_reported_still_waits_
     await fk.replay(handle.run_id)
     await finish(fk, handle.run_id)
     assert spans.overlaps("overruns") == 0
+
+
+async def test_a_refused_write_fails_the_run_only_once_a_sibling_thread_returned(
+    fk: FlowKeeper, database_url: str
+) -> None:
+    # A gathered sibling's result is refused by Postgres for good (here a
+    # trigger raising a data exception, as a value Postgres cannot store
+    # would): the run fails, but only once the other branch's sync step has
+    # returned, or a replay of the failed run could start it beside itself.
+    import asyncpg
+
+    spans = Spans()
+    entered = threading.Event()
+
+    def blocking() -> str:
+        span = spans.start("blocking")
+        entered.set()
+        time.sleep(1.2)
+        span[1] = time.monotonic()
+        return "done"
+
+    async def refused() -> str:
+        await asyncio.to_thread(entered.wait, 5)
+        return "refused"
+
+    @fk.workflow("refused-sibling")
+    async def wf(ctx: Context) -> list[str]:
+        return list(
+            await asyncio.gather(ctx.step("blocking", blocking), ctx.step("refused", refused))
+        )
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            """
+            CREATE FUNCTION refuse_step() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.key = 'refused' THEN
+                    RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_step BEFORE INSERT OR UPDATE ON flowkeeper.steps
+            FOR EACH ROW EXECUTE FUNCTION refuse_step();
+            """
+        )
+        handle = await fk.trigger("refused-sibling")
+        task = asyncio.create_task(fk.advance(handle.run_id))
+        await asyncio.to_thread(entered.wait, 5)
+        await asyncio.sleep(0.5)  # the sibling's write has been refused by now
+        assert spans.spans["blocking"][0][1] == float("inf")  # the thread still runs
+        with pytest.raises(RunStateError):
+            await fk.replay(handle.run_id)
+        result = await asyncio.wait_for(task, 5)
+        assert isinstance(result, SegmentResult) and result.outcome is Outcome.FAILED
+        assert result.error is not None and "refused by the test" in result.error["message"]
+        assert spans.spans["blocking"][0][1] != float("inf")
+        await conn.execute("DROP TRIGGER refuse_step ON flowkeeper.steps")
+    finally:
+        await conn.close()
+    await fk.replay(handle.run_id)
+    results = await finish(fk, handle.run_id)
+    assert results[-1].outcome is Outcome.COMPLETED
+    assert spans.count("blocking") == 2 and spans.overlaps("blocking") == 0
