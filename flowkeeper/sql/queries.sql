@@ -152,7 +152,10 @@ WITH gate AS (
     SET lease_token = NULL, due_at = NULL, executing = false
     WHERE id = $1
       AND status IN ('completed', 'failed', 'cancelled')
-      AND due_at IS NOT NULL
+      -- IS TRUE: no index but the primary key can serve this lookup.  Over a
+      -- large history the statistics say no row has a due time, and the
+      -- planner scanned all of runs_due_idx (every live run) instead.
+      AND (due_at IS NOT NULL) IS TRUE
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
 )
 SELECT c.*,
@@ -322,7 +325,10 @@ WITH w AS (
         updated_at = {schema}.clock_now()
     FROM w
     WHERE t.id = w.id AND t.lease_token = w.token
-      AND t.status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
+      -- IS TRUE: the runs are found by primary key.  Over a large history the
+      -- statistics say almost no run is live, and the planner scanned every
+      -- live run through runs_status_idx, per batch.
+      AND (t.status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')) IS TRUE
       -- Past its run timeout nothing more is recorded: the next claim fails it.
       AND NOT coalesce(t.deadline <= {schema}.clock_now(), false)
     RETURNING t.id, t.due_at, w.ord
