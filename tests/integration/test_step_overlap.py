@@ -65,6 +65,29 @@ async def fk(database_url: str) -> AsyncIterator[FlowKeeper]:
         await instance.aclose()
 
 
+def overrunning(
+    fk: FlowKeeper, spans: Spans, workflow: str, *, takes: float, timeout: float
+) -> threading.Event:
+    """Register ``workflow``: one sync step "overruns" that takes longer than its timeout.
+
+    Its spans are recorded in ``spans``; the event is set when a body starts.
+    """
+    entered = threading.Event()
+
+    def overruns() -> str:
+        span = spans.start("overruns")
+        entered.set()
+        time.sleep(takes)
+        span[1] = time.monotonic()
+        return "late"
+
+    @fk.workflow(workflow)
+    async def wf(ctx: Context) -> str:
+        return await ctx.step("overruns", overruns, timeout=timeout)
+
+    return entered
+
+
 async def finish(fk: FlowKeeper, run_id: str, *, most: int = 20) -> list[SegmentResult]:
     results: list[SegmentResult] = []
     for _ in range(most):
@@ -403,19 +426,7 @@ async def test_a_cancel_landing_before_a_sync_timeout_holds_the_run_until_the_th
     # heartbeat (every lease/3) has not seen it yet: the timeout's own write is
     # the first to be refused.  The run must stay held until the thread returns.
     spans = Spans()
-    entered = threading.Event()
-
-    def overruns() -> str:
-        span = spans.start("overruns")
-        entered.set()
-        time.sleep(0.8)
-        span[1] = time.monotonic()
-        return "late"
-
-    @fk.workflow("overruns")
-    async def wf(ctx: Context) -> str:
-        return await ctx.step("overruns", overruns, timeout=0.05)
-
+    entered = overrunning(fk, spans, "overruns", takes=0.8, timeout=0.05)
     handle = await fk.trigger("overruns")
     task = asyncio.create_task(fk.advance(handle.run_id))
     await asyncio.to_thread(entered.wait, 5)
@@ -480,19 +491,7 @@ async def test_a_cancel_landing_while_the_timeout_is_being_reported_still_waits_
     import asyncpg
 
     spans = Spans()
-    entered = threading.Event()
-
-    def overruns() -> str:
-        span = spans.start("overruns")
-        entered.set()
-        time.sleep(1.5)
-        span[1] = time.monotonic()
-        return "late"
-
-    @fk.workflow("overruns-reported")
-    async def wf(ctx: Context) -> str:
-        return await ctx.step("overruns", overruns, timeout=0.3)
-
+    entered = overrunning(fk, spans, "overruns-reported", takes=1.5, timeout=0.3)
     handle = await fk.trigger("overruns-reported")
     locker = await asyncpg.connect(database_url)
     try:
