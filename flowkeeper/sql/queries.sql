@@ -68,37 +68,14 @@ SELECT * FROM {schema}.create_gated($1, $2, $3::json, $4, $5, $6::interval, $7::
 -- lease, priority, timeout, start timeout, code version), the length of each
 -- run's concurrency keys, limits, rate keys and spacings ($11-$14, NULL for
 -- none), and those lists of all the runs one after the other ($15-$18).
--- create_gated runs once per run, in order, each call seeing what the earlier
--- ones wrote, as one by one.  Returns each write's position (from 1) and outcome.
-WITH u AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::json[], $4::text[], $5::uuid[],
-                         $6::interval[], $7::integer[], $8::interval[], $9::interval[],
-                         $10::text[], $11::integer[], $12::integer[], $13::integer[],
-                         $14::integer[]) WITH ORDINALITY
-         AS u(id, workflow, input, key, token, lease, priority, timeout, start_timeout,
-              code_version, nkeys, nlimits, nrates, nspacing, ord)
-), c AS (
-    -- Where each run's lists start in $15-$18.
-    SELECT u.*,
-           sum(coalesce(nkeys, 0)) OVER w - coalesce(nkeys, 0) AS okeys,
-           sum(coalesce(nlimits, 0)) OVER w - coalesce(nlimits, 0) AS olimits,
-           sum(coalesce(nrates, 0)) OVER w - coalesce(nrates, 0) AS orates,
-           sum(coalesce(nspacing, 0)) OVER w - coalesce(nspacing, 0) AS ospacing
-    FROM u
-    WINDOW w AS (ORDER BY ord)
-)
-SELECT c.ord, g.*
-FROM c CROSS JOIN LATERAL {schema}.create_gated(
-    c.id, c.workflow, c.input, c.key, c.token, c.lease,
-    CASE WHEN c.nkeys IS NOT NULL THEN ($15::text[])[c.okeys + 1 : c.okeys + c.nkeys] END,
-    CASE WHEN c.nlimits IS NOT NULL
-         THEN ($16::integer[])[c.olimits + 1 : c.olimits + c.nlimits] END,
-    c.priority, c.timeout, c.start_timeout,
-    CASE WHEN c.nrates IS NOT NULL THEN ($17::text[])[c.orates + 1 : c.orates + c.nrates] END,
-    CASE WHEN c.nspacing IS NOT NULL
-         THEN ($18::interval[])[c.ospacing + 1 : c.ospacing + c.nspacing] END,
-    c.code_version) AS g
-ORDER BY c.ord;
+-- Gated as a set when every key has room for all its runs, else run by run
+-- (create_gated_batch, migration 0020); either way as one by one.  Returns
+-- each write's position (from 1) and outcome.
+SELECT * FROM {schema}.create_gated_batch(
+    $1::uuid[], $2::text[], $3::json[], $4::text[], $5::uuid[], $6::interval[],
+    $7::integer[], $8::interval[], $9::interval[], $10::text[], $11::integer[],
+    $12::integer[], $13::integer[], $14::integer[], $15::text[], $16::integer[],
+    $17::text[], $18::interval[]);
 
 -- name: run_by_id_or_key
 -- After an insert that conflicted: the run with this id, else the run holding

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -409,6 +410,89 @@ async def test_merged_gated_creates_gate_as_they_gate_alone(
         rows = await _sent(fk, merged, writes, "gated creates")
         shown = [(r["outcome"], r["id"], r["input"]) for r in rows]
         results[fk is merged] = (shown, await _gated_tables(fk))
+    assert results[True] == results[False]
+
+
+# Gated creates that may all have room (migration 0020's set path): every run
+# has keys (a key twice in one run too), a lease and no rate keys; limits from
+# one, binding at once, to eight, never binding in a batch of eight, and one
+# key's limit differing from run to run; ids and idempotency keys colliding.
+_roomy = st.fixed_dictionaries(
+    {
+        "id": st.integers(1, 6),
+        "key": st.none() | st.sampled_from(["k", "k2"]),
+        "flow": st.lists(st.sampled_from(["a", "b", "{c,d}", 'e"']), min_size=1, max_size=3),
+        "limit": st.integers(1, 8),
+        "rate": st.just([]),
+        "priority": st.sampled_from([0, 1000]),
+        "input": _json,
+    }
+)
+
+
+def _room_for_all(creates: list[dict[str, Any]]) -> bool:
+    """Whether a batch goes the set path: no id twice, and each key has room for
+    every run of the batch that holds it, within each such run's limit (the
+    run created first holds a slot of key a)."""
+    ids = [g["id"] for g in creates]
+    need = Counter(k for g in creates for k in set(g["flow"]))
+    held = Counter({"a": 1})
+    return len(set(ids)) == len(ids) and all(
+        held[k] + need[k] <= g["limit"] for g in creates for k in g["flow"]
+    )
+
+
+@_twin_settings
+@given(creates=st.lists(_roomy, min_size=2, max_size=8))
+async def test_gated_creates_with_room_for_all_are_claimed_as_a_set_as_alone(
+    twins: tuple[FlowKeeper, FlowKeeper], creates: list[dict[str, Any]]
+) -> None:
+    merged, alone = twins
+    results = {}
+    for fk in (merged, alone):
+        store, s = fk.store, fk.store.schema
+        await store.ensure_schema()
+        async with fk.db.acquire() as conn:
+            await conn.execute(f"TRUNCATE {s}.runs, {s}.rate_limits CASCADE")
+        first = {"id": 0, "key": "k", "flow": ["a"], "limit": 5, "rate": [], "priority": 0,
+                 "input": "null"}  # fmt: skip
+        await store._call("fetchrow", "create_gated_run", *_gated_args(store, first))
+        writes = [_gated_args(store, g) for g in creates]
+        # Calls of create_gated (pending counts: taken before and after).
+        count = (
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
+            "WHERE schemaname = $1 AND funcname = 'create_gated'"
+        )
+        async with fk.db.acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL track_functions = 'pl'")
+            before = await conn.fetchval(count, s)
+            if fk is merged:
+                rows = await store._create_gated_many(conn, writes)
+            else:
+                rows = [await conn.fetchrow(store.q["create_gated_run"], *w) for w in writes]
+            calls = await conn.fetchval(count, s) - before
+        if fk is merged:
+            # The set path calls create_gated for none of them; else for each.
+            assert calls == (0 if _room_for_all(creates) else len(creates))
+        shown = [
+            (r["outcome"], r["id"], r["workflow"], r["input"], r["step_key"], r["step_attempt"],
+             r["invocations"], r["lost_attempts"], r["parent_id"], r["db_now"] is None)
+            for r in rows
+        ]  # fmt: skip
+        async with fk.db.acquire() as conn:
+            runs = await conn.fetch(
+                f"SELECT id, status, input::text, idempotency_key, flow_keys, flow_limits, "
+                f"priority, blocked_key, executing, lease_token IS NULL, started_at IS NULL, "
+                f"invocations, lost_attempts, deadline IS NULL, start_deadline IS NULL, "
+                f"code_version, due_at > {s}.clock_now() + interval '50 seconds' AS leased "
+                f"FROM {s}.runs ORDER BY id"
+            )
+            slots = await conn.fetch(f"SELECT key, run_id FROM {s}.slots ORDER BY key, run_id")
+            events = await conn.fetch(
+                f"SELECT run_id, kind, detail::text FROM {s}.events ORDER BY run_id, id"
+            )
+        results[fk is merged] = (shown, [tuple(r) for r in runs], [tuple(r) for r in slots],
+                                 [tuple(r) for r in events])  # fmt: skip
     assert results[True] == results[False]
 
 
