@@ -378,8 +378,11 @@ async def _gated_tables(fk: FlowKeeper) -> Any:
     async with fk.db.acquire() as conn:
         runs = await conn.fetch(
             f"SELECT id, status, input::text, idempotency_key, flow_keys, flow_limits, "
-            f"rate_keys, priority, blocked_key, executing, "
-            f"due_at > {s}.clock_now() + interval '1 second' AS later "
+            f"rate_keys, priority, blocked_key, executing, lease_token IS NULL, "
+            f"started_at IS NULL, invocations, lost_attempts, deadline IS NULL, "
+            f"start_deadline IS NULL, code_version, "
+            f"due_at > {s}.clock_now() + interval '1 second' AS later, "
+            f"due_at > {s}.clock_now() + interval '50 seconds' AS leased "
             f"FROM {s}.runs ORDER BY id"
         )
         slots = await conn.fetch(f"SELECT key, run_id FROM {s}.slots ORDER BY key, run_id")
@@ -387,7 +390,8 @@ async def _gated_tables(fk: FlowKeeper) -> Any:
         rates = await conn.fetch(
             f"SELECT key FROM {s}.rate_limits WHERE tat > '-infinity' ORDER BY key"
         )
-    return [tuple(r) for r in runs], [tuple(r) for r in slots], [tuple(r) for r in rates]
+        events = await conn.fetch(f"SELECT run_id, kind FROM {s}.events ORDER BY run_id, id")
+    return [[tuple(r) for r in rows] for rows in (runs, slots, rates, events)]
 
 
 @_twin_settings
@@ -479,20 +483,7 @@ async def test_gated_creates_with_room_for_all_are_claimed_as_a_set_as_alone(
              r["invocations"], r["lost_attempts"], r["parent_id"], r["db_now"] is None)
             for r in rows
         ]  # fmt: skip
-        async with fk.db.acquire() as conn:
-            runs = await conn.fetch(
-                f"SELECT id, status, input::text, idempotency_key, flow_keys, flow_limits, "
-                f"priority, blocked_key, executing, lease_token IS NULL, started_at IS NULL, "
-                f"invocations, lost_attempts, deadline IS NULL, start_deadline IS NULL, "
-                f"code_version, due_at > {s}.clock_now() + interval '50 seconds' AS leased "
-                f"FROM {s}.runs ORDER BY id"
-            )
-            slots = await conn.fetch(f"SELECT key, run_id FROM {s}.slots ORDER BY key, run_id")
-            events = await conn.fetch(
-                f"SELECT run_id, kind, detail::text FROM {s}.events ORDER BY run_id, id"
-            )
-        results[fk is merged] = (shown, [tuple(r) for r in runs], [tuple(r) for r in slots],
-                                 [tuple(r) for r in events])  # fmt: skip
+        results[fk is merged] = (shown, await _gated_tables(fk))
     assert results[True] == results[False]
 
 
