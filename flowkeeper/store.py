@@ -197,6 +197,12 @@ def _wait_opened(step: dict[str, Any], sealer: Sealer) -> dict[str, Any]:
 _RUN_COLUMNS = 10
 _STEP_COLUMNS = 13
 _KEEP_DUE = _RUN_COLUMNS + _STEP_COLUMNS
+#: flow_prelock's arguments (Store._prelock): runs, concurrency keys, rate keys.
+Prelock = tuple[list[uuid.UUID], list[str], list[str]]
+#: A merged statement's flow_prelock arguments when it takes none.
+_NO_PRELOCK: tuple[None, None, None] = (None, None, None)
+#: The merged statements that take their batch's flow_prelock themselves.
+_PRELOCKING = frozenset({"commit_lean_many", "create_gated_many"})
 #: create_gated_run's arguments (Store.insert_args): its concurrency and rate keys.
 _GATE_KEYS = 6
 _GATE_RATE_KEYS = 11
@@ -462,20 +468,25 @@ class Store:
                 if self.merge_commits
                 else [(n, [i]) for i, (n, _) in enumerate(writes)]
             )
+            # A merged statement that comes first takes the prelock itself, before
+            # it writes anything: one round trip less, and none more at all when
+            # it is the batch's only statement.
+            folded = prelock is not None and statements[0][0] in _PRELOCKING
             own = await self.db.get()
             try:
                 rows: list[Any] = [None] * len(writes)
-                if prelock is None and len(statements) == 1:
+                if len(statements) == 1 and (prelock is None or folded):
                     # One statement is atomic by itself: no BEGIN and COMMIT round
                     # trips (the common batch: every write one merged statement).
                     name = statements[0][0]
-                    await self._statement(own, writes, *statements[0], rows)
+                    await self._statement(own, writes, *statements[0], rows, prelock)
                 else:
                     async with own.transaction():
-                        if prelock is not None:
+                        if prelock is not None and not folded:
                             await own.execute(self.q["flow_prelock"], *prelock)
-                        for name, at in statements:
-                            await self._statement(own, writes, name, at, rows)
+                        for k, (name, at) in enumerate(statements):
+                            first = prelock if folded and k == 0 else None
+                            await self._statement(own, writes, name, at, rows, first)
             except BaseException as exc:
                 # After a refusal the transaction was rolled back: reusable.
                 refusal = isinstance(exc, _postgres_error() | asyncpg.DataError | UnicodeError)
@@ -499,16 +510,18 @@ class Store:
         name: str,
         at: list[int],
         rows: list[Any],
+        prelock: Prelock | None = None,
     ) -> None:
         """One statement of a batch (see _statements), holding the writes at ``at``:
-        their rows go to the same places of ``rows``."""
+        their rows go to the same places of ``rows``.  ``prelock``: the batch's
+        flow_prelock, for a statement of _PRELOCKING to take first."""
         group = [writes[i][1] for i in at]
         if name == "commit_lean_many":
-            took = await self._commit_many(conn, group)
+            took = await self._commit_many(conn, group, prelock)
         elif name == "create_claimed_many":
             took = await self._create_many(conn, group)
         elif name == "create_gated_many":
-            took = await self._create_gated_many(conn, group)
+            took = await self._create_gated_many(conn, group, prelock)
         else:
             took = [await conn.fetchrow(self.q[name], *group[0])]
         for i, row in zip(at, took, strict=True):
@@ -529,20 +542,23 @@ class Store:
         return [took.pop((args[0], args[1], args[3]), None) for args in creates]
 
     async def _create_gated_many(
-        self, conn: asyncpg.Connection, creates: Sequence[tuple[Any, ...]]
+        self,
+        conn: asyncpg.Connection,
+        creates: Sequence[tuple[Any, ...]],
+        prelock: Prelock | None = None,
     ) -> list[Any]:
         """Several create_gated_run writes (Store.insert_args) as one statement; a row
         each, its outcome, in order."""
         scalars = [[w[i] for w in creates] for i in (0, 1, 2, 3, 4, 5, 8, 9, 10, 13)]
         counts = [[None if w[i] is None else len(w[i]) for w in creates] for i in (6, 7, 11, 12)]
         ragged = [[x for w in creates for x in (w[i] or ())] for i in (6, 7, 11, 12)]
-        made = await conn.fetch(self.q["create_gated_many"], *scalars, *counts, *ragged)
+        made = await conn.fetch(
+            self.q["create_gated_many"], *scalars, *counts, *ragged, *(prelock or _NO_PRELOCK)
+        )
         by_ord = {row["ord"]: row for row in made}
         return [by_ord.get(k) for k in range(1, len(creates) + 1)]
 
-    def _prelock(
-        self, writes: Sequence[tuple[str, tuple[Any, ...]]]
-    ) -> tuple[list[uuid.UUID], list[str], list[str]] | None:
+    def _prelock(self, writes: Sequence[tuple[str, tuple[Any, ...]]]) -> Prelock | None:
         """flow_prelock's arguments for a batch of two or more writes that lock
         flow-control keys (migration 0019), else None: one such write alone takes
         its keys in order by itself, and other writes take none."""
@@ -563,7 +579,10 @@ class Store:
         return runs, keys, rate_keys
 
     async def _commit_many(
-        self, conn: asyncpg.Connection, writes: Sequence[tuple[Any, ...]]
+        self,
+        conn: asyncpg.Connection,
+        writes: Sequence[tuple[Any, ...]],
+        prelock: Prelock | None = None,
     ) -> list[Any]:
         """Several commit_lean writes (of different runs) as one statement; a row each."""
         runs = [[w[i] for w in writes] for i in (*range(_RUN_COLUMNS), _KEEP_DUE)]
@@ -574,7 +593,9 @@ class Store:
                 steps[c + 1] += w[_RUN_COLUMNS + c]
         took = {
             r["ord"]: {"id": r["id"], "due_at": r["due_at"]}
-            for r in await conn.fetch(self.q["commit_lean_many"], *runs, *steps)
+            for r in await conn.fetch(
+                self.q["commit_lean_many"], *runs, *steps, *(prelock or _NO_PRELOCK)
+            )
         }
         return [took.get(k) for k in range(1, len(writes) + 1)]
 

@@ -69,13 +69,14 @@ SELECT * FROM {schema}.create_gated($1, $2, $3::json, $4, $5, $6::interval, $7::
 -- run's concurrency keys, limits, rate keys and spacings ($11-$14, NULL for
 -- none), and those lists of all the runs one after the other ($15-$18).
 -- Gated as a set when every key has room for all its runs, else run by run
--- (create_gated_batch, migration 0020); either way as one by one.  Returns
--- each write's position (from 1) and outcome.
+-- (create_gated_batch, migration 0020); either way as one by one.  $19-$21:
+-- the batch's flow_prelock, taken first, when this statement is the batch's
+-- first (NULL: none).  Returns each write's position (from 1) and outcome.
 SELECT * FROM {schema}.create_gated_batch(
     $1::uuid[], $2::text[], $3::json[], $4::text[], $5::uuid[], $6::interval[],
     $7::integer[], $8::interval[], $9::interval[], $10::text[], $11::integer[],
     $12::integer[], $13::integer[], $14::integer[], $15::text[], $16::integer[],
-    $17::text[], $18::interval[]);
+    $17::text[], $18::interval[], $19::uuid[], $20::text[], $21::text[]);
 
 -- name: run_by_id_or_key
 -- After an insert that conflicted: the run with this id, else the run holding
@@ -275,9 +276,16 @@ SELECT id, due_at FROM r;
 -- in the order of commit_lean's $1-$10 and $24) and of their steps ($12-$25,
 -- $12 the position of each step's write in the runs' arrays, from 1).  Each
 -- run is fenced on its own, as commit_lean fences it; a run whose write is
--- refused writes no steps.  Returns the position, id and due time of each
--- write that took.
-WITH w AS (
+-- refused writes no steps.  $26-$28: the batch's flow_prelock (migration
+-- 0019), taken before any row is written, when this statement is the batch's
+-- first (NULL: none); one round trip instead of a statement of its own.
+-- Returns the position, id and due time of each write that took.
+WITH pl AS (
+    SELECT CASE WHEN $26::uuid[] IS NULL THEN true
+                ELSE (SELECT true FROM (SELECT {schema}.flow_prelock($26::uuid[], $27::text[],
+                                                                     $28::text[])) AS l)
+           END AS ok
+), w AS (
     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::interval[],
                          $6::timestamptz[], $7::json[], $8::jsonb[], $9::text[],
                          $10::integer[], $11::boolean[])
@@ -308,6 +316,7 @@ WITH w AS (
       AND (t.status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')) IS TRUE
       -- Past its run timeout nothing more is recorded: the next claim fails it.
       AND NOT coalesce(t.deadline <= {schema}.clock_now(), false)
+      AND (SELECT ok FROM pl)
     RETURNING t.id, t.due_at, w.ord
 ), s AS (
     INSERT INTO {schema}.steps (run_id, key, position, name, kind, status, input, output,

@@ -175,3 +175,101 @@ async def test_crossing_batches_of_gates_and_releases(database_url: str, limit: 
         assert deadlocks == 0
     finally:
         await fk.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "merged"),
+    [("ends", True), ("ends", False), ("creates", True)],
+    ids=["ends-one-statement", "ends-statement-by-statement", "creates-one-statement"],
+)
+async def test_batches_taking_keys_in_opposite_orders_wait_instead_of_deadlocking(
+    database_url: str, kind: str, merged: bool
+) -> None:
+    """Batch A ends (or creates) a run of key a, then one of key b; batch B one of
+    b, then one of a.  Key a is held elsewhere while both start, so without the
+    prelock A would hold a and wait for b while B held b and waited for a: a
+    deadlock every time.  The prelock is taken by the merged statement itself
+    (one statement) or on its own first (merging off).  The creates repeat an
+    id, so that they are gated run by run, each locking its own key."""
+    fk = FlowKeeper(database_url, signing_key=KEY, pool_size=3)
+
+    @fk.workflow("one", concurrency=Concurrency(limit=10, key=lambda inp: inp["k"]))
+    async def one(ctx: Context, inp: dict[str, Any]) -> None:
+        return None
+
+    store = fk.store
+    store.merge_commits = merged
+    refused = _counting_refusals(fk)
+    wf = fk.registry.get("one")
+    blocker = await asyncpg.connect(database_url)
+    try:
+        await store.ensure_schema()
+        deadlocks_before = await _deadlocks(blocker)
+        claimed: dict[str, ClaimedRun] = {}
+        for name, key in [("a1", "a"), ("b1", "b"), ("b2", "b"), ("a2", "a")]:
+            text = json.dumps({"k": key})
+            got = await store.create_gated(
+                run_id=str(uuid.uuid4()), workflow="one", input_json=text,
+                idempotency_key=None, lease=LEASE, flow=wf.flow(text), priority=0,
+                timeout=None, start_timeout=None,
+            )  # fmt: skip
+            assert isinstance(got, ClaimedRun)
+            claimed[name] = got
+
+        def end(name: str) -> tuple[str, tuple[Any, ...]]:
+            """commit_lean's arguments completing the run (no steps): it frees its slot."""
+            run = claimed[name]
+            store._flow_writes[uuid.UUID(run.run_id)] = 1
+            head = (uuid.UUID(run.run_id), run.lease_token, "completed", None, None, None)
+            return "commit_lean", (*head, '"done"', None, None, 0, *[[]] * 13, False)
+
+        async def waiting() -> int:
+            return int(
+                await blocker.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                )
+            )
+
+        key_a = wf.flow(json.dumps({"k": "a"})).keys[0]
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"flowkeeper.slot:{key_a}"
+        )
+
+        def create(run_id: str, key: str) -> tuple[str, tuple[Any, ...]]:
+            """create_gated_run's arguments, as Store.create_gated builds them."""
+            text = json.dumps({"k": key})
+            flow = wf.flow(text)
+            return "create_gated_run", store.insert_args(
+                run_id=run_id, workflow="one", input_json=text, idempotency_key=None,
+                lease_token=uuid.uuid4(), lease=LEASE, flow_keys=flow.keys,
+                flow_limits=flow.limits,
+            )  # fmt: skip
+
+        def batch(*keys: str) -> list[tuple[str, tuple[Any, ...]]]:
+            ids = [str(uuid.uuid4()) for _ in keys]
+            return [create(i, k) for i, k in zip(ids, keys, strict=True)] + [
+                create(ids[-1], keys[-1])
+            ]
+
+        if kind == "ends":
+            one_way, other_way = [end("a1"), end("b1")], [end("b2"), end("a2")]
+        else:
+            one_way, other_way = batch("a", "b"), batch("b", "a")
+        first = asyncio.create_task(store._call_many(one_way))
+        while await waiting() < 1:
+            await asyncio.sleep(0.01)
+        second = asyncio.create_task(store._call_many(other_way))
+        while await waiting() < 2:
+            await asyncio.sleep(0.01)
+        await hold.rollback()
+        rows = await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert refused == []
+        assert all(row is not None for batch in rows for row in batch)
+        assert await _deadlocks(blocker) == deadlocks_before
+        left = await blocker.fetchval("SELECT count(*) FROM flowkeeper.slots")
+        assert left == (0 if kind == "ends" else 4 + 4)  # ends free theirs; creates take one each
+    finally:
+        await blocker.close()
+        await fk.aclose()

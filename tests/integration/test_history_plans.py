@@ -114,6 +114,7 @@ async def test_a_group_commit_batch_finds_its_runs_by_primary_key(
         _array(["1"] * n, "json"), _array([None] * n, "text"), _array([None] * n, "jsonb"),
         _array([1] * n, "integer"), _array(["2026-01-01T00:00:00Z"] * n, "timestamptz"),
         _array(["2026-01-01T00:00:00Z"] * n, "timestamptz"), _array([None] * n, "timestamptz"),
+        "NULL", "NULL", "NULL",  # no prelock
     ]  # fmt: skip
     for mode in MODES:
         plan = await _explain(conn, QUERIES["commit_lean_many"], args, mode)

@@ -30,15 +30,17 @@ END
 $$;
 
 -- The arguments are create_gated_many's (queries.sql): one array per scalar
--- argument of create_gated, the length of each run's lists, and the lists of
--- all the runs one after the other.  Returns each run's position (from 1)
--- and create_gated's answer for it.
+-- argument of create_gated, the length of each run's lists, the lists of all
+-- the runs one after the other, and the batch's flow_prelock arguments when
+-- this is the batch's first statement (NULL otherwise).  Returns each run's
+-- position (from 1) and create_gated's answer for it.
 CREATE FUNCTION {schema}.create_gated_batch(
     p_ids uuid[], p_workflows text[], p_inputs json[], p_keys text[], p_tokens uuid[],
     p_leases interval[], p_priorities integer[], p_timeouts interval[],
     p_start_timeouts interval[], p_code_versions text[], p_nkeys integer[],
     p_nlimits integer[], p_nrates integer[], p_nspacing integer[], p_flow_keys text[],
-    p_flow_limits integer[], p_rate_keys text[], p_rate_spacing interval[])
+    p_flow_limits integer[], p_rate_keys text[], p_rate_spacing interval[],
+    p_lock_runs uuid[], p_lock_keys text[], p_lock_rate_keys text[])
     RETURNS TABLE (ord integer, outcome text, id uuid, workflow text, input text,
                    step_key text, step_attempt integer, invocations integer,
                    lost_attempts integer, created_at timestamptz, parent_id uuid,
@@ -54,6 +56,10 @@ DECLARE
     os integer := 0;
     room boolean;
 BEGIN
+    -- The batch's prelock (migration 0019), when this is its first statement.
+    IF p_lock_runs IS NOT NULL THEN
+        PERFORM {schema}.flow_prelock(p_lock_runs, p_lock_keys, p_lock_rate_keys);
+    END IF;
     -- The set path: every run has concurrency keys (as many as limits) and a
     -- lease, none has rate keys, and no id comes twice.
     room := n > 0
