@@ -31,6 +31,7 @@ SCANS = (
 )
 LEASE = timedelta(minutes=5)
 GROWN = 20_000
+STEPS = ("set path", "run by run", "release", "gate", "sweep", "prelock")
 
 
 def _batch(runs: list[dict[str, Any]], prelock: bool) -> tuple[Any, ...]:
@@ -69,14 +70,15 @@ async def _scans(conn: asyncpg.Connection, query: str, *args: Any) -> tuple[int,
 async def _round(conn: asyncpg.Connection, n: int) -> dict[str, int]:
     """Every flow-control function once or more; the sequential scans of each step."""
     seen: dict[str, int] = {}
-    full = f"w:full{n}"
+    # Keys as users' key functions make them: quotes, non-ASCII, separators.
+    full = f"w:full'{n}"
     # The set path (flow_prelock, flow_lock, the room check): room for all.
-    roomy = [_run([f"w:a{n}"], [5]), _run([f"w:b{n}", "w:g"], [5, 10_000]), _run([full], [1])]
+    roomy = [_run([f"w:ä\\{n}"], [5]), _run([f"w:b:{n};", "w:g"], [5, 10_000]), _run([full], [1])]
     seen["set path"], rows = await _scans(conn, QUERIES["create_gated_many"], *_batch(roomy, True))
     assert [r["outcome"] for r in rows] == ["claimed"] * 3
     # Run by run (create_gated, flow_held, flow_gate parking, flow_wake, flow_throttle):
     # the key that holds one is full, and a run with a rate key.
-    parked, throttled = _run([full], [1]), _run(rates=[f"w:r{n}"])
+    parked, throttled = _run([full], [1]), _run(rates=[f'w:r"{n}'])
     seen["run by run"], rows = await _scans(
         conn, QUERIES["create_gated_many"], *_batch([parked, throttled], True)
     )
@@ -107,7 +109,7 @@ async def _round(conn: asyncpg.Connection, n: int) -> dict[str, int]:
     seen["sweep"], _ = await _scans(conn, "SELECT flowkeeper.flow_sweep(10)")
     seen["prelock"], _ = await _scans(
         conn, "SELECT flowkeeper.flow_prelock($1, $2, $3)",
-        [roomy[0]["id"], roomy[1]["id"]], [], [f"w:r{n}"],
+        [roomy[0]["id"], roomy[1]["id"]], [], [f"w:r\"{n}"],
     )  # fmt: skip
     return seen
 
@@ -120,18 +122,14 @@ async def test_flow_control_reads_by_index_while_tiny_and_after_growing(
         await conn.execute("VACUUM ANALYZE flowkeeper.runs, flowkeeper.slots")
     # Past five calls PL/pgSQL may keep a generic plan: made now, with tiny tables.
     for n in range(8):
-        assert await _round(conn, n) == dict.fromkeys(
-            ("set path", "run by run", "release", "gate", "sweep", "prelock"), 0
-        ), n
+        assert await _round(conn, n) == dict.fromkeys(STEPS, 0), n
     await conn.execute(
         "INSERT INTO flowkeeper.runs (id, workflow, status, input, finished_at) "
         "SELECT gen_random_uuid(), 'old', 'completed', '1', now() FROM generate_series(1, $1)",
         GROWN,
     )
     for n in range(8, 11):
-        assert await _round(conn, n) == dict.fromkeys(
-            ("set path", "run by run", "release", "gate", "sweep", "prelock"), 0
-        ), n
+        assert await _round(conn, n) == dict.fromkeys(STEPS, 0), n
 
 
 async def test_each_flow_control_function_keeps_its_index_setting(
