@@ -361,7 +361,12 @@ class Dashboard:
         data["health"] = (await self.fk.health()).as_json()
         return data
 
-    async def _run_data(self, run_id: str) -> dict[str, Any]:
+    async def _run_data(self, run_id: str, version: str | None = None) -> dict[str, Any]:
+        """The run page's data.  ``version`` (the ETag) is read before the data, never
+        after: a change between the reads then makes the next poll fetch again, where
+        a version newer than the data would have answered it 304 for good."""
+        if version is None:
+            version = await self._version(run_id)
         info = await self.fk.get_run(run_id)
         now = await self.fk.store.clock_now()
         waits = await self.fk.run_waits(run_id)
@@ -372,7 +377,7 @@ class Dashboard:
         data = run_json(
             info,
             now,
-            await self._version(run_id),
+            version,
             waits,
             await self.fk.run_logs(run_id),
             parent=await self.fk.store.run_parent(run_id),
@@ -407,8 +412,8 @@ class Dashboard:
         etag = f'"{version}"'
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={"etag": etag})
-        data = await self._run_data(run_id)
-        return JSONResponse(data, headers={"etag": f'"{data["version"]}"'})
+        data = await self._run_data(run_id, version)
+        return JSONResponse(data, headers={"etag": etag})
 
     async def api_stream(self, request: Request, session: Session) -> Response:
         """The run's stream after a cursor (the run page polls it while the run is live)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -30,10 +31,14 @@ class Shop:
 
     def __init__(self, fk: FlowKeeper) -> None:
         self.fixed = False
+        # When set, a charge waits for it: the run stays running meanwhile.
+        self.hold: threading.Event | None = None
 
         def charge(amount: int) -> dict[str, Any]:
             if not self.fixed:
                 raise ConnectionError("card processor unreachable")
+            if self.hold is not None:
+                self.hold.wait(30)
             return {"charge_id": "ch_123", "amount": amount}
 
         @fk.workflow("checkout", retry=RetryPolicy(max_attempts=2, initial_delay=0.2, jitter=0))
@@ -147,6 +152,58 @@ async def test_failed_run_timeline_replay_live_and_cancel_a_sleeping_run(
         await page.wait_for_selector("#run-status .badge.s-cancelled")
         assert (await fk.get_run(napping)).status == "cancelled"
         assert errors == []
+
+
+# In the page: the first GET of the run after a replay gets its body late, so the
+# polls that follow it answer first (a slow network or a busy browser).
+_SLOW_AFTER_REPLAY = """
+(() => {
+  const fetch0 = window.fetch;
+  let slow = false;
+  window.fetch = async (url, options = {}) => {
+    const response = await fetch0(url, options);
+    const path = new URL(String(url), location.href).pathname;
+    if (options.method === "POST" && path.endsWith("/replay")) slow = true;
+    else if (slow && /\\/api\\/runs\\/[^/]+$/.test(path) && response.status === 200) {
+      slow = false;
+      window.__slowAnswer = "late";
+      const body = await response.json();
+      return new Proxy(response, { get: (target, name) => name === "json"
+        ? () => new Promise((done) => setTimeout(() => { window.__slowAnswer = "in"; done(body); }, 3000))
+        : (typeof target[name] === "function" ? target[name].bind(target) : target[name]) });
+    }
+    return response;
+  };
+})();
+"""
+
+
+@pytest.mark.slow
+async def test_an_answer_that_arrives_late_does_not_hide_a_newer_state(
+    database_url: str, browser_context: Any
+) -> None:
+    async with running_app(database_url) as (fk, shop, base):
+        failed = (await fk.trigger("checkout", 250)).run_id
+        await wait_for(lambda: _status(fk, failed, "failed"))
+        page = await browser_context.new_page()
+        await _log_in(page, base)
+        await page.goto(f"{base}{UI}/runs/{failed}")
+        await page.wait_for_selector("#run-status .badge.s-failed")
+        await page.evaluate(_SLOW_AFTER_REPLAY)
+
+        # Replay; the refresh that follows it sees the run running, and is late.
+        shop.fixed, shop.hold = True, threading.Event()
+        await page.click("#replay-failed-step")
+        await page.fill("#confirm-reason", "processor is back")
+        await page.click("#confirm-yes")
+        await page.wait_for_function("() => window.__slowAnswer === 'late'")
+        await wait_for(lambda: _status(fk, failed, "running"))
+        shop.hold.set()
+        # The polls show the run completed, then the late (older) answer comes in.
+        await page.wait_for_selector("#run-status .badge.s-completed", timeout=20_000)
+        await page.wait_for_function("() => window.__slowAnswer === 'in'", timeout=10_000)
+        await asyncio.sleep(2)  # more than a poll: the page had every chance to refetch
+        assert await page.locator("#run-status .badge.s-completed").count() == 1
 
 
 @pytest.mark.slow

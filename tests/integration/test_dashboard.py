@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -299,6 +300,40 @@ async def test_run_api_answers_304_while_nothing_changed(dash: FlowKeeper) -> No
         await dash.replay(run_id, from_step="charge")
         moved = await client.get(f"{UI}/api/runs/{run_id}", headers={"If-None-Match": etag})
         assert moved.status_code == 200 and moved.headers["etag"] != etag
+
+
+async def test_a_run_that_changes_while_its_answer_is_built_is_fetched_again(
+    dash: FlowKeeper, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The answer's ETag must not be newer than its data: a live page would keep
+    # the older state and be answered 304 from then on.
+    run_id = (await dash.trigger("checkout", 2)).run_id
+    await drive(dash, [run_id])
+    run_waits = dash.run_waits
+    changed = False
+
+    async def changed_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        nonlocal changed
+        if not changed:  # after the run was read: a new event of it
+            changed = True
+            async with dash.db.acquire() as conn:
+                await conn.execute(
+                    "INSERT INTO flowkeeper.events (run_id, kind, detail) "
+                    "VALUES ($1, 'operator_note', '{}')",
+                    uuid.UUID(run_id),
+                )
+        return await run_waits(*args, **kwargs)
+
+    monkeypatch.setattr(dash, "run_waits", changed_meanwhile)
+    async with _client(dash) as client:
+        await _login(client)
+        first = await client.get(f"{UI}/api/runs/{run_id}")
+        assert changed and "operator_note" not in json.dumps(first.json()["events"])
+        again = await client.get(
+            f"{UI}/api/runs/{run_id}", headers={"If-None-Match": first.headers["etag"]}
+        )
+        assert again.status_code == 200
+        assert "operator_note" in json.dumps(again.json()["events"])
 
 
 async def test_login_never_redirects_off_the_dashboard(dash: FlowKeeper) -> None:

@@ -681,15 +681,24 @@
     }
 
     let etag = initial.version ? `"${initial.version}"` : null;
+    // A poll and the refresh after an action can overlap.  An answer to an
+    // older request that arrives last is dropped: shown, it would sit beside
+    // the newer answer's ETag and the page would never fetch the run again.
+    let asked = 0;
+    let shown = 0;
     async function refresh() {
+      const mine = ++asked;
       const response = await api(`/api/runs/${run.id}`, { headers: etag ? { "If-None-Match": etag } : {} });
       if (response.status === 304) {
         if (LIVE.has(run.status)) timeline.render(run.timeline, Date.now());
         return;
       }
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const body = await response.json();
+      if (mine < shown) return;
+      shown = mine;
       etag = response.headers.get("etag");
-      run = await response.json();
+      run = body;
       render();
     }
 
