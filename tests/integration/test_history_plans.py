@@ -15,15 +15,26 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+import flowkeeper
 from flowkeeper.ids import new_run_id
 from flowkeeper.sql import load_queries
 
 QUERIES = load_queries("flowkeeper")
+MIGRATIONS = Path(flowkeeper.__file__).parent / "sql" / "migrations"
+
+
+def _function_body(migration: str) -> str:
+    """The statement a migration's PL/pgSQL function runs (RETURN QUERY ...;)."""
+    text = (MIGRATIONS / migration).read_text().replace("{schema}", "flowkeeper")
+    return text.split("RETURN QUERY", 1)[1].split(";\nEND", 1)[0]
+
+
 HISTORY = 100_000
 LIVE = 64
 
@@ -117,5 +128,7 @@ async def test_a_group_commit_batch_finds_its_runs_by_primary_key(
         "NULL", "NULL", "NULL",  # no prelock
     ]  # fmt: skip
     for mode in MODES:
-        plan = await _explain(conn, QUERIES["commit_lean_many"], args, mode)
+        # The statement is commit_lean_many's function's body (migration 0022).
+        body = _function_body("0022_batch_index_plans.sql")
+        plan = await _explain(conn, body, args, mode)
         assert _runs_access(plan) == {"runs_pkey"}, mode
