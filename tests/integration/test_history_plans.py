@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-import flowkeeper
 from flowkeeper.ids import new_run_id
 from flowkeeper.sql import load_queries
 
 QUERIES = load_queries("flowkeeper")
-MIGRATIONS = Path(flowkeeper.__file__).parent / "sql" / "migrations"
-
-
-def _function_body(migration: str) -> str:
-    """The statement a migration's PL/pgSQL function runs (RETURN QUERY ...;)."""
-    text = (MIGRATIONS / migration).read_text().replace("{schema}", "flowkeeper")
-    return text.split("RETURN QUERY", 1)[1].split(";\nEND", 1)[0]
-
-
 HISTORY = 100_000
 LIVE = 64
 
@@ -88,6 +77,16 @@ async def history(conn: asyncpg.Connection) -> list[uuid.UUID]:
     return live
 
 
+async def _function_body(conn: asyncpg.Connection, name: str) -> str:
+    """The statement an installed PL/pgSQL function runs (its RETURN QUERY)."""
+    source: str = await conn.fetchval(
+        "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'flowkeeper' AND p.proname = $1",
+        name,
+    )
+    return source.split("RETURN QUERY", 1)[1].rsplit(";", 1)[0]
+
+
 async def _explain(conn: asyncpg.Connection, query: str, args: list[str], mode: str) -> Any:
     await conn.execute(f"SET plan_cache_mode = {mode}")
     name = f"q_{uuid.uuid4().hex}"
@@ -127,8 +126,8 @@ async def test_a_group_commit_batch_finds_its_runs_by_primary_key(
         _array(["2026-01-01T00:00:00Z"] * n, "timestamptz"), _array([None] * n, "timestamptz"),
         "NULL", "NULL", "NULL",  # no prelock
     ]  # fmt: skip
+    # The statement is the body of the function commit_lean_many (migration 0022).
+    body = await _function_body(conn, "commit_lean_many")
     for mode in MODES:
-        # The statement is commit_lean_many's function's body (migration 0022).
-        body = _function_body("0022_batch_index_plans.sql")
         plan = await _explain(conn, body, args, mode)
         assert _runs_access(plan) == {"runs_pkey"}, mode

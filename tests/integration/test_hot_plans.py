@@ -5,7 +5,7 @@ Postgres may keep a generic plan made with the statistics of that moment.  In
 a new database those say runs holds a few rows; the plan joined the batch to a
 scan of every run, and was kept while runs grew, until autovacuum next
 analyzed it (a minute or more away, and never in a burst shorter than that):
-0.63 ms of Postgres CPU per workflow after 12,000 runs, 0.12 ms with index
+0.63 ms of Postgres time per workflow after 12,000 runs, 0.12 ms with index
 scans (migration 0022).  This test sends batches on one connection while
 runs is tiny, grows it by thousands of finished runs, sends more, and counts
 the sequential scans of runs each batch made: none.
