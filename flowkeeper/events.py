@@ -3,7 +3,8 @@
 An event is a name and JSON data, stored in ``event_log`` by
 :meth:`EventBus.send` in one transaction with everything it causes: the waits
 it satisfies are resolved and their runs made due (and pushed), the runs of
-workflows declared ``on_event=`` its name are created, and the runs whose
+workflows declared ``on_event=`` its name are created (for a debounced one,
+the key's pending run takes the event's data instead), and the runs whose
 ``cancel_on`` rules it matches are cancelled.  With ``connection=`` that
 transaction is the caller's own: the event exists, and wakes anyone, if and
 only if it commits.
@@ -37,6 +38,7 @@ from .serialization import dumps
 if TYPE_CHECKING:
     import asyncpg
 
+    from .flowcontrol import FlowKeys
     from .store import Store
     from .workflow import Registry, Workflow
 
@@ -205,8 +207,26 @@ class SentEvent:
     id: int
     duplicate: bool  # an event with this id had been sent already: nothing was done
     woken: list[str] = field(default_factory=list)  # runs whose wait it resolved
-    started: list[str] = field(default_factory=list)  # runs of on_event workflows
+    #: Runs of on_event workflows it started; for a debounced workflow, the key's
+    #: pending run, which took this event's data (created or merged into).
+    started: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)  # runs a cancel_on rule matched
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """A run an event starts, its keys made before anything is written."""
+
+    workflow: Workflow
+    input_json: str
+    flow: FlowKeys
+    debounce_key: str | None
+
+
+def _debounce_key(wf: Workflow, input_json: str) -> str | None:
+    if wf.debounce is None:
+        return None
+    return wf.debounce.key_for(wf.name, wf.load_input(input_json))
 
 
 Push = Callable[[str, uuid.UUID], Awaitable[None]]
@@ -267,9 +287,9 @@ class EventBus:
                 f"{self.max_bytes}. Store large data elsewhere and send a reference."
             )
         listeners = self.listeners(name)
-        inputs = [(wf, wf.dump_input(data)) for wf in listeners]  # refused before anything
-        for wf, text in inputs:  # a concurrency key function that fails refuses the event
-            wf.flow(text)
+        texts = [(wf, wf.dump_input(data)) for wf in listeners]  # refused before anything
+        # A concurrency or debounce key function that fails refuses the event.
+        inputs = [_Start(wf, text, wf.flow(text), _debounce_key(wf, text)) for wf, text in texts]
         push = self.push is not None and connection is None
         lease = self.push_lease if self.push is not None else None
         if connection is not None:
@@ -296,7 +316,7 @@ class EventBus:
         payload: str,
         run_id: str | None,
         lease: timedelta | None,
-        inputs: list[tuple[Workflow, str]],
+        inputs: list[_Start],
     ) -> tuple[SentEvent, list[tuple[str, uuid.UUID]]]:
         rows = await self.store.send_event(conn, name, key, payload, run_id, lease)
         head = rows[0]
@@ -319,8 +339,28 @@ class EventBus:
                 cancelled.append(rid)
         started: list[str] = []
         carried = self.trace_carrier() if inputs else None
-        for wf, input_json in inputs:
-            flow = wf.flow(input_json)  # checked above, before anything was written
+        for start in inputs:
+            wf, input_json, flow = start.workflow, start.input_json, start.flow
+            if start.debounce_key is not None:
+                assert wf.debounce is not None
+                # The key's pending run takes this event's data and waits for quiet
+                # (Debounce); the event's own id already made a resent event a duplicate.
+                rid, created = await self.store.debounce_run(
+                    run_id=new_run_id(),
+                    workflow=wf.name,
+                    input_json=input_json,
+                    debounce_key=start.debounce_key,
+                    period=wf.debounce.period,
+                    flow=flow,
+                    priority=wf.priority,
+                    timeout=wf.timeout,
+                    start_timeout=wf.start_timeout,
+                    conn=conn,
+                )
+                started.append(rid)
+                if created and carried:
+                    await self.store.run_trace_put(rid, json.dumps(carried), conn=conn)
+                continue
             token = uuid.uuid4() if lease is not None else None
             rid, created = await self.store.insert_run(
                 run_id=new_run_id(),

@@ -245,7 +245,8 @@ def define_workflow(
     ``concurrency`` (one :class:`Concurrency` or several) caps
     the runs executing at once per key; ``rate_limit`` (one :class:`RateLimit`
     or several) spaces their starts; ``debounce`` merges a burst of triggers
-    into one run with the latest input; ``priority`` (0..1000) is its runs'
+    into one run with the latest input (with ``on_event``, events merge the
+    same way); ``priority`` (0..1000) is its runs'
     default priority (see :mod:`flowkeeper.flowcontrol`).  ``cron`` (with
     ``timezone``, UTC by default, and ``catch_up``: "latest", "all" or
     "none") starts one run per slot, its input the slot time (see

@@ -4,16 +4,21 @@ started once the key has been quiet for the period."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from flowkeeper import ConfigurationError, Context, Debounce, FlowKeeper
+from flowkeeper import ConfigurationError, Context, Debounce, FlowKeeper, InvalidInputError
 
-from ..helpers import drive, serve
+from ..helpers import KEY, drive, serve, shape
 
 
 @dataclass
@@ -65,3 +70,125 @@ def test_bad_debounce() -> None:
             Debounce(bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="function"):
         Debounce(timedelta(seconds=1), key="doc")  # type: ignore[arg-type]
+
+
+# Keys that quote, leave ASCII, break lines, and look like the generated key prefixes.
+_keys = st.sampled_from(["a", 'o\'brien "q"', "ключ", "x\u2028y", "wf:reindex:a", "scope:a"])
+# Event data: NUL and lone surrogates are refused with a clear error (test_events.py).
+_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=8
+)
+_data = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _text,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(_text, c, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sends=st.lists(
+        st.tuples(_keys, _data, st.sampled_from([None, None, "e1", "e2"])), min_size=1, max_size=10
+    )
+)
+async def test_a_debounced_on_event_workflow_merges_each_keys_events_into_one_run(
+    database_url: str, sends: list[tuple[str, Any, str | None]]
+) -> None:
+    fk = FlowKeeper(database_url, signing_key=KEY)
+    event = f"doc.{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(database_url)
+    try:
+
+        @fk.workflow(
+            f"reindex-{event}",
+            on_event=event,
+            debounce=Debounce(timedelta(hours=1), key=lambda d: d["doc"]),
+        )
+        async def reindex(ctx: Context, data: dict[str, Any]) -> None:
+            return None
+
+        latest: dict[str, Any] = {}
+        run_of: dict[str, set[str]] = {}
+        ids: set[str] = set()
+        for key, value, tag in sends:
+            event_id = None if tag is None else f"{event}-{tag}"  # event ids are global
+            sent = await fk.send_event(event, {"doc": key, "value": value}, id=event_id)
+            if event_id is not None and event_id in ids:
+                assert sent.duplicate and sent.started == []  # a duplicate merges nothing
+                continue
+            if event_id is not None:
+                ids.add(event_id)
+            latest[key] = value
+            assert len(sent.started) == 1
+            run_of.setdefault(key, set()).update(sent.started)
+        assert all(len(runs) == 1 for runs in run_of.values())  # one run per key
+        rows = await conn.fetch(
+            "SELECT id::text, input::text AS input, status FROM flowkeeper.runs WHERE workflow = $1",
+            f"reindex-{event}",
+        )
+        assert len(rows) == len(latest)
+        for key, runs in run_of.items():
+            (row,) = [r for r in rows if r["id"] in runs]
+            assert row["status"] == "queued"
+            assert shape(json.loads(row["input"])) == shape({"doc": key, "value": latest[key]})
+    finally:
+        await conn.close()
+        await fk.aclose()
+
+
+async def test_a_burst_of_events_starts_one_run_once_quiet(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
+    seen: list[tuple[str, int, float]] = []
+
+    @fk.workflow(
+        "reindex-on-edit",
+        on_event="doc.edited",
+        debounce=Debounce(timedelta(seconds=0.6), key=lambda e: e["doc"]),
+    )
+    async def reindex(ctx: Context, edit: dict[str, Any]) -> int:
+        seen.append((edit["doc"], edit["version"], time.monotonic()))
+        return int(edit["version"])
+
+    @fk.workflow("audit-edit", on_event="doc.edited")  # an undebounced listener of the same event
+    async def audit(ctx: Context, edit: dict[str, Any]) -> None:
+        return None
+
+    async with serve(fk):
+        started: set[str] = set()
+        for v in range(100):
+            sent = await fk.send_event("doc.edited", {"doc": "a", "version": v})
+            started.update(sent.started)
+        last = time.monotonic()
+        debounced = await conn.fetch(
+            "SELECT id::text FROM flowkeeper.runs WHERE workflow = 'reindex-on-edit'"
+        )
+        assert len(debounced) == 1
+        assert len(started) == 101  # the debounced run, and one audit run per event
+        await drive(fk, list(started), timeout=30)
+    assert [(doc, v) for doc, v, _ in seen] == [("a", 99)]  # once, with the latest data
+    assert seen[0][2] >= last + 0.5  # started once quiet for the period
+
+
+async def test_an_event_whose_debounce_key_cannot_be_made_is_not_sent(
+    fk: FlowKeeper, conn: asyncpg.Connection
+) -> None:
+    @fk.workflow(
+        "reindex-strict",
+        on_event="doc.changed",
+        debounce=Debounce(timedelta(seconds=30), key=lambda e: e["doc"]),
+    )
+    async def reindex(ctx: Context, edit: dict[str, Any]) -> None:
+        return None
+
+    for bad in ({"no-doc": 1}, {"doc": 7}, {"doc": ""}):
+        with pytest.raises(InvalidInputError, match="debounce key"):
+            await fk.send_event("doc.changed", bad)
+    assert await fk.list_events(name="doc.changed") == []
+    assert await conn.fetchval("SELECT count(*) FROM flowkeeper.runs") == 0
