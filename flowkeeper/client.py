@@ -10,7 +10,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,6 +54,7 @@ from .schedules import Schedules
 from .serialization import json_or_none
 from .signing import KeyInput, RequestSigner, check_dashboard_password, check_signing_keys
 from .sql import validate_schema
+from .steprates import StepRates, check_step_rates
 from .store import ClaimedRun, Store
 from .streamops import StreamOperations
 from .streams import StreamTokens
@@ -149,6 +150,10 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
     ``max_parallel_steps`` (16) bounds how many step bodies of one run execute
     at once in one invocation (branches of ``asyncio.gather`` / ``ctx.map``).
 
+    ``rate_limits`` names limits that single steps take their start times
+    from (``{"openai": RateLimit(limit=10, period=timedelta(seconds=1))}``,
+    used as ``ctx.step(..., rate_limit="openai")``; see :mod:`flowkeeper.steprates`).
+
     ``unknown_workflow_grace`` (a day by default): an invocation of a run whose
     workflow this process does not know (an instance still on older code during
     a rolling deploy) defers the run instead of failing it; it fails only once
@@ -204,6 +209,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         unknown_workflow_grace: float | timedelta = timedelta(days=1),
         event_retention: float | timedelta = timedelta(days=7),
         retention: Retention | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
         allow_weak_secrets: bool = False,
         codec: Codec | None = None,
         step_logs: bool = True,
@@ -273,6 +279,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
             unknown_workflow_grace=self.unknown_workflow_grace,
             max_parallel_steps=_positive_int(max_parallel_steps, "max_parallel_steps"),
             max_children=_positive_int(max_children, "max_children"),
+            step_rates=StepRates(self.store, check_step_rates(rate_limits)),
         )
         self.dispatcher = (
             Dispatcher(endpoint, self.signer, ack_timeout=ack_timeout) if endpoint else None

@@ -82,6 +82,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
         **kwargs: Any,
     ) -> T: ...
 
@@ -94,6 +95,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
         **kwargs: Any,
     ) -> T: ...
 
@@ -105,6 +107,7 @@ class Context:
         *args: Any,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run and record its result.
@@ -116,9 +119,14 @@ class Context:
         5 attempts with exponential backoff from 1 s); ``timeout`` bounds each
         attempt.  Once retries are exhausted, :class:`StepFailedError` is raised
         here.  ``name`` must be unique within the run; a name repeated in a loop
-        is numbered automatically (``name``, ``name#2``...).
+        is numbered automatically (``name``, ``name#2``...).  ``rate_limit``
+        names a limit declared with ``FlowKeeper(rate_limits=...)``: each
+        attempt starts no sooner than the limit allows, waiting (or the run
+        sleeping) until then (see :mod:`flowkeeper.steprates`).
         """
-        return await self._exec.step(name, fn, args, kwargs, retry=retry, timeout=timeout)
+        return await self._exec.step(
+            name, fn, args, kwargs, retry=retry, timeout=timeout, rate_limit=rate_limit
+        )
 
     async def parallel(
         self,
@@ -157,6 +165,7 @@ class Context:
         max_concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
         return_exceptions: bool = False,
     ) -> list[T]: ...
 
@@ -171,6 +180,7 @@ class Context:
         max_concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
         return_exceptions: bool = False,
     ) -> list[T]: ...
 
@@ -184,14 +194,15 @@ class Context:
         max_concurrency: int | None = None,
         retry: RetryPolicy | None = None,
         timeout: float | timedelta | None = None,
+        rate_limit: str | None = None,
         return_exceptions: bool = False,
     ) -> list[Any]:
         """Run ``fn(item)`` as a memoized step for each item, concurrently.
 
         Step ``i`` is keyed ``name[i]``; results come back in the items' order.
         ``max_concurrency`` bounds this map (the process-wide bound is
-        ``FlowKeeper(max_parallel_steps=...)``); ``retry`` and ``timeout`` apply
-        to each item's step.  Failures behave as in :meth:`parallel`.
+        ``FlowKeeper(max_parallel_steps=...)``); ``retry``, ``timeout`` and
+        ``rate_limit`` apply to each item's step.  Failures behave as in :meth:`parallel`.
         """
         from .parallel import map_steps
 
@@ -203,6 +214,7 @@ class Context:
             max_concurrency=max_concurrency,
             retry=retry,
             timeout=timeout,
+            rate_limit=rate_limit,
             return_exceptions=return_exceptions,
         )
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import deploys, observe, patches, serialization, stepctx
+from . import deploys, observe, patches, serialization, stepctx, steprates
 from .codec import DecryptionError
 from .context import Context
 from .errors import (
@@ -54,6 +54,7 @@ from .executor import StepExecutor
 from .retry import DEFAULT_RETRY, RetryPolicy
 from .serialization import clean_text
 from .stepinputs import InputRecorder
+from .steprates import StepRates
 from .store import ClaimedRun, EventRecord, HistoryEntry, StepRecord, Store
 from .streams import Publisher, check_topic
 from .tokens import Token, TokenSigner
@@ -264,6 +265,7 @@ class Engine:
         unknown_workflow_grace: timedelta = timedelta(days=1),
         max_parallel_steps: int = 16,
         max_children: int = 100,
+        step_rates: StepRates | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -285,6 +287,8 @@ class Engine:
         # may be live at once by default, and how a started child is pushed
         # (set by FlowKeeper: a signed invocation, sent in the background).
         self.max_children = max_children
+        # Rate limits on single steps, by name (flowkeeper.steprates).
+        self.step_rates = step_rates or StepRates(store, {})
         self.push: Callable[[str, uuid.UUID], None] | None = None
         # Step logs, tracing, metrics (flowkeeper.observe): called at the "# observe:" points.
         self.observers = observe.Observers()
@@ -1120,6 +1124,56 @@ class Execution:
         region.next_free = position + 1
         return key, position, None
 
+    async def _throttle(self, key: str, attempt: int, rate: str) -> None:
+        """Wait for this attempt's start time under step rate limit ``rate``
+        (flowkeeper.steprates): in this invocation when it is near, else the run
+        sleeps until then, its ticket kept for the resumed run."""
+        if self._lease_lost or self._cancelled:
+            return  # _before_new_work ends the segment; take no start time for it
+        left = self.deadline - time.monotonic()
+        if self._executed > 0 and left <= 0:
+            return  # the run is handed on first; the continuation takes the time
+        horizon = min(steprates.MAX_WAIT, max(0.0, left))
+        try:
+            ticket = await self.engine.step_rates.take(
+                self.run_id, key, attempt, rate, horizon, late_horizon=max(horizon, left / 2)
+            )
+        except Exception as exc:
+            raise self._database_failure(exc) from exc
+        if not ticket.kept:  # near enough: wait for it here
+            await steprates.StepRates.wait(ticket)
+            return
+        if ticket.fresh:
+            logger.info(
+                "run %s: step %r attempt %d waits for rate limit %r until %s",
+                self.run_id,
+                key,
+                attempt,
+                rate,
+                ticket.slot.isoformat(),
+            )
+            self._pending_events.append(
+                EventRecord(
+                    "throttled",
+                    step_key=key,
+                    attempt=attempt,
+                    detail={"rate_limit": rate, "until": ticket.slot.isoformat()},
+                )
+            )
+        if self._branches:
+            # This branch waits for its time (the others go on), or the run
+            # sleeps once every branch waits.
+            await self._park(key, "sleep", ticket.slot)
+            await self._throttle(key, attempt, rate)  # its time has come: use the ticket
+            return
+        raise await self._suspend(
+            Outcome.SLEEPING,
+            status="sleeping",
+            due_at=ticket.slot,
+            step_key=key,  # its attempts so far, as a retry's suspension keeps them
+            step_attempt=attempt - 1,
+        )
+
     async def _before_new_work(self, *, step_key: str | None = None, step_attempt: int = 0) -> None:
         """Flush deferred records and check the lease, cancellation and the time budget.
 
@@ -1195,9 +1249,12 @@ class Execution:
         *,
         retry: RetryPolicy | None,
         timeout: float | timedelta | None,
+        rate_limit: str | None = None,
     ) -> Any:
         if not callable(fn):
             raise StepUsageError(f"ctx.step({name!r}, ...) needs a function, got {fn!r}")
+        if rate_limit is not None:
+            self.engine.step_rates.check(name, rate_limit)
         if timeout is not None:
             seconds = _seconds(timeout)
             if not 0 < seconds < float("inf"):
@@ -1207,7 +1264,9 @@ class Execution:
                 )
         key, position, entry = self._next(name, "step")
         try:
-            return await self._step(key, position, name, entry, fn, args, kwargs, retry, timeout)
+            return await self._step(
+                key, position, name, entry, fn, args, kwargs, retry, timeout, rate=rate_limit
+            )
         finally:
             self._busy = None
 
@@ -1253,6 +1312,7 @@ class Execution:
         *,
         kind: str = "step",  # the history kind recorded (ctx.transaction: "transaction")
         record_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None,
+        rate: str | None = None,  # the step rate limit each attempt starts under
     ) -> Any:
         # The arguments a failure record shows (a transaction's body takes none itself).
         shown_args, shown_kwargs = record_args or (args, kwargs)
@@ -1311,7 +1371,7 @@ class Execution:
         while True:
             outcome = await self._attempt(
                 key, position, name, fn, args, kwargs, policy, timeout, attempt, hint,
-                kind, (shown_args, shown_kwargs),
+                kind, (shown_args, shown_kwargs), rate,
             )  # fmt: skip
             if not isinstance(outcome, _Retry):
                 return outcome
@@ -1349,8 +1409,11 @@ class Execution:
         hint: Any,
         kind: str,
         shown: tuple[tuple[Any, ...], dict[str, Any]],
+        rate: str | None = None,
     ) -> Any:
         """One attempt of a step: its value, or a _Retry when a branch must wait to retry."""
+        if rate is not None:
+            await self._throttle(key, attempt, rate)
         await self._before_new_work(step_key=key, step_attempt=attempt - 1)
         if self._branches:
             # Let the other branches make their ctx calls (and be refused, if

@@ -123,6 +123,7 @@ async def map_steps(
     max_concurrency: int | None,
     retry: RetryPolicy | None,
     timeout: float | timedelta | None,
+    rate_limit: str | None,
     return_exceptions: bool,
 ) -> list[Any]:
     """ctx.map: one memoized step per item, keyed ``name[index]``.
@@ -138,7 +139,10 @@ async def map_steps(
 
     def branch(index: int, item: Any) -> Callable[[], Awaitable[Any]]:
         def start() -> Awaitable[Any]:
-            return execution.step(f"{name}[{index}]", fn, (item,), {}, retry=retry, timeout=timeout)
+            return execution.step(
+                f"{name}[{index}]", fn, (item,), {}, retry=retry, timeout=timeout,
+                rate_limit=rate_limit,
+            )  # fmt: skip
 
         return start
 

@@ -1066,6 +1066,21 @@ class Store:
         )
         return str(row["id"]), bool(row["created"])
 
+    async def step_rate_take(
+        self,
+        run_id: uuid.UUID,
+        step_key: str,
+        attempt: int,
+        rate_key: str,
+        spacing: timedelta,
+        horizon: timedelta,
+    ) -> asyncpg.Record:
+        """A rate-limited step attempt's start time: (slot, fresh, now) (flowkeeper.steprates)."""
+        row: asyncpg.Record = await self._call(
+            "fetchrow", "step_rate_take", run_id, step_key, attempt, rate_key, spacing, horizon
+        )
+        return row
+
     async def flow_sweep(self, max_keys: int = 200) -> int:
         """Wake parked runs of keys with free slots (flowkeeper.flowcontrol's safety net)."""
         return int(await self._call("fetchval", "flow_sweep", max_keys) or 0)

@@ -57,6 +57,7 @@ QUERY_FILES = (
     "schedules.sql",
     "flowcontrol.sql",
     "retention.sql",
+    "steprates.sql",
 )
 
 

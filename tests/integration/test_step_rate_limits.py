@@ -1,0 +1,293 @@
+"""Rate limits on single steps (ctx.step(..., rate_limit=...), flowkeeper.steprates).
+
+Each attempt of a rate-limited step takes one start time of its limit, kept in
+Postgres: near ones are waited for in the invocation, far ones put the run to
+sleep with a ticket that the resumed run uses instead of taking another.  The
+observed start rate stays within 10 % of the limit with two drivers at once;
+an early wake, a hand-off and a retry take exactly what they should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from flowkeeper import ConfigurationError, Context, FlowKeeper, RateLimit, RetryPolicy
+from flowkeeper.engine import Outcome, SegmentResult
+from flowkeeper.scheduler import SchedulerLoop
+
+from ..helpers import drive, make_fk, serve, wait_for
+
+PER_SECOND = RateLimit(limit=10, period=timedelta(seconds=1))
+
+
+async def _completed(conn: asyncpg.Connection, n: int) -> bool:
+    done = await conn.fetchval("SELECT count(*) FROM flowkeeper.runs WHERE status = 'completed'")
+    return bool(done == n)
+
+
+async def test_step_starts_stay_within_ten_percent_with_two_drivers(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    fk = make_fk(database_url, rate_limits={"api": PER_SECOND})
+    starts: list[float] = []
+    calls: Counter[str] = Counter()
+
+    @fk.workflow("enrich")
+    async def enrich(ctx: Context, n: int) -> int:
+        await ctx.step("prepare", lambda: n)  # a plain step: not throttled
+
+        async def call() -> int:
+            starts.append(time.monotonic())
+            calls[ctx.run_id] += 1
+            return n * 2
+
+        return await ctx.step("call", call, rate_limit="api")
+
+    loop = SchedulerLoop(fk, max_idle=0.5)
+    try:
+        async with serve(fk):
+            task = asyncio.create_task(loop.run())
+
+            async def ticking() -> None:  # a second driver beside the loop
+                while True:
+                    await fk.tick()
+                    await asyncio.sleep(0.2)
+
+            ticker = asyncio.create_task(ticking())
+            try:
+                handles = await asyncio.gather(*(fk.trigger("enrich", i) for i in range(40)))
+                await wait_for(lambda: _completed(conn, 40), timeout=40, interval=0.1)
+            finally:
+                ticker.cancel()
+                loop.stop()
+                await asyncio.wait_for(task, 15)
+        results = [await fk.result(h.run_id, timeout=5) for h in handles]
+    finally:
+        await fk.aclose()
+    assert results == [i * 2 for i in range(40)]
+    assert sorted(calls.values()) == [1] * 40  # each step ran once: none dropped, none twice
+    starts.sort()
+    rate = (len(starts) - 1) / (starts[-1] - starts[0])
+    assert 9.0 <= rate <= 11.0, rate
+    for i, t in enumerate(starts):  # nor any two-second window over the limit (+10 %)
+        assert sum(1 for u in starts[i:] if u < t + 2.0) <= 22
+    print(f"\nstep rate limit 10/s: observed {rate:.2f} starts/s over {len(starts)} starts")
+    # The far ones slept (one throttled event each, naming the limit); every ticket was used.
+    events = await conn.fetch(
+        "SELECT detail->>'rate_limit' AS name FROM flowkeeper.events WHERE kind = 'throttled'"
+    )
+    assert len(events) >= 20 and {e["name"] for e in events} == {"api"}
+    assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 0
+
+
+async def test_an_early_wake_keeps_its_ticket_and_takes_no_second_time(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    fk = make_fk(database_url, rate_limits={"slow": RateLimit(1, timedelta(seconds=3))})
+    started: dict[str, float] = {}
+
+    @fk.workflow("slowly")
+    async def slowly(ctx: Context) -> str:
+        async def call() -> str:
+            started[ctx.run_id] = time.monotonic()
+            return "ok"
+
+        return await ctx.step("call", call, rate_limit="slow")
+
+    try:
+        first = await fk.trigger("slowly")
+        second = await fk.trigger("slowly")
+        t0 = time.monotonic()
+        await fk.advance(first.run_id)
+        assert (await fk.get_run(first.run_id)).status.value == "completed"
+        await fk.advance(second.run_id)  # its time is 3 s away: it sleeps with a ticket
+        assert (await fk.get_run(second.run_id)).status.value == "sleeping"
+        tat = await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits WHERE key = 'step:slow'")
+        ticket = await conn.fetchrow("SELECT attempt, slot FROM flowkeeper.step_tickets")
+        assert ticket is not None and ticket["attempt"] == 1
+        for _ in range(3):  # woken early, again and again (made due now, then invoked)
+            await conn.execute(
+                "UPDATE flowkeeper.runs SET due_at = now() WHERE id = $1", uuid.UUID(second.run_id)
+            )
+            result = await fk.advance(second.run_id)
+            assert isinstance(result, SegmentResult) and result.outcome == Outcome.SLEEPING
+            assert (await fk.get_run(second.run_id)).status.value == "sleeping"
+        assert (
+            await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits WHERE key = 'step:slow'")
+            == tat
+        )  # no second time taken
+        assert await conn.fetchval("SELECT slot FROM flowkeeper.step_tickets") == ticket["slot"]
+        assert second.run_id not in started
+        async with serve(fk):
+            await drive(fk, [second.run_id], timeout=15)
+        assert started[second.run_id] - t0 >= 2.8
+        info = await fk.get_run(second.run_id)
+        throttled = [e for e in info.events if e.kind == "throttled"]
+        assert len(throttled) == 1 and throttled[0].step_key == "call"
+        assert throttled[0].detail is not None and throttled[0].detail["rate_limit"] == "slow"
+        assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 0
+    finally:
+        await fk.aclose()
+
+
+async def test_each_attempt_takes_a_start_time_and_keeps_its_attempt_count(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    # 1.5 s apart: the second and third attempts each sleep on a ticket.
+    fk = make_fk(database_url, rate_limits={"flaky": RateLimit(1, timedelta(seconds=1.5))})
+    attempts: list[tuple[int, float]] = []
+
+    @fk.workflow("flaky", retry=RetryPolicy(max_attempts=3, initial_delay=0.01, jitter=0.0))
+    async def flaky(ctx: Context) -> int:
+        async def call() -> int:
+            attempts.append((ctx.step_context.attempt, time.monotonic()))
+            if len(attempts) < 3:
+                raise ConnectionError("provider said 503")
+            return len(attempts)
+
+        return await ctx.step("call", call, rate_limit="flaky")
+
+    try:
+        async with serve(fk):
+            handle = await fk.trigger("flaky")
+            statuses = await drive(fk, [handle.run_id], timeout=20)
+    finally:
+        await fk.aclose()
+    assert statuses == {handle.run_id: "completed"}
+    assert [a for a, _ in attempts] == [1, 2, 3]  # the throttled sleeps kept the count
+    gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
+    assert all(gap >= 1.4 for gap in gaps), gaps  # each attempt took its own start time
+
+
+async def test_a_map_of_rate_limited_steps_is_spaced_and_each_item_runs_once(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    fk = make_fk(database_url, rate_limits={"batch": RateLimit(4, timedelta(seconds=1))})
+    starts: list[tuple[int, float]] = []
+
+    async def call(item: int) -> int:
+        starts.append((item, time.monotonic()))
+        return item + 100
+
+    @fk.workflow("fan-out")
+    async def fan_out(ctx: Context) -> list[int]:
+        return await ctx.map("call", call, range(8), rate_limit="batch")
+
+    try:
+        async with serve(fk):
+            handle = await fk.trigger("fan-out")
+            await drive(fk, [handle.run_id], timeout=30)
+        result = await fk.result(handle.run_id, timeout=5)
+    finally:
+        await fk.aclose()
+    assert result == [i + 100 for i in range(8)]
+    assert sorted(i for i, _ in starts) == list(range(8))  # each item once
+    times = sorted(t for _, t in starts)
+    # One start time per 0.25 s.  A branch woken by the driver a little late
+    # starts a little late (its next neighbour then looks close): the span and
+    # every one-second window are what the limit bounds.
+    assert (times[-1] - times[0]) >= 7 * 0.25 * 0.9, times
+    for i, t in enumerate(times):
+        assert sum(1 for u in times[i:] if u < t + 1.0) <= 5, times
+    assert (await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets")) == 0
+
+
+async def test_a_step_naming_an_undeclared_limit_fails_its_run_clearly(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    hostile = 'open\'ai "ключ" step:x'  # quotes, non-ASCII, the generated key's prefix
+    fk = make_fk(database_url, rate_limits={hostile: PER_SECOND})
+    ran: list[str] = []
+
+    @fk.workflow("typo")
+    async def typo(ctx: Context) -> None:
+        await ctx.step("call", ran.append, "x", rate_limit="open-ai")
+
+    @fk.workflow("fine")
+    async def fine(ctx: Context) -> str:
+        return await ctx.step("call 'ключ'", lambda: "ok", rate_limit=hostile)
+
+    try:
+        async with serve(fk):
+            bad = await fk.trigger("typo")
+            good = await fk.trigger("fine")
+            statuses = await drive(fk, [bad.run_id, good.run_id], timeout=15)
+        info = await fk.get_run(bad.run_id)
+    finally:
+        await fk.aclose()
+    assert statuses == {bad.run_id: "failed", good.run_id: "completed"}
+    assert ran == []  # the body never ran
+    assert info.error is not None
+    message = str(info.error["message"])
+    assert "no such rate limit" in message and "'open-ai'" in message and "ключ" in message
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM flowkeeper.rate_limits WHERE key = 'step:open-ai'"
+        )
+        == 0
+    )
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM flowkeeper.rate_limits WHERE key = $1", f"step:{hostile}"
+        )
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["openai"], "dict of names"),
+        ({"": PER_SECOND}, "name"),
+        ({"a\x00b": PER_SECOND}, "name"),
+        ({7: PER_SECOND}, "not a string"),
+        ({"x" * 101: PER_SECOND}, "name"),
+        ({"openai": 10}, "must be a RateLimit"),
+        ({"openai": RateLimit(5, key=lambda v: "k")}, "no key= or scope="),
+        ({"openai": RateLimit(5, scope="shared")}, "no key= or scope="),
+    ],
+)
+def test_bad_step_rate_limits_are_refused_at_construction(value: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        FlowKeeper("postgresql://unused/db", signing_key="k" * 40, rate_limits=value)
+
+
+async def test_cancelling_a_run_asleep_on_its_ticket_leaves_the_others_alone(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    fk = make_fk(database_url, rate_limits={"slow": RateLimit(1, timedelta(seconds=2))})
+    calls: list[str] = []
+
+    @fk.workflow("one-call")
+    async def one_call(ctx: Context) -> None:
+        await ctx.step("call", calls.append, ctx.run_id, rate_limit="slow")
+
+    try:
+        runs = [await fk.trigger("one-call") for _ in range(3)]
+        for handle in runs:  # the first calls now; the others sleep on tickets 2 and 4 s away
+            await fk.advance(handle.run_id)
+        assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 2
+        await fk.cancel(runs[1].run_id, reason="not needed")
+        async with serve(fk):
+            statuses = await drive(fk, [h.run_id for h in runs], timeout=20)
+    finally:
+        await fk.aclose()
+    assert statuses == {
+        runs[0].run_id: "completed",
+        runs[1].run_id: "cancelled",
+        runs[2].run_id: "completed",
+    }
+    assert calls == [runs[0].run_id, runs[2].run_id]  # the cancelled run never called
+    # Its unused ticket stays with it (and goes when the run is pruned).
+    assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 1
+    await conn.execute("DELETE FROM flowkeeper.runs WHERE id = $1", uuid.UUID(runs[1].run_id))
+    assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 0
