@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from flowkeeper import Concurrency, Context
+from flowkeeper import Concurrency, Context, RateLimit
 
 from ..helpers import make_fk, serve, wait_for
 
@@ -75,4 +75,43 @@ async def test_schedules_page_keys_storage_and_queued_reason(
             assert errors == []
         finally:
             release.set()
+            await fk.aclose()
+
+
+@pytest.mark.slow
+async def test_a_run_asleep_on_a_step_rate_limit_says_so(
+    database_url: str, browser_context: Any, artifacts_dir: Path
+) -> None:
+    slow = RateLimit(1, timedelta(minutes=10))
+    fk = make_fk(database_url, dashboard_password=PASSWORD, rate_limits={"provider 'ключ'": slow})
+
+    @fk.workflow("paced")
+    async def paced(ctx: Context) -> str:
+        return await ctx.step("call", lambda: "ok", rate_limit="provider 'ключ'")
+
+    async with serve(fk) as server:
+        try:
+            first = (await fk.trigger("paced")).run_id
+            second = (await fk.trigger("paced")).run_id
+
+            async def asleep() -> bool:
+                await fk.tick()
+                states = [(await fk.get_run(r)).status.value for r in (first, second)]
+                return states == ["completed", "sleeping"]
+
+            await wait_for(asleep)
+            page = await browser_context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(f"{server.base_url}{UI}/runs/{second}")
+            await page.fill("#password", PASSWORD)
+            await page.click("#login")
+            event = page.locator("#events li.ev-throttled")
+            await event.wait_for()
+            text = await event.inner_text()
+            assert "step waits for rate limit “provider 'ключ'”" in text, text
+            assert "call" in text and "attempt 1" in text
+            await page.screenshot(path=str(artifacts_dir / "step-rate-limit.png"), full_page=True)
+            assert errors == []
+        finally:
             await fk.aclose()
