@@ -1141,7 +1141,13 @@ class Execution:
         except Exception as exc:
             raise self._database_failure(exc) from exc
         if not ticket.kept:  # near enough: wait for it here
-            await steprates.StepRates.wait(ticket)
+            end = time.monotonic() + ticket.wait
+            # In short sleeps, so that a cancel or a lost lease ends the wait.
+            while not (self._cancelled or self._lease_lost):
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(remaining, 0.25))
             return
         if ticket.fresh:
             logger.info(

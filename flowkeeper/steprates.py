@@ -24,7 +24,6 @@ died is not given back: the limit errs towards fewer calls, never more.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -158,9 +157,3 @@ class StepRates:
         slot, now = row["slot"], row["now"]
         kept = slot > now + timedelta(seconds=max(0.0, horizon))  # as the statement decided
         return Ticket(slot=slot, now=now, fresh=bool(row["fresh"]), kept=kept)
-
-    @staticmethod
-    async def wait(ticket: Ticket) -> None:
-        """Wait in this invocation until the ticket's start time."""
-        if ticket.wait > 0:
-            await asyncio.sleep(ticket.wait)

@@ -291,3 +291,35 @@ async def test_cancelling_a_run_asleep_on_its_ticket_leaves_the_others_alone(
     assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 1
     await conn.execute("DELETE FROM flowkeeper.runs WHERE id = $1", uuid.UUID(runs[1].run_id))
     assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 0
+
+
+async def test_a_cancel_ends_the_wait_for_a_near_start_time(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    # A heartbeat every 0.15 s notices the cancel; the wait for a time 1 s away ends then.
+    fk = make_fk(
+        database_url, lease=0.45, rate_limits={"paced": RateLimit(1, timedelta(seconds=1))}
+    )
+    calls: list[str] = []
+
+    @fk.workflow("paced-call")
+    async def paced_call(ctx: Context) -> None:
+        await ctx.step("call", calls.append, ctx.run_id, rate_limit="paced")
+
+    try:
+        first = await fk.trigger("paced-call")
+        second = await fk.trigger("paced-call")
+        await fk.advance(first.run_id)
+        t0 = time.monotonic()
+        waiting = asyncio.create_task(fk.advance(second.run_id))  # waits here for its time
+        await asyncio.sleep(0.15)
+        assert not waiting.done()
+        await fk.cancel(second.run_id, reason="no longer wanted")
+        result = await asyncio.wait_for(waiting, 5)
+        elapsed = time.monotonic() - t0
+        status = (await fk.get_run(second.run_id)).status.value
+    finally:
+        await fk.aclose()
+    assert isinstance(result, SegmentResult) and status == "cancelled"
+    assert calls == [first.run_id]  # the waiting step never ran
+    assert elapsed < 0.9, elapsed  # it stopped waiting once the cancel was seen
