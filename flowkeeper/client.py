@@ -33,7 +33,14 @@ from .errors import (
 from .eventops import EventOperations
 from .events import CancelOn, EventBus
 from .executor import StepExecutor
-from .flowcontrol import Concurrency, Debounce, FlowKeys, RateLimit, check_priority
+from .flowcontrol import (
+    Concurrency,
+    Debounce,
+    FlowKeys,
+    RateLimit,
+    check_priority,
+    merge_debounced,
+)
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
@@ -656,17 +663,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
                 "run (a retried trigger too), so idempotency_key does not apply; leave it out."
             )
         key = wf.debounce.key_for(wf.name, wf.load_input(input_json))
-        run_id, created = await self.store.debounce_run(
-            run_id=new_run_id(),
-            workflow=wf.name,
-            input_json=input_json,
-            debounce_key=key,
-            period=wf.debounce.period,
-            flow=flow,
-            priority=priority,
-            timeout=wf.timeout,
-            start_timeout=wf.start_timeout,
-            conn=connection,
+        run_id, created = await merge_debounced(
+            self.store, wf, input_json, key, flow, priority, connection
         )
         return RunHandle(run_id=run_id, workflow=wf.name, created=created, _fk=self)
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from .errors import InvalidEventError, StepUsageError
+from .flowcontrol import FlowKeys, merge_debounced
 from .ids import new_run_id
 from .names import name_problem, shown
 from .outbox import transaction_ended
@@ -38,7 +39,6 @@ from .serialization import dumps
 if TYPE_CHECKING:
     import asyncpg
 
-    from .flowcontrol import FlowKeys
     from .store import Store
     from .workflow import Registry, Workflow
 
@@ -342,20 +342,10 @@ class EventBus:
         for start in inputs:
             wf, input_json, flow = start.workflow, start.input_json, start.flow
             if start.debounce_key is not None:
-                assert wf.debounce is not None
                 # The key's pending run takes this event's data and waits for quiet
                 # (Debounce); the event's own id already made a resent event a duplicate.
-                rid, created = await self.store.debounce_run(
-                    run_id=new_run_id(),
-                    workflow=wf.name,
-                    input_json=input_json,
-                    debounce_key=start.debounce_key,
-                    period=wf.debounce.period,
-                    flow=flow,
-                    priority=wf.priority,
-                    timeout=wf.timeout,
-                    start_timeout=wf.start_timeout,
-                    conn=conn,
+                rid, created = await merge_debounced(
+                    self.store, wf, input_json, start.debounce_key, flow, wf.priority, conn
                 )
                 started.append(rid)
                 if created and carried:

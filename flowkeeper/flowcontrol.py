@@ -32,10 +32,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, InvalidInputError
+from .ids import new_run_id
 from .names import name_problem, shown
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from .store import Store
+    from .workflow import Workflow
 
 __all__ = [
     "Concurrency",
@@ -114,6 +118,32 @@ class Debounce:
 
     def key_for(self, workflow: str, value: Any) -> str:
         return _key(workflow, "debounce", self.key, None, value)
+
+
+async def merge_debounced(
+    store: Store,
+    wf: Workflow,
+    input_json: str,
+    key: str,
+    flow: FlowKeys,
+    priority: int,
+    conn: asyncpg.Connection | None,
+) -> tuple[str, bool]:
+    """A trigger (or event) of a debounced workflow: the key's pending run takes
+    ``input_json`` and waits for quiet, or a new run is made; (run id, created)."""
+    assert wf.debounce is not None
+    return await store.debounce_run(
+        run_id=new_run_id(),
+        workflow=wf.name,
+        input_json=input_json,
+        debounce_key=key,
+        period=wf.debounce.period,
+        flow=flow,
+        priority=priority,
+        timeout=wf.timeout,
+        start_timeout=wf.start_timeout,
+        conn=conn,
+    )
 
 
 def check_debounce(workflow: str, value: Any) -> Debounce | None:

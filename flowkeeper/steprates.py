@@ -154,6 +154,6 @@ class StepRates:
             limit.spacing,
             timedelta(seconds=max(0.0, horizon)),
         )
-        slot, now = row["slot"], row["now"]
-        kept = slot > now + timedelta(seconds=max(0.0, horizon))  # as the statement decided
-        return Ticket(slot=slot, now=now, fresh=bool(row["fresh"]), kept=kept)
+        return Ticket(
+            slot=row["slot"], now=row["now"], fresh=bool(row["fresh"]), kept=bool(row["kept"])
+        )

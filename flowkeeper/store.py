@@ -1075,7 +1075,10 @@ class Store:
         spacing: timedelta,
         horizon: timedelta,
     ) -> asyncpg.Record:
-        """A rate-limited step attempt's start time: (slot, fresh, now) (flowkeeper.steprates)."""
+        """A rate-limited step attempt's start time (flowkeeper.steprates).
+
+        The row: slot, fresh, kept, now.
+        """
         row: asyncpg.Record = await self._call(
             "fetchrow", "step_rate_take", run_id, step_key, attempt, rate_key, spacing, horizon
         )

@@ -4,7 +4,8 @@
 -- Attempt $3 of step $2 of run $1 takes its start time from rate key $4
 -- (one start every $5): the ticket it holds already, or the key's next free
 -- time.  A time more than $6 away is kept as its ticket (the run sleeps until
--- then); a ticket used now is deleted.  `fresh`: this call reserved it.
+-- then); a ticket used now is deleted.  `fresh`: this call reserved it;
+-- `kept`: the time is further off than $6, kept as the attempt's ticket.
 -- The rate_limits row is updated under its row lock, so concurrent takes
 -- queue one spacing apart (ON CONFLICT reads the latest version).
 WITH held AS (
@@ -29,4 +30,6 @@ WITH held AS (
 )
 SELECT coalesce((SELECT slot FROM held), (SELECT slot FROM took)) AS slot,
        NOT EXISTS (SELECT 1 FROM held) AS fresh,
+       coalesce((SELECT slot FROM held), (SELECT slot FROM took))
+           > {schema}.clock_now() + $6::interval AS kept,
        {schema}.clock_now() AS now;

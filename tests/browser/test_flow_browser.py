@@ -17,6 +17,17 @@ PASSWORD = "browser-test-password"
 UI = "/api/flowkeeper/ui"
 
 
+async def _open_run(browser_context: Any, base_url: str, run_id: str) -> tuple[Any, list[str]]:
+    """A signed-in page on the run's dashboard page, and the page errors it raises."""
+    page = await browser_context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"{base_url}{UI}/runs/{run_id}")
+    await page.fill("#password", PASSWORD)
+    await page.click("#login")
+    return page, errors
+
+
 @pytest.mark.slow
 async def test_schedules_page_keys_storage_and_queued_reason(
     database_url: str, browser_context: Any, artifacts_dir: Path
@@ -44,12 +55,7 @@ async def test_schedules_page_keys_storage_and_queued_reason(
                 return reason and (await fk.get_run(first)).status.value == "running"
 
             await wait_for(parked)
-            page = await browser_context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(f"{server.base_url}{UI}/runs/{second}")
-            await page.fill("#password", PASSWORD)
-            await page.click("#login")
+            page, errors = await _open_run(browser_context, server.base_url, second)
             reason = page.locator("#queued-reason")
             await reason.wait_for()
             assert "waiting for a concurrency slot of wf:exclusive:c0" in await reason.inner_text()
@@ -100,12 +106,7 @@ async def test_a_run_asleep_on_a_step_rate_limit_says_so(
                 return states == ["completed", "sleeping"]
 
             await wait_for(asleep)
-            page = await browser_context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(f"{server.base_url}{UI}/runs/{second}")
-            await page.fill("#password", PASSWORD)
-            await page.click("#login")
+            page, errors = await _open_run(browser_context, server.base_url, second)
             event = page.locator("#events li.ev-throttled")
             await event.wait_for()
             text = await event.inner_text()
