@@ -16,7 +16,12 @@ A run woken more than one spacing after its ticket's time (the app was down,
 or its driver ticks coarsely) takes a new time instead, and waits for it in
 the invocation up to half its remaining time budget: every call starts
 within one spacing of a time it took, so no window sees more than its share
-of calls, however late runs are woken.
+of calls, however late runs are woken.  A new time beyond that reach is kept
+as the ticket once; a second late use takes a time only within reach, else
+the run keeps its place and sleeps until the limit's next time comes within
+reach.  So a driver coarser than the spacing (pg_cron's minute) drains a
+backlog at about ``reach / tick`` of the limit instead of exchanging it to
+the back of the queue for ever.
 Each attempt takes one start time: a retry takes a new one, a replay of a
 recorded result takes none.  A start time taken by an invocation that then
 died is not given back: the limit errs towards fewer calls, never more.
@@ -86,6 +91,7 @@ class Ticket:
     now: datetime  # the database clock when it was taken
     fresh: bool  # taken by this call (not a ticket held from before)
     kept: bool  # further off than the caller waits: kept as the attempt's ticket
+    exchanged: bool = False  # the ticket held was already a late exchange
 
     @property
     def wait(self) -> float:
@@ -129,12 +135,25 @@ class StepRates:
         outage, a coarse driver) is exchanged for the limit's next time, kept
         as a ticket only beyond ``late_horizon``: every call starts within one
         spacing of a time it took, so late wakes never bunch calls together.
+        A ticket that was already such an exchange takes a time only within
+        ``late_horizon``; else it is kept as it was, and the returned ``slot``
+        is when to look again (a ``kept`` ticket that is not ``fresh``).
         """
         limit = self.limits[name]
         ticket = await self._take(run_id, step_key, attempt, name, limit, horizon)
         if not ticket.fresh and ticket.slot < ticket.now - limit.spacing:
             # Used up by the first call (deleted): this one takes a new time.
-            ticket = await self._take(run_id, step_key, attempt, name, limit, late_horizon)
+            row = await self.store.step_rate_retake(
+                uuid.UUID(run_id),
+                step_key,
+                attempt,
+                f"step:{name}",
+                limit.spacing,
+                timedelta(seconds=max(0.0, late_horizon)),
+                ticket.slot,
+                ticket.exchanged,
+            )
+            ticket = _ticket(row)
         return ticket
 
     async def _take(
@@ -154,6 +173,14 @@ class StepRates:
             limit.spacing,
             timedelta(seconds=max(0.0, horizon)),
         )
-        return Ticket(
-            slot=row["slot"], now=row["now"], fresh=bool(row["fresh"]), kept=bool(row["kept"])
-        )
+        return _ticket(row)
+
+
+def _ticket(row: Any) -> Ticket:
+    return Ticket(
+        slot=row["slot"],
+        now=row["now"],
+        fresh=bool(row["fresh"]),
+        kept=bool(row["kept"]),
+        exchanged=bool(row["exchanged"]),
+    )

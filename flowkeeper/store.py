@@ -1077,10 +1077,37 @@ class Store:
     ) -> asyncpg.Record:
         """A rate-limited step attempt's start time (flowkeeper.steprates).
 
-        The row: slot, fresh, kept, now.
+        The row: slot, fresh, kept, exchanged, now.
         """
         row: asyncpg.Record = await self._call(
             "fetchrow", "step_rate_take", run_id, step_key, attempt, rate_key, spacing, horizon
+        )
+        return row
+
+    async def step_rate_retake(
+        self,
+        run_id: uuid.UUID,
+        step_key: str,
+        attempt: int,
+        rate_key: str,
+        spacing: timedelta,
+        horizon: timedelta,
+        late: datetime,
+        exchanged: bool,
+    ) -> asyncpg.Record:
+        """A new time for a ticket used late (flowkeeper.steprates); the row as
+        :meth:`step_rate_take`'s."""
+        row: asyncpg.Record = await self._call(
+            "fetchrow",
+            "step_rate_retake",
+            run_id,
+            step_key,
+            attempt,
+            rate_key,
+            spacing,
+            horizon,
+            late,
+            exchanged,
         )
         return row
 

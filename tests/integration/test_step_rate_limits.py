@@ -355,3 +355,105 @@ async def test_a_recorded_result_replays_without_taking_a_start_time(
         await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits WHERE key = 'step:once'") == tat
     )
     assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 0
+
+
+async def test_a_coarse_driver_with_a_backlog_makes_progress_without_bunching(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """60 runs whose tickets reach 6 s ahead, driven only by a tick every 3 s
+    (pg_cron's shape, scaled down) with a 2 s time budget: every ticket is late
+    when its run is woken.  A late ticket exchanged for a time at the back of
+    the queue, beyond the invocation's reach, is late again at the next tick:
+    a backlog longer than that reach would never start.  Each run must start
+    once, no second holds more than its share, and the backlog drains."""
+    fk = make_fk(database_url, rate_limits={"api": PER_SECOND}, time_budget=2.0)
+    starts: list[float] = []
+    calls: Counter[str] = Counter()
+
+    @fk.workflow("backlog")
+    async def backlog(ctx: Context, n: int) -> int:
+        async def call() -> int:
+            starts.append(time.monotonic())
+            calls[ctx.run_id] += 1
+            return n
+
+        return await ctx.step("call", call, rate_limit="api")
+
+    try:
+        async with serve(fk):
+            handles = await asyncio.gather(*(fk.trigger("backlog", i) for i in range(60)))
+            t0 = time.monotonic()
+
+            async def drained() -> bool:
+                await fk.tick()
+                return await _completed(conn, 60)
+
+            await wait_for(drained, timeout=60, interval=3.0)
+            took = time.monotonic() - t0
+        results = [await fk.result(h.run_id, timeout=5) for h in handles]
+    finally:
+        await fk.aclose()
+    assert results == list(range(60))
+    assert sorted(calls.values()) == [1] * 60
+    starts.sort()
+    busiest = max(sum(1 for u in starts[i:] if u < t + 1.0) for i, t in enumerate(starts))
+    print(f"\ncoarse driver: drained 60 in {took:.1f} s, busiest second {busiest}")
+    assert busiest <= 12  # 10/s, plus one spacing's jitter either side
+
+
+async def test_a_late_ticket_goes_to_the_back_once_then_keeps_its_place(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """The exchange rule on its edges, against the real statements: a late
+    ticket takes the next time however far (once, marked); a late exchange
+    takes one only within reach, else keeps its time and takes nothing."""
+    fk = make_fk(database_url, endpoint=None, rate_limits={"api": PER_SECOND})
+
+    @fk.workflow("w")
+    async def w(ctx: Context) -> None:
+        return None
+
+    try:
+        run = uuid.UUID((await fk.trigger("w")).run_id)
+        rates = fk.engine.step_rates
+        far = "now() + interval '30 seconds'"
+        await conn.execute(f"INSERT INTO flowkeeper.rate_limits VALUES ('step:api', {far})")
+        for attempt, exchanged in ((1, False), (2, True)):  # both 5 s late
+            await conn.execute(
+                "INSERT INTO flowkeeper.step_tickets VALUES ($1, 'call', $2, "
+                "now() - interval '5 seconds', $3)",
+                run,
+                attempt,
+                exchanged,
+            )
+        tat = await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits WHERE key = 'step:api'")
+
+        first = await rates.take(str(run), "call", 1, "api", 1.0, late_horizon=2.0)
+        assert first.fresh and first.kept and first.slot == tat  # at the back, however far
+        row = await conn.fetchrow(
+            "SELECT slot, exchanged FROM flowkeeper.step_tickets WHERE attempt = 1"
+        )
+        assert row is not None and row["slot"] == tat and row["exchanged"]
+
+        old = await conn.fetchval("SELECT slot FROM flowkeeper.step_tickets WHERE attempt = 2")
+        tat = await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits WHERE key = 'step:api'")
+        second = await rates.take(str(run), "call", 2, "api", 1.0, late_horizon=2.0)
+        assert not second.fresh and second.kept  # took nothing: out of reach
+        assert abs((second.slot - (tat - timedelta(seconds=2))).total_seconds()) < 1e-3
+        assert (
+            await conn.fetchval("SELECT slot FROM flowkeeper.step_tickets WHERE attempt = 2") == old
+        )
+        assert (
+            await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits WHERE key = 'step:api'")
+            == tat
+        )
+        # Within reach (the key's queue has drained): it takes the time and uses it now.
+        await conn.execute("UPDATE flowkeeper.rate_limits SET tat = now() WHERE key = 'step:api'")
+        third = await rates.take(str(run), "call", 2, "api", 1.0, late_horizon=2.0)
+        assert third.fresh and not third.kept and third.wait < 0.5
+        assert (
+            await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets WHERE attempt = 2")
+            == 0
+        )
+    finally:
+        await fk.aclose()

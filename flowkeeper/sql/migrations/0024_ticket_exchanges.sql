@@ -1,0 +1,14 @@
+-- flowkeeper schema, version 24: a step's late ticket is exchanged for a new
+-- time at most once beyond the invocation's reach (flowkeeper.steprates).
+--
+-- A ticket used more than one spacing late (an outage, a driver coarser than
+-- the spacing) is exchanged for the limit's next time, so late wakes do not
+-- bunch calls together.  Under a coarse driver that new time, when it lies
+-- beyond what the invocation can wait for, is late again at the next tick,
+-- and exchanged again at the back of the queue: a backlog longer than the
+-- invocation's reach never started (tests/integration/test_step_rate_limits.py,
+-- the coarse-driver test).  A ticket marked here was such an exchange; its
+-- next late use takes a time only within reach, else it keeps its old time
+-- and sleeps until the limit's next time comes within reach.  The column
+-- defaults to false, so a library at version 23 can use this schema.
+ALTER TABLE {schema}.step_tickets ADD COLUMN exchanged boolean NOT NULL DEFAULT false;
