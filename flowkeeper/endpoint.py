@@ -21,6 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -320,11 +321,18 @@ class Endpoint(TokenRoutes, StreamRoutes):
         # The serving app is where schedules are declared: write them once.
         await self.fk.reconcile_once(authoritative=True)
         trace = _carried_trace(body) if self.fk.tracer is not None else None
+        budget = self._budget(request.scope)
+        # How long this invocation may wait for a rate-limited run's start time
+        # that a late wake takes (flowkeeper.flowcontrol): half its budget.
+        reach = min(budget or math.inf, self.fk.time_budget.total_seconds()) / 2
         try:
             if create is not None:
-                claim = await self.fk.engine.create(run_id, *create)
+                claim = await self.fk.engine.create(run_id, *create, reach=reach)
             else:
-                claim = await self.fk.engine.claim(run_id, lease)
+                claim = await self.fk.engine.claim(run_id, lease, reach=reach)
+            if isinstance(claim, ClaimRefused) and wait:
+                # A start time near enough is waited for here, then claimed.
+                claim = await self.fk.engine.claim_when_due(claim, reach=reach)
         except DatabaseRefusedError as exc:
             return refuse(request, 400, "invalid_value", str(exc))
         except DatabaseError as exc:
@@ -334,12 +342,24 @@ class Endpoint(TokenRoutes, StreamRoutes):
             return JSONResponse(
                 {"run_id": claim, "accepted": False, "created": False, "reason": "idempotency_key"}
             )
-        if isinstance(claim, ClaimRefused):
-            return _refused(claim)
-
-        budget = self._budget(request.scope)
         if budget is not None:
             budget = max(0.001, budget - (time.monotonic() - started))
+        if isinstance(claim, ClaimRefused):
+            starts_in = self.fk.engine.start_wait(claim, reach)
+            if starts_in is None:
+                return _refused(claim)
+            # Throttled until a time near enough: accepted, claimed and run then.
+            return JSONResponse(
+                {
+                    "run_id": run_id,
+                    "accepted": True,
+                    "status": "queued",
+                    "created": create is not None,
+                    "starts_in": round(starts_in, 3),
+                },
+                status_code=202,
+                background=BackgroundTask(self._start_later, claim, reach, budget, trace),
+            )
         if wait or not self.fk.engine.knows(claim.workflow):
             with observe.incoming_trace(trace):
                 return await self._execute_now(claim, budget)
@@ -391,6 +411,26 @@ class Endpoint(TokenRoutes, StreamRoutes):
                 "message": result.error.get("message"),
             }
         return JSONResponse(payload)
+
+    async def _start_later(
+        self,
+        refused: ClaimRefused,
+        reach: float,
+        budget: float | None,
+        trace: dict[str, str] | None,
+    ) -> None:
+        started = time.monotonic()
+        try:
+            claim = await self.fk.engine.claim_when_due(refused, reach=reach)
+        except DatabaseError as exc:
+            logger.error("run %s: %s (a driver starts it when due)", refused.run_id, exc)
+            return
+        if isinstance(claim, ClaimRefused):
+            logger.debug("run %s: not claimed at its start time (%s)", refused.run_id, claim.reason)
+            return
+        if budget is not None:
+            budget = max(0.001, budget - (time.monotonic() - started))
+        await self._execute_later(claim, budget, trace)
 
     async def _execute_later(
         self, claim: ClaimedRun, budget: float | None, trace: dict[str, str] | None = None

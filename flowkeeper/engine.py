@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import deploys, observe, patches, serialization, stepctx, steprates
+from . import deploys, flowcontrol, observe, patches, serialization, stepctx, steprates
 from .codec import DecryptionError
 from .context import Context
 from .errors import (
@@ -115,6 +115,10 @@ class ClaimRefused:
     run_id: str
     reason: str  # "not_found" | "finished" | "leased" | "not_due" | "blocked"
     status: str | None
+    #: A run throttled by its rate limit: seconds until it may start (or look
+    #: again), and whether its time was exchanged after a late wake.
+    starts_in: float | None = None
+    late: bool = False
 
 
 @dataclass(slots=True)
@@ -293,9 +297,18 @@ class Engine:
         # Step logs, tracing, metrics (flowkeeper.observe): called at the "# observe:" points.
         self.observers = observe.Observers()
 
-    async def claim(self, run_id: str, token: uuid.UUID | None) -> ClaimedRun | ClaimRefused:
-        """Take the run's lease, or say why not."""
-        claimed = await self.store.claim(run_id, token, uuid.uuid4(), self.lease)
+    async def claim(
+        self, run_id: str, token: uuid.UUID | None, *, reach: float = 0.0
+    ) -> ClaimedRun | ClaimRefused:
+        """Take the run's lease, or say why not.
+
+        ``reach`` (seconds): how long this invocation would wait for the start
+        time of a rate-limited run that is claimed late (flowkeeper.flowcontrol):
+        the run takes a new time within it, if there is one.
+        """
+        claimed = await self.store.claim(
+            run_id, token, uuid.uuid4(), self.lease, reach=timedelta(seconds=max(0.0, reach))
+        )
         if claimed is not None:
             return claimed
         state = await self.store.run_state(run_id)
@@ -306,10 +319,54 @@ class Engine:
             return ClaimRefused(run_id, "finished", status)
         if state["blocked_key"] is not None:  # over a concurrency limit (flowcontrol)
             return ClaimRefused(run_id, "blocked", status)
-        return ClaimRefused(run_id, "leased" if state["leased"] else "not_due", status)
+        if state["leased"]:
+            return ClaimRefused(run_id, "leased", status)
+        starts_in = None
+        if state["throttled"] and status == "queued" and state["due_at"] is not None:
+            starts_in = max(0.0, (state["due_at"] - state["now"]).total_seconds())
+        return ClaimRefused(
+            run_id, "not_due", status, starts_in=starts_in, late=state["rate_exchanged"]
+        )
+
+    def start_wait(self, refused: ClaimRefused, reach: float) -> float | None:
+        """How long to wait before claiming a run throttled by its rate limit
+        again, when that is worth doing in this invocation; else None.
+
+        A start time within :data:`~flowkeeper.flowcontrol.START_WAIT` is
+        waited for; so is one within ``reach`` that a late wake took: under a
+        driver coarser than the spacing, nobody else would claim it on time.
+        """
+        if refused.starts_in is None:
+            return None
+        limit = max(reach, flowcontrol.START_WAIT) if refused.late else flowcontrol.START_WAIT
+        return refused.starts_in if refused.starts_in <= limit else None
+
+    async def claim_when_due(
+        self, refused: ClaimRefused, *, reach: float
+    ) -> ClaimedRun | ClaimRefused:
+        """Wait for a throttled run's start time (see :meth:`start_wait`) and
+        claim it then; a late run may need a second wait for the time it takes
+        once within reach.  Another driver may claim it first: then refused."""
+        give_up = time.monotonic() + max(reach, flowcontrol.START_WAIT)
+        result: ClaimedRun | ClaimRefused = refused
+        for _ in range(3):
+            if not isinstance(result, ClaimRefused):
+                break
+            wait = self.start_wait(result, reach)
+            if wait is None or time.monotonic() + wait > give_up:
+                break
+            await asyncio.sleep(wait)
+            result = await self.claim(result.run_id, None, reach=give_up - time.monotonic())
+        return result
 
     async def create(
-        self, run_id: str, workflow: str, input_json: str, idempotency_key: str | None
+        self,
+        run_id: str,
+        workflow: str,
+        input_json: str,
+        idempotency_key: str | None,
+        *,
+        reach: float = 0.0,
     ) -> ClaimedRun | ClaimRefused | str:
         """Create a run handed over by trigger() and take its lease at once.
 
@@ -334,7 +391,8 @@ class Engine:
             )
             if isinstance(gated, ClaimedRun) or (isinstance(gated, tuple) and not gated[1]):
                 return gated if isinstance(gated, ClaimedRun) else gated[0]
-            return await self.claim(run_id, None)  # why not (or an earlier create's replay)
+            # Why not (or an earlier create's replay).
+            return await self.claim(run_id, None, reach=reach)
         result = await self.store.create_claimed(
             run_id=run_id,
             workflow=workflow,
@@ -348,7 +406,7 @@ class Engine:
             return result
         existing, same = result
         if same:
-            return await self.claim(run_id, None)
+            return await self.claim(run_id, None, reach=reach)
         return existing
 
     def knows(self, workflow: str) -> bool:

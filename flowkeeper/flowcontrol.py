@@ -54,6 +54,10 @@ __all__ = [
 
 MAX_PRIORITY = 1000
 _MAX_KEY = 200
+#: The longest an invocation waits for a rate-limited run's start time before
+#: leaving it to the drivers (seconds); a time that a late wake took is
+#: waited for up to half the time budget (migration 0025).
+START_WAIT = 1.0
 
 KeyFunction = Callable[[Any], Any]
 

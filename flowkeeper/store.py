@@ -865,9 +865,12 @@ class Store:
         new_token: uuid.UUID,
         lease: timedelta,
         *,
+        reach: timedelta = timedelta(0),
         conn: asyncpg.Connection | None = None,
     ) -> ClaimedRun | None:
-        args = (uuid.UUID(run_id), token, new_token, lease)
+        """Take the run's lease (claim_run); ``reach``: how far ahead a late
+        rate-limited run may take a new start time for the caller to wait for."""
+        args = (uuid.UUID(run_id), token, new_token, lease, reach)
         if conn is not None:
             row = await self._call("fetchrow", "claim_run", *args, conn=conn)
         else:

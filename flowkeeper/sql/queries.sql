@@ -102,8 +102,10 @@ WHERE id = $1 AND lease_token = $2;
 -- migration 0005).  A finished run whose stopping invocation died is let go.
 -- Flow control first (migration 0009): a run over a concurrency limit is
 -- parked by flow_gate, a run past a deadline is failed, and nothing is claimed.
+-- $5: how far ahead a late rate-limited run may take a new start time, for
+-- this invocation to wait for (migration 0025).
 WITH gate AS (
-    SELECT coalesce(bool_and({schema}.flow_gate($1, $2)), true) AS ok
+    SELECT coalesce(bool_and({schema}.flow_gate_within($1, $2, $5::interval)), true) AS ok
     FROM {schema}.runs
     WHERE id = $1
       AND (flow_keys IS NOT NULL OR rate_keys IS NOT NULL OR deadline IS NOT NULL
@@ -148,12 +150,17 @@ SELECT c.*,
 FROM claimed c;
 
 -- name: run_state
--- Why a claim was refused: the run's status and whether someone holds it.
+-- Why a claim was refused: the run's status and whether someone holds it;
+-- for a run throttled by a rate limit, not started yet, whether its time was
+-- exchanged after a late wake, and the database clock.
 SELECT status,
        (lease_token IS NOT NULL AND due_at > {schema}.clock_now()) AS leased,
        due_at,
        workflow,
-       blocked_key
+       blocked_key,
+       (throttled_until IS NOT NULL AND started_at IS NULL) AS throttled,
+       coalesce(rate_exchanged, false) AS rate_exchanged,
+       {schema}.clock_now() AS now
 FROM {schema}.runs WHERE id = $1;
 
 -- name: commit

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from flowkeeper import Concurrency, Context, define_workflow
+from flowkeeper import Concurrency, Context, RateLimit, define_workflow
 from flowkeeper.pgcron import PgCron
 from flowkeeper.testing import FakeClock
 
@@ -92,3 +92,47 @@ async def test_pg_cron_fires_a_cron_slot_through_the_endpoint_tick(
         await fk.aclose()
     assert seen == [datetime(2026, 6, 1, 1, tzinfo=UTC)]
     assert await conn.fetchval("SELECT count(*) FROM flowkeeper.runs") == 1
+
+
+@needs_pg_cron
+@needs_plpython
+async def test_pg_cron_ticks_respect_a_rate_limit(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """Only pg_cron drives, every 2 s (its minute, scaled down): 40 runs under
+    10/s start no faster than the limit, each once, and all finish."""
+    starts: dict[int, float] = {}
+
+    async def paced(ctx: Context, n: int) -> int:
+        await ctx.step("start", lambda: starts.setdefault(n, time.monotonic()))
+        return n
+
+    wf = define_workflow("paced", paced, rate_limit=RateLimit(10, timedelta(seconds=1)))
+    trigger_side = make_fk(database_url, endpoint=None)  # nobody pushes
+    trigger_side.register(wf)
+    fk = make_fk(database_url, time_budget=2.0)
+    fk.register(wf)
+    installer = PgCron(database_url)
+    try:
+        ids = [(await trigger_side.trigger("paced", i)).run_id for i in range(40)]
+        await installer.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY, every="1m")  # type: ignore[union-attr]
+        async with serve(fk):
+
+            async def done() -> bool:
+                await conn.execute("CALL flowkeeper.pgcron_tick()")
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM flowkeeper.runs WHERE status = 'completed'"
+                )
+                return bool(n == len(ids))
+
+            await wait_for(done, timeout=60, interval=2.0)
+    finally:
+        with contextlib.suppress(Exception):
+            await installer.uninstall()
+        await trigger_side.aclose()
+        await fk.aclose()
+    assert sorted(starts) == list(range(40))
+    times = sorted(starts.values())
+    busiest = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
+    print(f"\npg_cron every 2 s, 10/s: busiest second {busiest}")
+    assert busiest <= 12

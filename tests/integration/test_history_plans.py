@@ -102,7 +102,13 @@ async def test_a_claim_finds_its_run_by_primary_key(
     conn: asyncpg.Connection, history: list[uuid.UUID]
 ) -> None:
     run = history[0]
-    args = [f"'{run}'::uuid", f"'{run}'::uuid", f"'{uuid.uuid4()}'::uuid", "'1 minute'"]
+    args = [
+        f"'{run}'::uuid",
+        f"'{run}'::uuid",
+        f"'{uuid.uuid4()}'::uuid",
+        "'1 minute'",
+        "'30 seconds'",
+    ]
     for mode in MODES:
         plan = await _explain(conn, QUERIES["claim_run"], args, mode)
         assert _runs_access(plan) == {"runs_pkey"}, mode

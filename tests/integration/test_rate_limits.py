@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pytest
 
 from flowkeeper import ConfigurationError, Context, FlowKeeper, RateLimit
+from flowkeeper.engine import ClaimRefused
 from flowkeeper.scheduler import SchedulerLoop
+from flowkeeper.store import ClaimedRun
 
-from ..helpers import serve, wait_for
+from ..helpers import make_fk, serve, wait_for
 
 
 async def test_start_rate_stays_within_ten_percent(
@@ -76,3 +81,135 @@ async def test_start_rate_stays_within_ten_percent(
 def test_bad_rate_limits(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         RateLimit(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_coarse_driver_neither_bunches_starts_nor_stalls_a_backlog(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """60 pushed runs reserve start times up to 6 s ahead; the only driver is a
+    tick every 3 s (pg_cron's minute, scaled down) and the time budget is 2 s.
+    Honouring every reservation it finds passed would start each tick's runs
+    together; exchanging them all for times beyond the invocations' reach would
+    leave them late again at every tick.  Each run starts once, no second holds
+    more than its share, and the backlog drains."""
+    fk = make_fk(database_url, time_budget=2.0)
+    starts: dict[int, float] = {}
+
+    @fk.workflow("paced", rate_limit=RateLimit(limit=10, period=timedelta(seconds=1)))
+    async def paced(ctx: Context, n: int) -> int:
+        await ctx.step("start", lambda: starts.setdefault(n, time.monotonic()))
+        return n
+
+    try:
+        async with serve(fk):
+            handles = await asyncio.gather(*(fk.trigger("paced", i) for i in range(60)))
+            t0 = time.monotonic()
+
+            async def drained() -> bool:
+                await fk.tick()
+                n = await conn.fetchval(
+                    "SELECT count(*) FROM flowkeeper.runs WHERE status = 'completed'"
+                )
+                return bool(n == 60)
+
+            await wait_for(drained, timeout=60, interval=3.0)
+            took = time.monotonic() - t0
+        results = [await fk.result(h.run_id, timeout=5) for h in handles]
+    finally:
+        await fk.aclose()
+    assert results == list(range(60)) and sorted(starts) == list(range(60))
+    times = sorted(starts.values())
+    busiest = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
+    print(f"\nrun rate limit, coarse driver: drained 60 in {took:.1f} s, busiest second {busiest}")
+    assert busiest <= 12  # 10/s, plus one spacing's jitter either side
+
+
+async def test_the_start_rule_on_its_edges(database_url: str, conn: asyncpg.Connection) -> None:
+    """Against the real claim: a run claimed before its reserved time takes
+    nothing and stays due then; claimed late, it takes the next time however
+    far (once, marked, a `throttled` event with `late`); late again, it takes
+    a time only within the claim's reach, else keeps its place, due when the
+    key's next time comes within reach; on time, it starts."""
+    fk = make_fk(database_url, endpoint=None)
+
+    # One start a second: wide enough that the early claim below is early.
+    @fk.workflow("edge", rate_limit=RateLimit(limit=1, period=timedelta(seconds=1)))
+    async def edge(ctx: Context) -> None:
+        return None
+
+    async def tat() -> Any:
+        return await conn.fetchval("SELECT max(tat) FROM flowkeeper.rate_limits")
+
+    async def row(run: str) -> asyncpg.Record:
+        found = await conn.fetchrow(
+            "SELECT status, due_at, throttled_until, rate_exchanged, started_at, now() AS now "
+            "FROM flowkeeper.runs WHERE id = $1",
+            uuid.UUID(run),
+        )
+        assert found is not None
+        return found
+
+    try:
+        first = (await fk.trigger("edge")).run_id
+        run = (await fk.trigger("edge")).run_id
+        assert isinstance(await fk.engine.claim(first, None), ClaimedRun)  # the key's time now
+        refused = await fk.engine.claim(run, None)  # reserved one spacing later
+        assert isinstance(refused, ClaimRefused) and not refused.late
+        assert refused.starts_in is not None and 0.5 < refused.starts_in <= 1.0
+        reserved = (await row(run))["throttled_until"]
+        assert reserved is not None
+        # Early: made due now by someone else, claimed: it takes nothing.
+        await conn.execute(
+            "UPDATE flowkeeper.runs SET due_at = now() WHERE id = $1", uuid.UUID(run)
+        )
+        before = await tat()
+        refused = await fk.engine.claim(run, None, reach=5.0)
+        assert isinstance(refused, ClaimRefused) and refused.starts_in is not None
+        state = await row(run)
+        assert state["due_at"] == reserved and state["started_at"] is None
+        assert await tat() == before
+        # Late (its time 5 s past) with the key's queue 30 s ahead: the next time, once.
+        await conn.execute(
+            "UPDATE flowkeeper.runs SET throttled_until = now() - interval '5 seconds', "
+            "due_at = now() WHERE id = $1",
+            uuid.UUID(run),
+        )
+        await conn.execute("UPDATE flowkeeper.rate_limits SET tat = now() + interval '30 seconds'")
+        queue = await tat()
+        refused = await fk.engine.claim(run, None, reach=2.0)
+        assert isinstance(refused, ClaimRefused) and refused.late
+        state = await row(run)
+        assert state["throttled_until"] == queue and state["rate_exchanged"] is True
+        assert fk.engine.start_wait(refused, 2.0) is None  # 30 s: beyond reach
+        events = await conn.fetch(
+            "SELECT detail FROM flowkeeper.events WHERE run_id = $1 AND kind = 'throttled'",
+            uuid.UUID(run),
+        )
+        assert [json.loads(e["detail"]).get("late") for e in events] == [None, True]
+        # Late again, the queue still out of reach: it takes nothing, keeps its place.
+        await conn.execute(
+            "UPDATE flowkeeper.runs SET throttled_until = now() - interval '5 seconds', "
+            "due_at = now() WHERE id = $1",
+            uuid.UUID(run),
+        )
+        kept = (await row(run))["throttled_until"]
+        queue = await tat()
+        refused = await fk.engine.claim(run, None, reach=2.0)
+        assert isinstance(refused, ClaimRefused)
+        state = await row(run)
+        assert state["throttled_until"] == kept and await tat() == queue
+        assert state["due_at"] == queue - timedelta(seconds=2)
+        # Within reach (the queue drained): it takes the next time and starts then.
+        await conn.execute("UPDATE flowkeeper.rate_limits SET tat = now() + interval '0.3 seconds'")
+        await conn.execute(
+            "UPDATE flowkeeper.runs SET due_at = now() WHERE id = $1", uuid.UUID(run)
+        )
+        refused = await fk.engine.claim(run, None, reach=2.0)
+        assert isinstance(refused, ClaimRefused)
+        wait = fk.engine.start_wait(refused, 2.0)
+        assert wait is not None and 0.1 < wait <= 0.4
+        claimed = await fk.engine.claim_when_due(refused, reach=2.0)
+        assert isinstance(claimed, ClaimedRun)  # on time: it starts
+        assert (await row(run))["started_at"] is not None
+    finally:
+        await fk.aclose()
