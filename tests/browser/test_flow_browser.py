@@ -116,3 +116,33 @@ async def test_a_run_asleep_on_a_step_rate_limit_says_so(
             assert errors == []
         finally:
             await fk.aclose()
+
+
+@pytest.mark.slow
+async def test_a_run_woken_late_on_a_rate_limit_says_it_took_a_new_time(
+    database_url: str, browser_context: Any, artifacts_dir: Path
+) -> None:
+    fk = make_fk(database_url, dashboard_password=PASSWORD)
+
+    @fk.workflow("paced", rate_limit=RateLimit(1, timedelta(minutes=10)))
+    async def paced(ctx: Context) -> str:
+        return "ok"
+
+    async with serve(fk) as server:
+        try:
+            await fk.trigger("paced")  # takes the key's time now
+            late = (await fk.trigger("paced")).run_id  # reserved 10 minutes ahead
+            async with fk.store.db.acquire() as conn:  # its driver was down for an hour
+                await conn.execute(
+                    "UPDATE flowkeeper.runs SET throttled_until = now() - interval '1 hour', "
+                    "due_at = now() WHERE id = $1::uuid",
+                    late,
+                )
+            await fk.tick()
+            page, errors = await _open_run(browser_context, server.base_url, late)
+            event = page.locator("#events li.ev-throttled", has_text="woken late")
+            await event.wait_for()
+            assert "start throttled by" in await event.inner_text()
+            assert errors == []
+        finally:
+            await fk.aclose()

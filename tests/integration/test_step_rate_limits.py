@@ -457,3 +457,51 @@ async def test_a_late_ticket_goes_to_the_back_once_then_keeps_its_place(
         )
     finally:
         await fk.aclose()
+
+
+async def test_a_run_cancelled_on_its_ticket_and_replayed_calls_once_within_the_limit(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """An operator cancels a run asleep on a ticket, then replays it: before
+    its time, the replayed run uses the ticket it holds (no second time); a
+    second one replayed after its ticket passed takes a new time instead of
+    calling at once.  Each calls once, never two within one spacing."""
+    fk = make_fk(database_url, rate_limits={"slow": RateLimit(1, timedelta(seconds=2))})
+    calls: dict[str, float] = {}
+
+    @fk.workflow("one-call")
+    async def one_call(ctx: Context) -> None:
+        await ctx.step(
+            "call", lambda: calls.setdefault(ctx.run_id, time.monotonic()), rate_limit="slow"
+        )
+
+    try:
+        runs = [await fk.trigger("one-call") for _ in range(3)]
+        for handle in runs:  # the first calls now; the others hold tickets 2 and 4 s away
+            await fk.advance(handle.run_id)
+        tickets = dict(await conn.fetch("SELECT run_id::text, slot FROM flowkeeper.step_tickets"))
+        for handle in runs[1:]:
+            await fk.cancel(handle.run_id, reason="operator")
+        await fk.replay(runs[1].run_id)  # before its time (2 s away)
+        tat = await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits")
+        async with serve(fk):
+            await drive(fk, [runs[1].run_id], timeout=20)
+            assert await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits") == tat
+            assert runs[2].run_id not in calls
+            await asyncio.sleep(
+                max(
+                    0.0,
+                    (tickets[runs[2].run_id] - await conn.fetchval("SELECT now()")).total_seconds(),
+                )
+                + 2.5
+            )  # its ticket long passed
+            await fk.replay(runs[2].run_id)
+            statuses = await drive(fk, [h.run_id for h in runs], timeout=20)
+        assert await conn.fetchval("SELECT tat FROM flowkeeper.rate_limits") > tat  # a new time
+    finally:
+        await fk.aclose()
+    assert set(statuses.values()) == {"completed"}
+    assert sorted(calls) == sorted(h.run_id for h in runs)  # each called once
+    times = sorted(calls.values())
+    assert all(b - a >= 1.9 for a, b in itertools.pairwise(times)), times
+    assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets") == 0

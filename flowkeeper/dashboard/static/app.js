@@ -633,7 +633,7 @@
         case "attempt_lost": return "the invocation ended during this attempt (process killed, out of memory, host time limit or os._exit); it counts as failed";
         case "throttled": return d.rate_limit
           ? `step waits for rate limit “${d.rate_limit}” · starts ${stamp(d.until)}`
-          : `start throttled by ${(d.keys || []).join(", ")} · starts ${stamp(d.until)}`;
+          : `start throttled by ${(d.keys || []).join(", ")}${d.late ? " · woken late: a new start time" : ""} · starts ${stamp(d.until)}`;
         case "step_hung": return `a sync step overran its timeout of ${d.timeout}s; its thread is still running, and the next attempt waits until it returns`;
         case "stopped": return `${d.how || ""}${d.step ? ` (${d.step}, attempt ${d.attempt})` : ""}`;
         case "cancelled": return `${d.reason || ""}${d.stopping ? " · stopping the step that was executing" : ""}`;
