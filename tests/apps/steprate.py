@@ -1,7 +1,8 @@
 """The workflow of the step rate-limit fault test (served by tests.apps.steprate_app).
 
 Each run of ``throttled-call`` executes one step under the step rate limit
-``provider``; its body records when it started, on the database clock, into
+``provider``, and each run of ``throttled-start`` is throttled by a run-level
+limit of the same rate; the step body records when it started, on the database clock, into
 ``steprate_log`` (a body cut by a SIGKILL leaves its row too: that call was
 made), so the test sees every call the provider would have seen.
 """
@@ -42,6 +43,19 @@ async def throttled_call(ctx: Context, n: int) -> int:
 
 
 workflow = define_workflow("throttled-call", throttled_call)
+
+
+async def throttled_start(ctx: Context, n: int) -> int:
+    """Throttled as a whole run: its first step logs the start."""
+    await ctx.step("start", call, ctx.run_id, n)
+    return await ctx.step("finish", lambda: n * 3)
+
+
+run_workflow = define_workflow(
+    "throttled-start",
+    throttled_start,
+    rate_limit=RateLimit(limit=RATE, period=timedelta(seconds=1)),
+)
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS steprate_log (

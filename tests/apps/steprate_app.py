@@ -6,7 +6,7 @@ import os
 
 from flowkeeper import FlowKeeper
 
-from .steprate import LIMITS, workflow
+from .steprate import LIMITS, run_workflow, workflow
 
 fk = FlowKeeper(
     lease=float(os.environ.get("FAULT_LEASE", "1.5")),
@@ -14,4 +14,5 @@ fk = FlowKeeper(
     rate_limits=LIMITS,
 )
 fk.register(workflow)
+fk.register(run_workflow)
 app = fk.asgi()
