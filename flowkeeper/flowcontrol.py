@@ -58,6 +58,12 @@ _MAX_KEY = 200
 #: leaving it to the drivers (seconds); a time that a late wake took is
 #: waited for up to half the time budget (migration 0025).
 START_WAIT = 1.0
+#: A rate-limited start (or step call) woken up to this much after its time
+#: -- or one spacing, if longer -- uses it: a late wake of that size bunches
+#: at most a tenth of a second's starts, and a new time would waste the one
+#: it had.  Later than that, it takes a new time.  (Migration 0025 says the
+#: same in SQL.)
+LATE_TOLERANCE = timedelta(milliseconds=100)
 
 KeyFunction = Callable[[Any], Any]
 

@@ -12,16 +12,16 @@ invocation's time budget) waits for it in the invocation.  One further off
 puts the run to sleep until then, and the time it took is kept as a ticket
 (table ``step_tickets``), so the resumed run starts the step at that time
 instead of taking another, however often it is woken early or handed on.
-A run woken more than one spacing after its ticket's time (the app was down,
-or its driver ticks coarsely) takes a new time instead, and waits for it in
-the invocation up to half its remaining time budget: every call starts
-within one spacing of a time it took, so no window sees more than its share
-of calls, however late runs are woken.  A new time beyond that reach is kept
-as the ticket once; a second late use takes a time only within reach, else
-the run keeps its place and sleeps until the limit's next time comes within
-reach.  So a driver coarser than the spacing (pg_cron's minute) drains a
-backlog at about ``reach / tick`` of the limit instead of exchanging it to
-the back of the queue for ever.
+A run woken more than one spacing (or 0.1 s, if longer) after its ticket's
+time (the app was down, or its driver ticks coarsely) takes a new time
+instead, and waits for it in the invocation up to half its remaining time
+budget: every call starts within that tolerance of a time it took, so no
+window sees more than its share of calls, however late runs are woken.  A
+new time beyond that reach is kept as the ticket once; a second late use
+takes a time only within reach, else the run keeps its place and sleeps
+until the limit's next time comes within reach.  So a driver coarser than
+the spacing (pg_cron's minute) drains a backlog at about ``reach / tick`` of
+the limit instead of exchanging it to the back of the queue for ever.
 Each attempt takes one start time: a retry takes a new one, a replay of a
 recorded result takes none.  A start time taken by an invocation that then
 died is not given back: the limit errs towards fewer calls, never more.
@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, StepUsageError
-from .flowcontrol import RateLimit
+from .flowcontrol import LATE_TOLERANCE, RateLimit
 from .names import name_problem, shown
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ class StepRates:
 
         A time more than ``horizon`` seconds away is kept as the attempt's
         ticket; one within it is the caller's to wait for now.  A ticket whose
-        time passed more than one spacing ago (the run was woken late: an
+        time passed more than one spacing (or 0.1 s) ago (the run was woken late: an
         outage, a coarse driver) is exchanged for the limit's next time, kept
         as a ticket only beyond ``late_horizon``: every call starts within one
         spacing of a time it took, so late wakes never bunch calls together.
@@ -141,7 +141,7 @@ class StepRates:
         """
         limit = self.limits[name]
         ticket = await self._take(run_id, step_key, attempt, name, limit, horizon)
-        if not ticket.fresh and ticket.slot < ticket.now - limit.spacing:
+        if not ticket.fresh and ticket.slot < ticket.now - max(limit.spacing, LATE_TOLERANCE):
             # Used up by the first call (deleted): this one takes a new time.
             row = await self.store.step_rate_retake(
                 uuid.UUID(run_id),
