@@ -345,8 +345,8 @@ class Endpoint(TokenRoutes, StreamRoutes):
         if budget is not None:
             budget = max(0.001, budget - (time.monotonic() - started))
         if isinstance(claim, ClaimRefused):
-            starts_in = self.fk.engine.start_wait(claim, reach)
-            if starts_in is None:
+            starts_in = None if wait else self.fk.engine.start_wait(claim, reach)
+            if starts_in is None:  # (a waiting caller has had its wait)
                 return _refused(claim)
             # Throttled until a time near enough: accepted, claimed and run then.
             return JSONResponse(

@@ -23,7 +23,7 @@ from flowkeeper.sql import load_queries
 QUERIES = load_queries("flowkeeper")
 FUNCTIONS = (
     "flow_gate", "flow_held", "flow_wake", "flow_release", "flow_throttle", "flow_sweep",
-    "flow_prelock", "create_gated", "create_gated_batch",
+    "flow_prelock", "create_gated", "create_gated_batch", "flow_gate_within",
 )  # fmt: skip
 SCANS = (
     "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables "
