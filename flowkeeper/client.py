@@ -41,6 +41,7 @@ from .flowcontrol import (
     check_priority,
     merge_debounced,
 )
+from .gcpolicy import DEFAULT_GEN0, check_gc_threshold
 from .ids import check_idempotency_key, check_run_id, new_run_id
 from .models import (
     AttemptError,
@@ -181,6 +182,12 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
     step that blocks the event loop for over ``stall_threshold`` seconds is
     reported (a WARNING and a ``loop_stall`` event on the run).
 
+    ``gc_threshold`` (20,000): the serving app (``asgi()``, ``wsgi()``) raises
+    the cyclic garbage collector's first threshold to it, from CPython's 700,
+    unless the process set a higher one or turned collection off; collections
+    took about 18 % of the endpoint's CPU under load (see
+    :mod:`flowkeeper.gcpolicy`).  ``None`` leaves the collector alone.
+
     Weak secrets are refused with a :class:`ConfigurationError`: every signing
     key needs at least 32 characters, a dashboard password at least 12 (and
     more than whitespace).  ``allow_weak_secrets=True`` turns the check off,
@@ -228,6 +235,7 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         metrics: object = None,
         metrics_token: str | None = None,
         stall_threshold: float | None = 0.5,
+        gc_threshold: int | None = DEFAULT_GEN0,
     ) -> None:
         # What a twin of this object on another event loop is built from (fk.sync).
         settings = {k: v for k, v in locals().items() if k != "self"}
@@ -256,6 +264,8 @@ class FlowKeeper(RunOperations, EventOperations, StreamOperations, Observability
         check_signing_keys(keys, allow_weak=allow_weak_secrets)
         self.signer = RequestSigner(keys)
         self.time_budget = _duration(time_budget, "time_budget")
+        # Applied by the serving app (fk.asgi(), fk.wsgi()); see flowkeeper.gcpolicy.
+        self.gc_threshold = check_gc_threshold(gc_threshold)
         self.lease = _duration(lease, "lease")
         self.dispatch_lease = _duration(dispatch_lease, "dispatch_lease")
         #: How long a run may go on reaching endpoints that do not know its

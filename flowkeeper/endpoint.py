@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__, health, observe
+from . import __version__, gcpolicy, health, observe
 from .boundary import check_text, parse_json
 from .engine import ClaimRefused, Outcome
 from .errors import (
@@ -642,6 +642,7 @@ def create_app(
     fk: FlowKeeper, *, time_budget: TimeBudgetHook | None = None, debug: bool = False
 ) -> Starlette:
     """Build the endpoint app.  No I/O happens until the first request."""
+    gcpolicy.raise_threshold(fk.gc_threshold)  # this process serves invocations
     endpoint = Endpoint(fk, time_budget=time_budget)
     routes: list[BaseRoute] = [
         Route("/", endpoint.invoke, methods=["POST"]),
