@@ -5,16 +5,56 @@ from __future__ import annotations
 import contextlib
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 from flowkeeper import Concurrency, Context, RateLimit, define_workflow
 from flowkeeper.pgcron import PgCron
 from flowkeeper.testing import FakeClock
+from flowkeeper.workflow import Workflow
 
 from ..helpers import KEY, make_fk, serve, wait_for
 from .test_concurrency import Spans, max_overlap
 from .test_pgcron import needs_pg_cron, needs_plpython
+
+
+async def _driven_by_pg_cron(
+    database_url: str,
+    conn: asyncpg.Connection,
+    wf: Workflow,
+    n: int,
+    *,
+    every: float,
+    **options: Any,
+) -> float:
+    """Trigger ``n`` runs of ``wf`` with nobody pushing, then only pg_cron's tick
+    drives them (called every ``every`` seconds) until all complete; the time taken."""
+    trigger_side = make_fk(database_url, endpoint=None)
+    trigger_side.register(wf)
+    fk = make_fk(database_url, **options)
+    fk.register(wf)
+    installer = PgCron(database_url)
+    try:
+        ids = [(await trigger_side.trigger(wf.name, i)).run_id for i in range(n)]
+        await installer.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY, every="1m")  # type: ignore[union-attr]
+        async with serve(fk):
+
+            async def done() -> bool:
+                await conn.execute("CALL flowkeeper.pgcron_tick()")
+                finished = await conn.fetchval(
+                    "SELECT count(*) FROM flowkeeper.runs WHERE status = 'completed'"
+                )
+                return bool(finished == len(ids))
+
+            t0 = time.monotonic()
+            await wait_for(done, timeout=max(30.0, 30 * every), interval=every)
+            return time.monotonic() - t0
+    finally:
+        with contextlib.suppress(Exception):
+            await installer.uninstall()
+        await trigger_side.aclose()
+        await fk.aclose()
 
 
 @needs_pg_cron
@@ -27,31 +67,7 @@ async def test_pg_cron_ticks_respect_the_limit(database_url: str, conn: asyncpg.
         return n
 
     wf = define_workflow("capped", capped, concurrency=Concurrency(limit=2))
-    trigger_side = make_fk(database_url, endpoint=None)  # nobody pushes: only pg_cron drives
-    trigger_side.register(wf)
-    fk = make_fk(database_url)
-    fk.register(wf)
-    installer = PgCron(database_url)
-    try:
-        ids = [(await trigger_side.trigger("capped", i)).run_id for i in range(8)]
-        await installer.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY, every="1m")  # type: ignore[union-attr]
-        async with serve(fk):
-
-            async def done() -> bool:
-                await conn.execute("CALL flowkeeper.pgcron_tick()")
-                n = await conn.fetchval(
-                    "SELECT count(*) FROM flowkeeper.runs WHERE status = 'completed'"
-                )
-                return bool(n == len(ids))
-
-            t0 = time.monotonic()
-            await wait_for(done, timeout=30, interval=0.1)
-            took = time.monotonic() - t0
-    finally:
-        with contextlib.suppress(Exception):
-            await installer.uninstall()
-        await trigger_side.aclose()
-        await fk.aclose()
+    took = await _driven_by_pg_cron(database_url, conn, wf, 8, every=0.1)
     assert max_overlap(spans.spans, "all") == 2
     assert spans.peak["all"] == 2
     assert took >= 4 * 0.3  # four rounds of two
@@ -108,29 +124,7 @@ async def test_pg_cron_ticks_respect_a_rate_limit(
         return n
 
     wf = define_workflow("paced", paced, rate_limit=RateLimit(10, timedelta(seconds=1)))
-    trigger_side = make_fk(database_url, endpoint=None)  # nobody pushes
-    trigger_side.register(wf)
-    fk = make_fk(database_url, time_budget=2.0)
-    fk.register(wf)
-    installer = PgCron(database_url)
-    try:
-        ids = [(await trigger_side.trigger("paced", i)).run_id for i in range(40)]
-        await installer.install(endpoint=fk.dispatcher.endpoint, signing_key=KEY, every="1m")  # type: ignore[union-attr]
-        async with serve(fk):
-
-            async def done() -> bool:
-                await conn.execute("CALL flowkeeper.pgcron_tick()")
-                n = await conn.fetchval(
-                    "SELECT count(*) FROM flowkeeper.runs WHERE status = 'completed'"
-                )
-                return bool(n == len(ids))
-
-            await wait_for(done, timeout=60, interval=2.0)
-    finally:
-        with contextlib.suppress(Exception):
-            await installer.uninstall()
-        await trigger_side.aclose()
-        await fk.aclose()
+    await _driven_by_pg_cron(database_url, conn, wf, 40, every=2.0, time_budget=2.0)
     assert sorted(starts) == list(range(40))
     times = sorted(starts.values())
     busiest = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
