@@ -131,10 +131,11 @@ class StepRates:
 
         A time more than ``horizon`` seconds away is kept as the attempt's
         ticket; one within it is the caller's to wait for now.  A ticket whose
-        time passed more than one spacing (or 0.1 s) ago (the run was woken late: an
-        outage, a coarse driver) is exchanged for the limit's next time, kept
-        as a ticket only beyond ``late_horizon``: every call starts within one
-        spacing of a time it took, so late wakes never bunch calls together.
+        time passed more than one spacing (or 0.1 s, if longer) ago (the run
+        was woken late: an outage, a coarse driver) is exchanged for the
+        limit's next time, kept as a ticket only beyond ``late_horizon``:
+        every call starts within that tolerance of a time it took, so late
+        wakes never bunch calls together.
         A ticket that was already such an exchange takes a time only within
         ``late_horizon``; else it is kept as it was, and the returned ``slot``
         is when to look again (a ``kept`` ticket that is not ``fresh``).

@@ -38,7 +38,7 @@ SELECT coalesce((SELECT slot FROM held), (SELECT slot FROM took)) AS slot,
 
 -- name: step_rate_retake
 -- Attempt $3 of step $2 of run $1 used its ticket (time $7) more than one
--- spacing late: it takes rate key $4's next time instead (one start every
+-- spacing (or 0.1 s) late: it takes rate key $4's next time instead (one start every
 -- $5), kept as its ticket, marked exchanged, when more than $6 away.  A
 -- ticket that was already such an exchange ($8) takes a time only within
 -- $6; else it takes nothing and keeps time $7, and `slot` says when the
