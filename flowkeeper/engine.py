@@ -355,7 +355,14 @@ class Engine:
             wait = self.start_wait(result, reach)
             if wait is None or time.monotonic() + wait > give_up:
                 break
-            await asyncio.sleep(wait)
+            end = time.monotonic() + wait
+            while (left := end - time.monotonic()) > 0:
+                # In steps of a second, so that a cancel meanwhile ends the wait.
+                await asyncio.sleep(min(left, 1.0))
+                if left > 1.0:
+                    state = await self.store.run_state(result.run_id)
+                    if state is None or state["status"] in ("completed", "failed", "cancelled"):
+                        return await self.claim(result.run_id, None)  # says why not
             result = await self.claim(result.run_id, None, reach=give_up - time.monotonic())
         return result
 

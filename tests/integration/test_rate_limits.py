@@ -256,3 +256,40 @@ async def test_a_high_rate_keeps_its_rate_when_dispatch_takes_longer_than_a_spac
     # A start used up to 0.1 s after its time: 10 more in a second, and a few
     # for bodies that begin a moment after their time was checked.
     assert rate >= 90 and busiest <= 115, (rate, busiest)
+
+
+async def test_a_cancel_ends_an_invocations_wait_for_a_late_start_time(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A late run's new start time 3 s away is waited for in the invocation;
+    an operator's cancel meanwhile ends that wait within a second."""
+    fk = make_fk(database_url, endpoint=None)
+
+    @fk.workflow("edge", rate_limit=RateLimit(limit=1, period=timedelta(seconds=1)))
+    async def edge(ctx: Context) -> None:
+        return None
+
+    try:
+        run = (await fk.trigger("edge")).run_id
+        await conn.execute(  # reserved long ago, exchanged once already; the queue 3 s ahead
+            "UPDATE flowkeeper.runs SET throttled_until = now() - interval '5 seconds', "
+            "rate_keys = '{wf:edge}', rate_spacing = '{1 second}', rate_exchanged = true, "
+            "due_at = now() WHERE id = $1",
+            uuid.UUID(run),
+        )
+        await conn.execute(
+            "INSERT INTO flowkeeper.rate_limits VALUES ('wf:edge', now() + interval '3 seconds') "
+            "ON CONFLICT (key) DO UPDATE SET tat = excluded.tat"
+        )
+        refused = await fk.engine.claim(run, None, reach=5.0)
+        assert isinstance(refused, ClaimRefused) and refused.late
+        assert refused.starts_in is not None and refused.starts_in > 2.5
+        waiting = asyncio.create_task(fk.engine.claim_when_due(refused, reach=5.0))
+        await asyncio.sleep(0.3)
+        await fk.cancel(run, reason="operator")
+        t0 = time.monotonic()
+        result = await asyncio.wait_for(waiting, 5)
+        assert time.monotonic() - t0 < 1.5
+        assert isinstance(result, ClaimRefused) and result.reason == "finished"
+    finally:
+        await fk.aclose()
