@@ -6,7 +6,7 @@ since the last one that is still alive.  An invocation keeps a run's
 history, coroutines and records alive across many such collections: with
 64 workflows in flight, collections took about 18 % of the endpoint's CPU
 (``bench.compare``).  Raising the first threshold to 20,000 gave 15-27 %
-more workflows per second in the same benchmark (figures in the CHANGELOG),
+more workflows per second in the same benchmark (README, Performance),
 for at most that many more young objects waiting to be collected.
 
 Only raised, never lowered, and only while the collector is on: a process
