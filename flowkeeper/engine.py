@@ -249,6 +249,25 @@ def error_info(exc: BaseException, *, step: str | None = None) -> dict[str, Any]
     return info
 
 
+def _refusal(run_id: str, state: Any) -> ClaimRefused:
+    """Why a claim of the run is refused, from its ``run_state`` row (None: no such run)."""
+    if state is None:
+        return ClaimRefused(run_id, "not_found", None)
+    status = state["status"]
+    if status in ("completed", "failed", "cancelled"):
+        return ClaimRefused(run_id, "finished", status)
+    if state["blocked_key"] is not None:  # over a concurrency limit (flowcontrol)
+        return ClaimRefused(run_id, "blocked", status)
+    if state["leased"]:
+        return ClaimRefused(run_id, "leased", status)
+    starts_in = None
+    if state["throttled"] and status == "queued" and state["due_at"] is not None:
+        starts_in = max(0.0, (state["due_at"] - state["now"]).total_seconds())
+    return ClaimRefused(
+        run_id, "not_due", status, starts_in=starts_in, late=state["rate_exchanged"]
+    )
+
+
 def _seconds(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
@@ -311,22 +330,7 @@ class Engine:
         )
         if claimed is not None:
             return claimed
-        state = await self.store.run_state(run_id)
-        if state is None:
-            return ClaimRefused(run_id, "not_found", None)
-        status = state["status"]
-        if status in ("completed", "failed", "cancelled"):
-            return ClaimRefused(run_id, "finished", status)
-        if state["blocked_key"] is not None:  # over a concurrency limit (flowcontrol)
-            return ClaimRefused(run_id, "blocked", status)
-        if state["leased"]:
-            return ClaimRefused(run_id, "leased", status)
-        starts_in = None
-        if state["throttled"] and status == "queued" and state["due_at"] is not None:
-            starts_in = max(0.0, (state["due_at"] - state["now"]).total_seconds())
-        return ClaimRefused(
-            run_id, "not_due", status, starts_in=starts_in, late=state["rate_exchanged"]
-        )
+        return _refusal(run_id, await self.store.run_state(run_id))
 
     def start_wait(self, refused: ClaimRefused, reach: float) -> float | None:
         """How long to wait before claiming a run throttled by its rate limit
@@ -360,9 +364,9 @@ class Engine:
                 # In steps of a second, so that a cancel meanwhile ends the wait.
                 await asyncio.sleep(min(left, 1.0))
                 if left > 1.0:
-                    state = await self.store.run_state(result.run_id)
-                    if state is None or state["status"] in ("completed", "failed", "cancelled"):
-                        return await self.claim(result.run_id, None)  # says why not
+                    why = _refusal(result.run_id, await self.store.run_state(result.run_id))
+                    if why.reason in ("not_found", "finished"):
+                        return why
             result = await self.claim(result.run_id, None, reach=give_up - time.monotonic())
         return result
 

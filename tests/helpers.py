@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import subprocess
 import time
@@ -92,6 +93,15 @@ class Served:
 def serve(fk: FlowKeeper, app: Any = None) -> Served:
     """Serve ``fk.asgi()`` (mounted at /api/flowkeeper by its own prefix handling)."""
     return Served(app if app is not None else fk.asgi(), fk.test_port)  # type: ignore[attr-defined]
+
+
+def busiest_window(times: Iterable[float], seconds: float = 1.0) -> int:
+    """The most of ``times`` that fall in any window of ``seconds`` (rate-limit tests)."""
+    ordered = sorted(times)
+    return max(
+        (bisect.bisect_left(ordered, t + seconds, i) - i for i, t in enumerate(ordered)),
+        default=0,
+    )
 
 
 async def wait_for(

@@ -18,7 +18,7 @@ from flowkeeper.engine import ClaimRefused
 from flowkeeper.scheduler import SchedulerLoop
 from flowkeeper.store import ClaimedRun
 
-from ..helpers import make_fk, serve, wait_for
+from ..helpers import busiest_window, make_fk, serve, wait_for
 
 
 async def test_start_rate_stays_within_ten_percent(
@@ -60,8 +60,7 @@ async def test_start_rate_stays_within_ten_percent(
     assert 9.0 <= rate <= 11.0, rate
     # Nor any two-second window (a 10 % allowance: a start claimed on time may be
     # dispatched a little late, so single starts jitter around their reserved time).
-    for i, t in enumerate(starts):
-        assert sum(1 for u in starts[i:] if u < t + 2.0) <= 22
+    assert busiest_window(starts, 2.0) <= 22
     print(f"\nrate limit 10/s: observed {rate:.2f} starts/s over {len(starts)} starts")
     throttled_events = await conn.fetchval(
         "SELECT count(*) FROM flowkeeper.events WHERE kind = 'throttled'"
@@ -118,8 +117,7 @@ async def test_a_coarse_driver_neither_bunches_starts_nor_stalls_a_backlog(
     finally:
         await fk.aclose()
     assert results == list(range(60)) and sorted(starts) == list(range(60))
-    times = sorted(starts.values())
-    busiest = max(sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times))
+    busiest = busiest_window(starts.values())
     print(f"\nrun rate limit, coarse driver: drained 60 in {took:.1f} s, busiest second {busiest}")
     assert busiest <= 12  # 10/s, plus one spacing's jitter either side
 
@@ -246,7 +244,7 @@ async def test_a_high_rate_keeps_its_rate_when_dispatch_takes_longer_than_a_spac
             await asyncio.wait_for(task, 15)
     starts.sort()
     rate = (len(starts) - 1) / (starts[-1] - starts[0])
-    busiest = max(sum(1 for u in starts[i:] if u < t + 1.0) for i, t in enumerate(starts))
+    busiest = busiest_window(starts)
     print(f"\nrate limit 100/s: observed {rate:.1f} starts/s, busiest second {busiest}")
     assert len(starts) == 300
     late = await conn.fetchval(

@@ -24,7 +24,7 @@ from flowkeeper import ConfigurationError, Context, FlowKeeper, RateLimit, Retry
 from flowkeeper.engine import Outcome, SegmentResult
 from flowkeeper.scheduler import SchedulerLoop
 
-from ..helpers import drive, make_fk, serve, wait_for
+from ..helpers import busiest_window, drive, make_fk, serve, wait_for
 
 PER_SECOND = RateLimit(limit=10, period=timedelta(seconds=1))
 
@@ -81,8 +81,7 @@ async def test_step_starts_stay_within_ten_percent_with_two_drivers(
     # Nor any two-second window over the limit, +10 % and one call: a body starts
     # after its time by the write of the run's earlier step records that goes
     # first, which on a loaded machine can exceed one spacing (23 seen once).
-    for i, t in enumerate(starts):
-        assert sum(1 for u in starts[i:] if u < t + 2.0) <= 23
+    assert busiest_window(starts, 2.0) <= 23
     print(f"\nstep rate limit 10/s: observed {rate:.2f} starts/s over {len(starts)} starts")
     # The far ones slept (one throttled event each, naming the limit); every ticket was used.
     events = await conn.fetch(
@@ -199,8 +198,7 @@ async def test_a_map_of_rate_limited_steps_is_spaced_and_each_item_runs_once(
     # starts a little late (its next neighbour then looks close): the span and
     # every one-second window are what the limit bounds.
     assert (times[-1] - times[0]) >= 7 * 0.25 * 0.9, times
-    for i, t in enumerate(times):
-        assert sum(1 for u in times[i:] if u < t + 1.0) <= 5, times
+    assert busiest_window(times) <= 5, times
     assert (await conn.fetchval("SELECT count(*) FROM flowkeeper.step_tickets")) == 0
 
 
@@ -396,7 +394,7 @@ async def test_a_coarse_driver_with_a_backlog_makes_progress_without_bunching(
     assert results == list(range(60))
     assert sorted(calls.values()) == [1] * 60
     starts.sort()
-    busiest = max(sum(1 for u in starts[i:] if u < t + 1.0) for i, t in enumerate(starts))
+    busiest = busiest_window(starts)
     print(f"\ncoarse driver: drained 60 in {took:.1f} s, busiest second {busiest}")
     assert busiest <= 12  # 10/s, plus one spacing's jitter either side
 
@@ -537,7 +535,7 @@ async def test_a_high_step_rate_keeps_its_rate_when_wakes_take_longer_than_a_spa
         await fk.aclose()
     starts.sort()
     rate = (len(starts) - 1) / (starts[-1] - starts[0])
-    busiest = max(sum(1 for u in starts[i:] if u < t + 1.0) for i, t in enumerate(starts))
+    busiest = busiest_window(starts)
     print(f"\nstep rate limit 100/s: observed {rate:.1f} calls/s, busiest second {busiest}")
     assert len(starts) == 300
     # A start used up to 0.1 s after its time: 10 more in a second, and a few
