@@ -395,7 +395,17 @@ class FlowStatus:
         due = row["due_at"]
         if due is not None and due > row["now"]:
             when = due.isoformat(timespec="seconds")
-            if row["throttled_until"] is not None and row["started_at"] is None:
+            reserved = row["throttled_until"]
+            if reserved is not None and row["started_at"] is None and reserved <= row["now"]:
+                # Late twice (migration 25): due_at is when it is looked at again,
+                # not a start time it holds.
+                text = (
+                    f"throttled by its rate limit: its start time "
+                    f"{reserved.isoformat(timespec='seconds')} passed before a driver "
+                    f"claimed it; it keeps its place in line and is looked at again at "
+                    f"{when}, once the limit's next start time is within a driver's reach"
+                )
+            elif reserved is not None and row["started_at"] is None:
                 text = f"throttled by its rate limit until {when}"
             elif row["debounce_key"] is not None and row["started_at"] is None:
                 text = f"debounced until {when} (key {row['debounce_key']}; starts once quiet)"

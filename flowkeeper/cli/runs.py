@@ -22,6 +22,7 @@ from ..client import FlowKeeper
 from ..dashboard.timeline import Lane, Timeline, build
 from ..errors import ConfigurationError
 from ..eventops import WaitInfo, match_text
+from ..flowcontrol import FlowStatus
 from ..health import overdue_note
 from ..models import RunInfo
 from ..runlist import RunFilter, RunSummary
@@ -340,6 +341,8 @@ async def run_show(args: argparse.Namespace) -> int:
         children = await fk.store.run_children(info.id, _CHILDREN_SHOWN)
         total = await fk.store.count_children(info.id) if children else 0
         logs = await fk.run_logs(info.id) if args.logs else None
+        # Why a queued run has not started, as on its dashboard page.
+        reason = await FlowStatus(fk.store).queued_reason(info.id)
     finally:
         await fk.aclose()
     if args.json:
@@ -350,9 +353,16 @@ async def run_show(args: argparse.Namespace) -> int:
         )
         if logs is not None:
             data["logs"] = [line.as_json() for line in logs]
+        data["queued_reason"] = reason.text if reason is not None else None
         print(json.dumps(data, indent=2, default=str))
         return 0
-    _print_run(info, now, full_tracebacks=args.traceback, waits=waits)
+    _print_run(
+        info,
+        now,
+        full_tracebacks=args.traceback,
+        waits=waits,
+        queued_reason=reason.text if reason is not None else None,
+    )
     _print_family(parent, children, total)
     if logs is not None:
         print("\n".join(log_lines(logs)))
@@ -425,7 +435,12 @@ def wait_rows(waits: list[WaitInfo]) -> list[list[str]]:
 
 
 def _print_run(
-    info: RunInfo, now: datetime, *, full_tracebacks: bool, waits: list[WaitInfo] | None = None
+    info: RunInfo,
+    now: datetime,
+    *,
+    full_tracebacks: bool,
+    waits: list[WaitInfo] | None = None,
+    queued_reason: str | None = None,
 ) -> None:
     waits = waits or []
     print(f"run       {info.id}")
@@ -434,6 +449,8 @@ def _print_run(
     if info.idempotency_key:
         print(f"key       {info.idempotency_key}")
     print(f"created   {_when(info.created_at)}")
+    if queued_reason is not None:
+        print(f"why       {queued_reason}")
     if info.finished_at:
         begun = info.started_at or info.created_at
         print(

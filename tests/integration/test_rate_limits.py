@@ -14,7 +14,9 @@ import asyncpg
 import pytest
 
 from flowkeeper import ConfigurationError, Context, FlowKeeper, RateLimit
+from flowkeeper.cli import main
 from flowkeeper.engine import ClaimRefused
+from flowkeeper.flowcontrol import FlowStatus
 from flowkeeper.scheduler import SchedulerLoop
 from flowkeeper.store import ClaimedRun
 
@@ -122,12 +124,15 @@ async def test_a_coarse_driver_neither_bunches_starts_nor_stalls_a_backlog(
     assert busiest <= 12  # 10/s, plus one spacing's jitter either side
 
 
-async def test_the_start_rule_on_its_edges(database_url: str, conn: asyncpg.Connection) -> None:
+async def test_the_start_rule_on_its_edges(
+    database_url: str, conn: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Against the real claim: a run claimed before its reserved time takes
     nothing and stays due then; claimed late, it takes the next time however
     far (once, marked, a `throttled` event with `late`); late again, it takes
     a time only within the claim's reach, else keeps its place, due when the
-    key's next time comes within reach; on time, it starts."""
+    key's next time comes within reach; on time, it starts.  The run's page
+    and ``flowkeeper runs show`` say which of these it is in."""
     fk = make_fk(database_url, endpoint=None)
 
     # One start a second: wide enough that the early claim below is early.
@@ -137,6 +142,10 @@ async def test_the_start_rule_on_its_edges(database_url: str, conn: asyncpg.Conn
 
     async def tat() -> Any:
         return await conn.fetchval("SELECT max(tat) FROM flowkeeper.rate_limits")
+
+    async def reason(run: str) -> str | None:
+        said = await FlowStatus(fk.store).queued_reason(run)
+        return None if said is None else said.text
 
     async def row(run: str) -> asyncpg.Record:
         found = await conn.fetchrow(
@@ -156,6 +165,9 @@ async def test_the_start_rule_on_its_edges(database_url: str, conn: asyncpg.Conn
         assert refused.starts_in is not None and 0.5 < refused.starts_in <= 1.0
         reserved = (await row(run))["throttled_until"]
         assert reserved is not None
+        assert await reason(run) == (
+            f"throttled by its rate limit until {reserved.isoformat(timespec='seconds')}"
+        )
         # Early: made due now by someone else, claimed: it takes nothing.
         await conn.execute(
             "UPDATE flowkeeper.runs SET due_at = now() WHERE id = $1", uuid.UUID(run)
@@ -197,6 +209,16 @@ async def test_the_start_rule_on_its_edges(database_url: str, conn: asyncpg.Conn
         state = await row(run)
         assert state["throttled_until"] == kept and await tat() == queue
         assert state["due_at"] == queue - timedelta(seconds=2)
+        # Its page says so: not "throttled until" the time it is looked at again.
+        said = await reason(run)
+        assert said is not None and "rate limit until" not in said, said
+        assert f"its start time {kept.isoformat(timespec='seconds')} passed" in said, said
+        assert "keeps its place" in said, said
+        assert f"looked at again at {state['due_at'].isoformat(timespec='seconds')}" in said
+        code = await asyncio.to_thread(main, ["runs", "show", run, "--database-url", database_url])
+        assert code == 0
+        shown = capsys.readouterr().out
+        assert f"why       {said}" in shown, shown
         # Within reach (the queue drained): it takes the next time and starts then.
         await conn.execute("UPDATE flowkeeper.rate_limits SET tat = now() + interval '0.3 seconds'")
         await conn.execute(
