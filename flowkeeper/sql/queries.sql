@@ -203,11 +203,16 @@ WITH r AS (
     SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, o.output,
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
            CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) ELSE x.wake_at END
-    FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
-                   $16::json[], $17::json[], $18::text[], $19::jsonb[], $20::integer[],
-                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[], $29::integer[])
-         AS x(key, position, name, kind, status, input, output_text, output_type, error,
-              attempts, started_at, finished_at, wake_at, staged),
+    -- Unnested in a select list, as in commit_lean (below): no copy of the values.
+    FROM r, (SELECT unnest($11::text[]) AS key, unnest($12::integer[]) AS position,
+                    unnest($13::text[]) AS name, unnest($14::text[]) AS kind,
+                    unnest($15::text[]) AS status, unnest($16::json[]) AS input,
+                    unnest($17::json[]) AS output_text, unnest($18::text[]) AS output_type,
+                    unnest($19::jsonb[]) AS error, unnest($20::integer[]) AS attempts,
+                    unnest($21::timestamptz[]) AS started_at,
+                    unnest($22::timestamptz[]) AS finished_at,
+                    unnest($23::timestamptz[]) AS wake_at,
+                    unnest($29::integer[]) AS staged) AS x,
          -- A large output was sent ahead in chunks (stage_chunk): put together here.
          LATERAL (SELECT CASE WHEN x.staged > 0
                               THEN {schema}.staged_output(r.id, x.key, $2, x.staged)
@@ -261,11 +266,17 @@ WITH r AS (
     SELECT r.id, x.key, x.position, x.name, x.kind, x.status, x.input, x.output,
            x.output_type, x.error, x.attempts, x.started_at, x.finished_at,
            CASE WHEN x.kind = 'sleep' THEN coalesce(x.wake_at, r.due_at) ELSE x.wake_at END
-    FROM r, unnest($11::text[], $12::integer[], $13::text[], $14::text[], $15::text[],
-                   $16::json[], $17::json[], $18::text[], $19::jsonb[], $20::integer[],
-                   $21::timestamptz[], $22::timestamptz[], $23::timestamptz[])
-         AS x(key, position, name, kind, status, input, output, output_type, error,
-              attempts, started_at, finished_at, wake_at)
+    -- The arrays are unnested in a select list, not FROM: a set-returning
+    -- function in FROM has its rows collected first (in a temporary file past
+    -- work_mem), a copy of every value; here each row goes straight on.
+    FROM r, (SELECT unnest($11::text[]) AS key, unnest($12::integer[]) AS position,
+                    unnest($13::text[]) AS name, unnest($14::text[]) AS kind,
+                    unnest($15::text[]) AS status, unnest($16::json[]) AS input,
+                    unnest($17::json[]) AS output, unnest($18::text[]) AS output_type,
+                    unnest($19::jsonb[]) AS error, unnest($20::integer[]) AS attempts,
+                    unnest($21::timestamptz[]) AS started_at,
+                    unnest($22::timestamptz[]) AS finished_at,
+                    unnest($23::timestamptz[]) AS wake_at) AS x
     -- A parallel branch's retry state (status 'retrying', migration 0009) is
     -- replaced by the step's next record; nothing else is ever overwritten.
     ON CONFLICT (run_id, key) DO UPDATE

@@ -43,10 +43,12 @@ _json = st.recursive(
 ).map(lambda v: json.dumps(v, ensure_ascii=False))
 
 _step = st.builds(
-    lambda key, output, kind, failed: (key, output, kind, failed),
+    lambda key, output, kind, failed, timed: (key, output, kind, failed, timed),
     st.sampled_from(["a", "b", "a:1", "key with spaces", "é", "fk:enc:x", "$refs"]),
     _json,
     st.sampled_from(["step", "sleep"]),
+    st.booleans(),
+    # A sleep without its own wake time wakes when its run is due (the write's).
     st.booleans(),
 )
 _write = st.fixed_dictionaries(
@@ -60,7 +62,9 @@ _write = st.fixed_dictionaries(
 )
 
 
-def _record(position: int, key: str, output: str, kind: str, failed: bool) -> StepRecord:
+def _record(
+    position: int, key: str, output: str, kind: str, failed: bool, timed: bool = True
+) -> StepRecord:
     return StepRecord(
         key=key,
         position=position,
@@ -74,7 +78,7 @@ def _record(position: int, key: str, output: str, kind: str, failed: bool) -> St
         attempts=1,
         started_at=T0,
         finished_at=None if kind == "sleep" else T0,
-        wake_at=T0 + timedelta(hours=1) if kind == "sleep" else None,
+        wake_at=T0 + timedelta(hours=1) if kind == "sleep" and timed else None,
     )
 
 
@@ -135,6 +139,20 @@ async def _tables(fk: FlowKeeper) -> Any:
     return [tuple(r) for r in runs], [tuple(r) for r in steps]
 
 
+async def _fixed_clock(fk: FlowKeeper) -> None:
+    """The twin's clock stopped at T0, so that due and wake times the database
+    computes (a sleep that wakes when its run is due) compare exactly."""
+    if fk.__dict__.get("_clock_fixed"):
+        return
+    await fk.store.ensure_schema()
+    async with fk.db.acquire() as conn:
+        await conn.execute(
+            f"CREATE OR REPLACE FUNCTION {fk.store.schema}.clock_now() RETURNS timestamptz "
+            f"LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT '{T0.isoformat()}'::timestamptz $$"
+        )
+    fk.__dict__["_clock_fixed"] = True
+
+
 @pytest.fixture
 async def twins(database_url: str) -> Any:
     merged = FlowKeeper(database_url, signing_key=KEY, schema="fk_merged", pool_size=2)
@@ -170,6 +188,7 @@ async def test_a_merged_batch_writes_what_its_writes_write_alone(
     merged, alone = twins
     results = {}
     for fk in (merged, alone):
+        await _fixed_clock(fk)
         ids, tokens = await _fresh(fk, 6)
         positions = [0] * 6
         writes = []

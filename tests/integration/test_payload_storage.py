@@ -156,3 +156,64 @@ async def test_a_stale_lease_records_nothing_and_leaves_no_chunks(
         assert await conn.fetchval("SELECT count(*) FROM flowkeeper.step_chunks") == 0
         stored = await conn.fetchval("SELECT output::text FROM flowkeeper.steps")
     assert stored == big.output
+
+
+async def test_step_values_go_into_their_rows_without_temporary_files(
+    database_url: str, fk: FlowKeeper
+) -> None:
+    """A step value goes from the statement's parameters into its row without
+    being collected on the way: Postgres collects a function's rows in memory up
+    to work_mem, then in a temporary file (a copy written and read back, per
+    value).  On a database that allows no temporary files at all and 1 MB of
+    work_mem, a 2 MB result is stored exact through commit_lean and through
+    commit, and eight 300 KB results of eight runs as one statement
+    (commit_lean_many)."""
+    from .test_commit_many import _args, _fresh
+
+    async with fk.db.acquire() as conn:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET temp_file_limit = 0')
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET work_mem = '1MB'")
+    await fk.db.close()  # new connections take the settings
+    text = "".join(chr(0x41 + (i * 7919) % 26) for i in range(2_000_000))
+
+    @fk.workflow("large")
+    async def large(ctx: Context) -> int:
+        return len(await ctx.step("make", lambda: text))
+
+    for lean in (True, False):  # commit_lean, then commit
+        fk.store.lean_commit = lean
+        handle = await fk.trigger("large")
+        await finish(fk, handle.run_id)
+        async with fk.db.acquire() as conn:
+            stored = await conn.fetchval(
+                "SELECT output::text FROM flowkeeper.steps WHERE run_id = $1",
+                uuid.UUID(handle.run_id),
+            )
+        assert stored == dumps(text, what="x"), f"lean={lean}"
+
+    ids, tokens = await _fresh(fk, 8)
+    values = [dumps(text[n : n + 300_000], what="x") for n in range(8)]
+    writes = [
+        (
+            "commit_lean",
+            _args(
+                fk.store,
+                run_id,
+                token,
+                {"ending": "completed", "output": "1", "steps": [("v", value, "step", False)]},
+                0,
+            ),
+        )
+        for run_id, token, value in zip(ids, tokens, values, strict=True)
+    ]
+    rows = await fk.store._call_many(writes)
+    assert all(row is not None for row in rows)
+    async with fk.db.acquire() as conn:
+        stored_many = await conn.fetch(
+            "SELECT run_id, output::text AS output FROM flowkeeper.steps WHERE run_id = ANY ($1)",
+            [uuid.UUID(i) for i in ids],
+        )
+    assert {str(r["run_id"]): r["output"] for r in stored_many} == dict(
+        zip(ids, values, strict=True)
+    )
