@@ -892,6 +892,7 @@ class Store:
             )
             for h in (json.loads(row["steps"]) if row["steps"] else [])
         ]
+        history.sort(key=lambda h: h.position)  # claim_run sends it unordered
         return _claimed_run(row, new_token, history)
 
     async def run_state(self, run_id: str) -> asyncpg.Record | None:

@@ -294,3 +294,28 @@ async def test_replay_without_endpoint_leaves_the_run_due_for_the_scheduler(
     finally:
         await offline.aclose()
         await served.aclose()
+
+
+async def test_a_resumed_run_gets_its_history_in_position_order(fk: FlowKeeper) -> None:
+    """claim_run sends the history unordered (an ordered aggregate would sort a
+    copy of every output); the store puts it back in position order, whatever
+    order the step keys sort in."""
+    names = ["zeta", "alpha", "mid", "b10", "b9", "Ä", "a b"]
+
+    @fk.workflow("ordered")
+    async def ordered(ctx: Context) -> None:
+        for name in names:
+            await ctx.step(name, lambda name=name: name)
+        await ctx.sleep("nap", 3600)
+
+    handle = await fk.trigger("ordered")
+    await fk.advance(handle.run_id)  # the steps, then asleep
+    async with fk.db.acquire() as conn:
+        await conn.execute(
+            "UPDATE flowkeeper.runs SET due_at = now() - interval '1 second' WHERE id = $1",
+            uuid.UUID(handle.run_id),
+        )
+    claimed = await fk.store.claim(handle.run_id, None, uuid.uuid4(), timedelta(minutes=1))
+    assert claimed is not None
+    assert [h.name for h in claimed.history] == [*names, "nap"]
+    assert [h.position for h in claimed.history] == list(range(len(names) + 1))
