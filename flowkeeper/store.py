@@ -95,6 +95,11 @@ class EventRecord:
 
 #: Step outputs longer than this (bytes or characters of JSON) are sent ahead in chunks.
 STAGE_ABOVE = serialization.LARGE_JSON
+#: The most bytes of step values (as stored; at most work_mem / 1024) and steps
+#: a claim returns with the run, as JSON; a larger history is read as rows in a
+#: statement of its own (claim_run, claim_history).
+HISTORY_INLINE_BYTES = 16_384
+HISTORY_INLINE_STEPS = 16
 #: The size of one chunk (bytes; characters for an output given as text).
 CHUNK = 2_000_000
 
@@ -870,13 +875,42 @@ class Store:
     ) -> ClaimedRun | None:
         """Take the run's lease (claim_run); ``reach``: how far ahead a late
         rate-limited run may take a new start time for the caller to wait for."""
-        args = (uuid.UUID(run_id), token, new_token, lease, reach)
+        args = (
+            uuid.UUID(run_id),
+            token,
+            new_token,
+            lease,
+            reach,
+            HISTORY_INLINE_BYTES,
+            HISTORY_INLINE_STEPS,
+        )
         if conn is not None:
             row = await self._call("fetchrow", "claim_run", *args, conn=conn)
         else:
             row = await self._write("claim_run", *args)
         if row is None:
             return None
+        if row["history_apart"]:
+            # Left out for its size: read as rows, which Postgres sends as it
+            # makes them (under the lease just taken, nothing else writes them;
+            # in order: positions are unique).
+            rows = await self._call("fetch", "claim_history", uuid.UUID(run_id), conn=conn)
+            history = [
+                HistoryEntry(
+                    key=r["key"],
+                    position=r["position"],
+                    name=r["name"],
+                    kind=r["kind"],
+                    status=r["status"],
+                    output=r["output"],
+                    output_type=r["output_type"],
+                    error=json.loads(r["error"]) if r["error"] is not None else None,
+                    attempts=r["attempts"],
+                    wake_at=r["wake_at"],
+                )
+                for r in rows
+            ]
+            return _claimed_run(row, new_token, history)
         history = [
             HistoryEntry(
                 key=h["key"],

@@ -103,7 +103,16 @@ WHERE id = $1 AND lease_token = $2;
 -- Flow control first (migration 0009): a run over a concurrency limit is
 -- parked by flow_gate, a run past a deadline is failed, and nothing is claimed.
 -- $5: how far ahead a late rate-limited run may take a new start time, for
--- this invocation to wait for (migration 0025).
+-- this invocation to wait for (migration 0025).  $6, $7: the most bytes of
+-- step values (as stored) and steps a history may hold to come back with the
+-- claim, as JSON; a larger one comes back as NULL (history_apart) and the
+-- store reads it with claim_history.  Its rows cost less than the JSON past a
+-- few dozen steps, and this statement updates the run, so Postgres keeps its
+-- whole result before sending it (in a temporary file past work_mem, refused
+-- where temp_file_limit is low), where a plain SELECT sends rows as it makes
+-- them.  The stored size is read without decompressing a value; lz4 and
+-- pglz shrink a value at most about 255 times, so a history under
+-- work_mem / 1024 stored is under a quarter of work_mem as JSON.
 WITH gate AS (
     SELECT coalesce(bool_and({schema}.flow_gate_within($1, $2, $5::interval)), true) AS ok
     FROM {schema}.runs
@@ -145,13 +154,31 @@ WITH gate AS (
 -- instead of 115, of 20 one-MB results in 205 ms instead of 247).
 SELECT c.*,
        {schema}.clock_now() AS db_now,
-       (SELECT json_agg(json_build_object(
-                   'key', s.key, 'position', s.position, 'name', s.name,
-                   'kind', s.kind, 'status', s.status,
-                   'output', s.output::text, 'output_type', s.output_type,
-                   'error', s.error, 'attempts', s.attempts, 'wake_at', s.wake_at))
-          FROM {schema}.steps s WHERE s.run_id = c.id)::text AS steps
-FROM claimed c;
+       h.apart AS history_apart,
+       CASE WHEN NOT h.apart THEN
+           (SELECT json_agg(json_build_object(
+                       'key', s.key, 'position', s.position, 'name', s.name,
+                       'kind', s.kind, 'status', s.status,
+                       'output', s.output::text, 'output_type', s.output_type,
+                       'error', s.error, 'attempts', s.attempts, 'wake_at', s.wake_at))
+              FROM {schema}.steps s WHERE s.run_id = c.id)::text
+       END AS steps
+FROM claimed c,
+     LATERAL (SELECT count(*) > $7::integer
+                     OR coalesce(sum(coalesce(pg_column_size(s.output), 0)
+                                     + coalesce(pg_column_size(s.error), 0)), 0)
+                        > least($6::bigint, pg_size_bytes(current_setting('work_mem')) / 1024)
+                     AS apart
+              FROM {schema}.steps s WHERE s.run_id = c.id) AS h;
+
+-- name: claim_history
+-- A claimed run's history when claim_run left it out for its size: one row
+-- per step, sent as Postgres makes them.  The output goes as it is stored (a
+-- large value is a pointer until it is sent, so the sort moves pointers);
+-- a cast to text would decompress every value first.
+SELECT key, position, name, kind, status, output, output_type,
+       error::text AS error, attempts, wake_at
+FROM {schema}.steps WHERE run_id = $1 ORDER BY position;
 
 -- name: run_state
 -- Why a claim was refused: the run's status and whether someone holds it;
@@ -387,7 +414,10 @@ SELECT id, workflow, status, input::text AS input, output::text AS output,
 FROM {schema}.runs WHERE id = $1;
 
 -- name: get_steps
-SELECT key, position, name, kind, status, input::text AS input, output::text AS output,
+-- input and output as stored (json comes back as its text): a cast to text
+-- would decompress every value before the sort, through a temporary file
+-- past work_mem (see claim_history).
+SELECT key, position, name, kind, status, input, output,
        output_type, error::text AS error, attempts, started_at, finished_at, wake_at
 FROM {schema}.steps WHERE run_id = $1 ORDER BY position;
 

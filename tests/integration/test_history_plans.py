@@ -108,6 +108,8 @@ async def test_a_claim_finds_its_run_by_primary_key(
         f"'{uuid.uuid4()}'::uuid",
         "'1 minute'",
         "'30 seconds'",
+        "16384",
+        "16",
     ]
     for mode in MODES:
         plan = await _explain(conn, QUERIES["claim_run"], args, mode)

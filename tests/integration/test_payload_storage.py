@@ -217,3 +217,44 @@ async def test_step_values_go_into_their_rows_without_temporary_files(
     assert {str(r["run_id"]): r["output"] for r in stored_many} == dict(
         zip(ids, values, strict=True)
     )
+
+
+async def test_a_run_with_a_history_larger_than_work_mem_resumes_without_temporary_files(
+    database_url: str, fk: FlowKeeper
+) -> None:
+    """A claim updates the run, so Postgres keeps the claim's whole answer before
+    sending it, past work_mem in a temporary file.  A history larger than a
+    few KB is read in a statement of its own, sent as it is made: on a
+    database that allows no temporary files, a run of four 2 MB results and
+    sleeps between them resumes after each sleep, and resumes again after a
+    replay from its third step."""
+    async with fk.db.acquire() as conn:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET temp_file_limit = 0')
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET work_mem = '1MB'")
+    await fk.db.close()  # new connections take the settings
+    text = "".join(chr(0x41 + (i * 7919) % 26) for i in range(2_000_000))
+    calls: list[int] = []
+
+    def make(i: int) -> str:
+        calls.append(i)
+        return f"{i}{text}"
+
+    @fk.workflow("long")
+    async def long(ctx: Context) -> list[str]:
+        heads = []
+        for i in range(4):
+            heads.append((await ctx.step(f"make{i}", make, i))[:3])
+            await ctx.sleep(f"nap{i}", timedelta(milliseconds=5))
+        return heads
+
+    handle = await fk.trigger("long")
+    segments = await finish(fk, handle.run_id)
+    assert len(segments) == 5  # four sleeps: five invocations, each after the first a resume
+    heads = [f"{i}{text[:2]}" for i in range(4)]
+    assert await fk.result(handle.run_id) == heads
+    assert calls == [0, 1, 2, 3]
+    await fk.replay(handle.run_id, from_step="make2")
+    await finish(fk, handle.run_id)
+    assert await fk.result(handle.run_id) == heads
+    assert calls == [0, 1, 2, 3, 2, 3]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from flowkeeper import Context, FlowKeeper
+from flowkeeper import store as store_module
 from flowkeeper.engine import Outcome, SegmentResult
 
 from ..helpers import KEY, shape
@@ -55,9 +56,14 @@ class Invoice(BaseModel):
     meta: dict[str, Any]
 
 
-@pytest.fixture
-async def fk(database_url: str) -> AsyncIterator[FlowKeeper]:
+@pytest.fixture(params=["inline", "apart"])
+async def fk(
+    database_url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[FlowKeeper]:
     # No endpoint: every run is executed here with fk.advance(), one invocation at a time.
+    # "apart": every history is read as a large one is, by claim_history (Store.claim).
+    if request.param == "apart":
+        monkeypatch.setattr(store_module, "HISTORY_INLINE_STEPS", -1)
     instance = FlowKeeper(database_url, signing_key=KEY)
     try:
         yield instance
