@@ -172,6 +172,24 @@ def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> Cla
     )
 
 
+def _history_entry(
+    step: Any, error: dict[str, Any] | None, wake_at: datetime | None
+) -> HistoryEntry:
+    """One step of a claimed history (claim_run's JSON or claim_history's row)."""
+    return HistoryEntry(
+        key=step["key"],
+        position=step["position"],
+        name=step["name"],
+        kind=step["kind"],
+        status=step["status"],
+        output=step["output"],
+        output_type=step["output_type"],
+        error=error,
+        attempts=step["attempts"],
+        wake_at=wake_at,
+    )
+
+
 def _opened(
     row: Any, sealer: Sealer, whole: Sequence[str], errors: Sequence[str]
 ) -> dict[str, Any]:
@@ -896,33 +914,15 @@ class Store:
             # in order: positions are unique).
             rows = await self._call("fetch", "claim_history", uuid.UUID(run_id), conn=conn)
             history = [
-                HistoryEntry(
-                    key=r["key"],
-                    position=r["position"],
-                    name=r["name"],
-                    kind=r["kind"],
-                    status=r["status"],
-                    output=r["output"],
-                    output_type=r["output_type"],
-                    error=json.loads(r["error"]) if r["error"] is not None else None,
-                    attempts=r["attempts"],
-                    wake_at=r["wake_at"],
+                _history_entry(
+                    r, json.loads(r["error"]) if r["error"] is not None else None, r["wake_at"]
                 )
                 for r in rows
             ]
             return _claimed_run(row, new_token, history)
         history = [
-            HistoryEntry(
-                key=h["key"],
-                position=h["position"],
-                name=h["name"],
-                kind=h["kind"],
-                status=h["status"],
-                output=h["output"],
-                output_type=h["output_type"],
-                error=h["error"],
-                attempts=h["attempts"],
-                wake_at=datetime.fromisoformat(h["wake_at"]) if h["wake_at"] else None,
+            _history_entry(
+                h, h["error"], datetime.fromisoformat(h["wake_at"]) if h["wake_at"] else None
             )
             for h in (json.loads(row["steps"]) if row["steps"] else [])
         ]

@@ -158,6 +158,15 @@ async def test_a_stale_lease_records_nothing_and_leaves_no_chunks(
     assert stored == big.output
 
 
+async def _no_temporary_files(fk: FlowKeeper) -> None:
+    """The test database allows no temporary files and 1 MB of work_mem."""
+    async with fk.db.acquire() as conn:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'ALTER DATABASE "{name}" SET temp_file_limit = 0')
+        await conn.execute(f"ALTER DATABASE \"{name}\" SET work_mem = '1MB'")
+    await fk.db.close()  # new connections take the settings
+
+
 async def test_step_values_go_into_their_rows_without_temporary_files(
     database_url: str, fk: FlowKeeper
 ) -> None:
@@ -170,11 +179,7 @@ async def test_step_values_go_into_their_rows_without_temporary_files(
     (commit_lean_many)."""
     from .test_commit_many import _args, _fresh
 
-    async with fk.db.acquire() as conn:
-        name = await conn.fetchval("SELECT current_database()")
-        await conn.execute(f'ALTER DATABASE "{name}" SET temp_file_limit = 0')
-        await conn.execute(f"ALTER DATABASE \"{name}\" SET work_mem = '1MB'")
-    await fk.db.close()  # new connections take the settings
+    await _no_temporary_files(fk)
     text = "".join(chr(0x41 + (i * 7919) % 26) for i in range(2_000_000))
 
     @fk.workflow("large")
@@ -228,11 +233,7 @@ async def test_a_run_with_a_history_larger_than_work_mem_resumes_without_tempora
     database that allows no temporary files, a run of four 2 MB results and
     sleeps between them resumes after each sleep, and resumes again after a
     replay from its third step."""
-    async with fk.db.acquire() as conn:
-        name = await conn.fetchval("SELECT current_database()")
-        await conn.execute(f'ALTER DATABASE "{name}" SET temp_file_limit = 0')
-        await conn.execute(f"ALTER DATABASE \"{name}\" SET work_mem = '1MB'")
-    await fk.db.close()  # new connections take the settings
+    await _no_temporary_files(fk)
     text = "".join(chr(0x41 + (i * 7919) % 26) for i in range(2_000_000))
     calls: list[int] = []
 
