@@ -342,7 +342,8 @@ async def run_show(args: argparse.Namespace) -> int:
         total = await fk.store.count_children(info.id) if children else 0
         logs = await fk.run_logs(info.id) if args.logs else None
         # Why a queued run has not started, as on its dashboard page.
-        reason = await FlowStatus(fk.store).queued_reason(info.id)
+        queued = info.status.value == "queued"
+        reason = await FlowStatus(fk.store).queued_reason(info.id) if queued else None
     finally:
         await fk.aclose()
     if args.json:

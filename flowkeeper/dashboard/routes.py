@@ -385,7 +385,8 @@ class Dashboard:
             children_total=total,
         )
         # Why a queued run has not started (flowkeeper.flowcontrol).
-        reason = await FlowStatus(self.fk.store).queued_reason(run_id)
+        queued = info.status.value == "queued"
+        reason = await FlowStatus(self.fk.store).queued_reason(run_id) if queued else None
         data["queued_reason"] = reason.text if reason is not None else None
         return data
 
