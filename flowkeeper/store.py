@@ -154,13 +154,19 @@ def _event_columns(events: Sequence[EventRecord], sealer: Sealer) -> list[list[A
     ]
 
 
-def _claimed_run(row: Any, token: uuid.UUID, history: list[HistoryEntry]) -> ClaimedRun:
-    """A claim query's row (create_claimed_run, claim_run) as the engine takes it."""
+def _claimed_run(
+    row: Any, token: uuid.UUID, history: list[HistoryEntry], input_text: str | None
+) -> ClaimedRun:
+    """A claim query's row (create_claimed_run, claim_run) as the engine takes it.
+
+    ``input_text``: the run's input as stored (sealed when a codec is on): the
+    creates do not send it back (the caller has the text it sent), and a claim
+    sends a large one apart (migration 27)."""
     return ClaimedRun(
         run_id=str(row["id"]),
         lease_token=token,
         workflow=row["workflow"],
-        input=row["input"],
+        input=input_text,
         step_key=row["step_key"],
         step_attempt=row["step_attempt"],
         invocations=row["invocations"],
@@ -846,7 +852,7 @@ class Store:
             return await self._existing(run_id, workflow, idempotency_key)
         if row["outcome"] == "gated":
             return None
-        return _claimed_run(row, token, [])
+        return _claimed_run(row, token, [], args[2])
 
     async def create_claimed(
         self,
@@ -864,11 +870,12 @@ class Store:
         On a conflict returns what :meth:`insert_run` would: the existing run's
         id and whether it is this run (created earlier under the same id).
         """
+        sealed = self.sealer.seal_json(input_json)
         row = await self._write(
             "create_claimed_run",
             uuid.UUID(run_id),
             workflow,
-            self.sealer.seal_json(input_json),
+            sealed,
             idempotency_key,
             lease_token,
             lease,
@@ -876,7 +883,7 @@ class Store:
         )
         if row is None:
             return await self._existing(run_id, workflow, idempotency_key)
-        return _claimed_run(row, lease_token, [])
+        return _claimed_run(row, lease_token, [], sealed)
 
     async def release_push(self, run_id: str, token: uuid.UUID) -> None:
         await self._call("execute", "release_push", uuid.UUID(run_id), token)
@@ -908,6 +915,9 @@ class Store:
             row = await self._write("claim_run", *args)
         if row is None:
             return None
+        input_text = row["input"]
+        if row["input_apart"]:  # left out for its size: sent as it is read
+            input_text = await self._call("fetchval", "claim_input", uuid.UUID(run_id), conn=conn)
         if row["history_apart"]:
             # Left out for its size: read as rows, which Postgres sends as it
             # makes them (under the lease just taken, nothing else writes them;
@@ -919,7 +929,7 @@ class Store:
                 )
                 for r in rows
             ]
-            return _claimed_run(row, new_token, history)
+            return _claimed_run(row, new_token, history, input_text)
         history = [
             _history_entry(
                 h, h["error"], datetime.fromisoformat(h["wake_at"]) if h["wake_at"] else None
@@ -927,7 +937,7 @@ class Store:
             for h in (json.loads(row["steps"]) if row["steps"] else [])
         ]
         history.sort(key=lambda h: h.position)  # claim_run sends it unordered
-        return _claimed_run(row, new_token, history)
+        return _claimed_run(row, new_token, history, input_text)
 
     async def run_state(self, run_id: str) -> asyncpg.Record | None:
         row: asyncpg.Record | None = await self._call("fetchrow", "run_state", uuid.UUID(run_id))

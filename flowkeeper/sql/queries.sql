@@ -27,38 +27,44 @@ RETURNING id;
 
 -- name: create_claimed_run
 -- The endpoint creates a run handed to it by trigger() and takes its lease in
--- the same statement: one commit for "the run exists and is executing".
+-- the same statement: one commit for "the run exists and is executing".  The
+-- input is not sent back (the store has the text it sent): a statement that
+-- writes keeps its whole answer before sending it, through a temporary file
+-- past work_mem (migration 27).
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
                            started_at, invocations, executing, code_version)
 VALUES ($1, $2, 'running', $3::json, $4, $5, {schema}.clock_now() + $6::interval,
         {schema}.clock_now(), 1, true, $7)
 ON CONFLICT DO NOTHING
-RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-          lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
+RETURNING id, workflow, step_key, step_attempt, invocations, lost_attempts, created_at,
+          parent_id, {schema}.clock_now() AS db_now;
 
 -- name: create_claimed_many
 -- Several create_claimed_run writes as one statement (group commit,
 -- flowkeeper.groupcommit): one array per create_claimed_run argument.  A row
 -- that conflicts (its id or idempotency key taken, by an existing run or by an
 -- earlier row of the same arrays: they are inserted in order) is not
--- inserted, as alone.  Returns the runs created.
+-- inserted, as alone.  Returns the runs created (without their inputs, as
+-- create_claimed_run).  Unnested in a select list, not FROM: each input goes
+-- straight on to the insert, in order; in FROM every row would be collected
+-- first (through a temporary file past work_mem, migration 26).
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, lease_token, due_at,
                            started_at, invocations, executing, code_version)
 SELECT c.id, c.workflow, 'running', c.input, c.idempotency_key, c.lease_token,
        {schema}.clock_now() + c.lease, {schema}.clock_now(), 1, true, c.code_version
-FROM unnest($1::uuid[], $2::text[], $3::json[], $4::text[], $5::uuid[], $6::interval[],
-            $7::text[]) WITH ORDINALITY
-     AS c(id, workflow, input, idempotency_key, lease_token, lease, code_version, ord)
-ORDER BY c.ord
+FROM (SELECT unnest($1::uuid[]) AS id, unnest($2::text[]) AS workflow,
+             unnest($3::json[]) AS input, unnest($4::text[]) AS idempotency_key,
+             unnest($5::uuid[]) AS lease_token, unnest($6::interval[]) AS lease,
+             unnest($7::text[]) AS code_version) AS c
 ON CONFLICT DO NOTHING
-RETURNING id, workflow, idempotency_key, input::text AS input, step_key, step_attempt,
-          invocations, lost_attempts, created_at, parent_id, {schema}.clock_now() AS db_now;
+RETURNING id, workflow, idempotency_key, step_key, step_attempt, invocations, lost_attempts,
+          created_at, parent_id, {schema}.clock_now() AS db_now;
 
 -- name: create_gated_run
 -- create_claimed_run for a flow-controlled run (migration 0018): insert_run's
 -- arguments; outcome 'claimed' with the run, 'gated' (not claimed: see the
--- run) or 'conflict' (see run_by_id_or_key).
-SELECT * FROM {schema}.create_gated($1, $2, $3::json, $4, $5, $6::interval, $7::text[],
+-- run) or 'conflict' (see run_by_id_or_key).  Without the input (migration 27).
+SELECT * FROM {schema}.create_gated_lean($1, $2, $3::json, $4, $5, $6::interval, $7::text[],
                                     $8::integer[], $9::integer, $10::interval,
                                     $11::interval, $12::text[], $13::interval[], $14);
 
@@ -71,8 +77,9 @@ SELECT * FROM {schema}.create_gated($1, $2, $3::json, $4, $5, $6::interval, $7::
 -- Gated as a set when every key has room for all its runs, else run by run
 -- (create_gated_batch, migration 0020); either way as one by one.  $19-$21:
 -- the batch's flow_prelock, taken first, when this statement is the batch's
--- first (NULL: none).  Returns each write's position (from 1) and outcome.
-SELECT * FROM {schema}.create_gated_batch(
+-- first (NULL: none).  Returns each write's position (from 1) and outcome
+-- (without the input, migration 27).
+SELECT * FROM {schema}.create_gated_batch_lean(
     $1::uuid[], $2::text[], $3::json[], $4::text[], $5::uuid[], $6::interval[],
     $7::integer[], $8::interval[], $9::interval[], $10::text[], $11::integer[],
     $12::integer[], $13::integer[], $14::integer[], $15::text[], $16::integer[],
@@ -113,7 +120,8 @@ WHERE id = $1 AND lease_token = $2;
 -- them.  The stored size is read without decompressing a value; lz4 and
 -- pglz shrink a value at most about 255 times, so a history under
 -- work_mem / 1024 stored is under a quarter of work_mem uncompressed (half,
--- escaped into JSON).
+-- escaped into JSON).  The run's input likewise: inline when its stored size
+-- is within the same budget, else NULL (input_apart) and read by claim_input.
 WITH gate AS (
     SELECT coalesce(bool_and({schema}.flow_gate_within($1, $2, $5::interval)), true) AS ok
     FROM {schema}.runs
@@ -135,8 +143,15 @@ WITH gate AS (
       AND status IN ('queued', 'running', 'sleeping', 'retrying', 'waiting')
       AND (lease_token = $2 OR due_at <= {schema}.clock_now())
       AND (SELECT ok FROM gate)
-    RETURNING id, workflow, input::text AS input, step_key, step_attempt, invocations,
-              lost_attempts, created_at, parent_id
+    RETURNING id, workflow,
+              -- A large input is left out, as a large history (claim_input).
+              CASE WHEN coalesce(pg_column_size(input), 0)
+                        <= least($6::bigint, pg_size_bytes(current_setting('work_mem')) / 1024)
+                   THEN input::text END AS input,
+              coalesce(pg_column_size(input), 0)
+                  > least($6::bigint, pg_size_bytes(current_setting('work_mem')) / 1024)
+                  AS input_apart,
+              step_key, step_attempt, invocations, lost_attempts, created_at, parent_id
 ), stale AS (
     UPDATE {schema}.runs
     SET lease_token = NULL, due_at = NULL, executing = false
@@ -168,6 +183,11 @@ FROM claimed c,
                         > least($6::bigint, pg_size_bytes(current_setting('work_mem')) / 1024)
                      AS apart
               FROM {schema}.steps s WHERE s.run_id = c.id) AS h;
+
+-- name: claim_input
+-- A claimed run's input when claim_run left it out for its size, sent as it
+-- is made (a plain SELECT).
+SELECT input::text AS input FROM {schema}.runs WHERE id = $1;
 
 -- name: claim_history
 -- A claimed run's history when claim_run left it out for its size: one row

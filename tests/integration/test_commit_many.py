@@ -431,7 +431,7 @@ async def test_merged_gated_creates_gate_as_they_gate_alone(
         await store._call("fetchrow", "create_gated_run", *_gated_args(store, first))
         writes = [("create_gated_run", _gated_args(store, g)) for g in creates]
         rows = await _sent(fk, merged, writes, "gated creates")
-        shown = [(r["outcome"], r["id"], r["input"]) for r in rows]
+        shown = [(r["outcome"], r["id"], r["workflow"]) for r in rows]
         results[fk is merged] = (shown, await _gated_tables(fk))
     assert results[True] == results[False]
 
@@ -481,10 +481,10 @@ async def test_gated_creates_with_room_for_all_are_claimed_as_a_set_as_alone(
                  "input": "null"}  # fmt: skip
         await store._call("fetchrow", "create_gated_run", *_gated_args(store, first))
         writes = [_gated_args(store, g) for g in creates]
-        # Calls of create_gated (pending counts: taken before and after).
+        # Calls of create_gated_lean (pending counts: taken before and after).
         count = (
             "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions "
-            "WHERE schemaname = $1 AND funcname = 'create_gated'"
+            "WHERE schemaname = $1 AND funcname = 'create_gated_lean'"
         )
         async with fk.db.acquire() as conn, conn.transaction():
             await conn.execute("SET LOCAL track_functions = 'pl'")
@@ -498,7 +498,7 @@ async def test_gated_creates_with_room_for_all_are_claimed_as_a_set_as_alone(
             # The set path calls create_gated for none of them; else for each.
             assert calls == (0 if _room_for_all(creates) else len(creates))
         shown = [
-            (r["outcome"], r["id"], r["workflow"], r["input"], r["step_key"], r["step_attempt"],
+            (r["outcome"], r["id"], r["workflow"], r["step_key"], r["step_attempt"],
              r["invocations"], r["lost_attempts"], r["parent_id"], r["db_now"] is None)
             for r in rows
         ]  # fmt: skip

@@ -24,6 +24,7 @@ QUERIES = load_queries("flowkeeper")
 FUNCTIONS = (
     "flow_gate", "flow_held", "flow_wake", "flow_release", "flow_throttle", "flow_sweep",
     "flow_prelock", "create_gated", "create_gated_batch", "flow_gate_within",
+    "create_gated_lean", "create_gated_batch_lean",
 )  # fmt: skip
 SCANS = (
     "SELECT coalesce(sum(seq_scan), 0) FROM pg_stat_xact_user_tables "

@@ -259,3 +259,67 @@ async def test_a_run_with_a_history_larger_than_work_mem_resumes_without_tempora
     await finish(fk, handle.run_id)
     assert await fk.result(handle.run_id) == heads
     assert calls == [0, 1, 2, 3, 2, 3]
+
+
+async def test_large_run_inputs_are_created_and_resumed_without_temporary_files(
+    database_url: str, fk: FlowKeeper
+) -> None:
+    """A run's input goes into its row without being collected or sent back: a
+    statement that writes keeps its whole answer before sending it (past
+    work_mem in a temporary file), as does PL/pgSQL's RETURN QUERY.  On a
+    database that allows no temporary files, runs whose inputs are 2 MB and
+    300 KB, plain and flow-controlled, are created by the endpoint through
+    trigger(), resumed after a sleep and finish with exact inputs; eight
+    300 KB creates as one statement, plain and gated, store every input exact."""
+    from flowkeeper import Concurrency
+
+    from ..helpers import drive, make_fk, serve
+    from .test_commit_many import LEASE, _gated_args
+
+    await _no_temporary_files(fk)
+    big = "".join(chr(0x41 + (i * 7919) % 26) for i in range(2_000_000))
+    app = make_fk(database_url, pool_size=2)
+
+    async def body(ctx: Context, inp: dict[str, Any]) -> str:
+        n = await ctx.step("len", lambda: len(inp["t"]))
+        await ctx.sleep("nap", timedelta(milliseconds=5))  # a resume reads the input again
+        return inp["t"][:3] + str(n)
+
+    app.workflow("plain")(body)
+    app.workflow("gated", concurrency=Concurrency(limit=50, key=lambda inp: inp["k"]))(body)
+    inputs = [{"k": "a", "t": big}] + [{"k": "b", "t": big[n : n + 300_000]} for n in range(8)]
+    try:
+        async with serve(app):
+            handles = [await app.trigger(w, inp) for w in ("plain", "gated") for inp in inputs]
+            statuses = await drive(app, [h.run_id for h in handles], timeout=60)
+        assert set(statuses.values()) == {"completed"}, statuses
+        for handle, inp in zip(handles, inputs * 2, strict=True):
+            assert await app.result(handle.run_id) == inp["t"][:3] + str(len(inp["t"]))
+    finally:
+        await app.aclose()
+
+    # The batched creates (group commit's create_claimed_many and
+    # create_gated_batch_lean), written directly.
+    store = fk.store
+    texts = [dumps({"t": big[n : n + 300_000]}, what="x") for n in range(8)]
+    plain = [
+        (
+            "create_claimed_run",
+            (uuid.uuid4(), "plain", store.sealer.seal_json(t), None, uuid.uuid4(), LEASE, None),
+        )
+        for t in texts
+    ]
+    gated = [
+        ("create_gated_run", _gated_args(store, {"id": n, "input": t, "key": None, "flow": ["k"],
+                                                 "limit": 50, "priority": 0, "rate": []}))
+        for n, t in enumerate(texts)
+    ]  # fmt: skip
+    for writes in (plain, gated):
+        rows = await store._call_many(writes)
+        assert all(row is not None for row in rows)
+        ids = [w[1][0] for w in writes]
+        async with fk.db.acquire() as conn:
+            stored = await conn.fetch(
+                "SELECT id, input::text AS input FROM flowkeeper.runs WHERE id = ANY ($1)", ids
+            )
+        assert {r["id"]: r["input"] for r in stored} == dict(zip(ids, texts, strict=True))
